@@ -1,0 +1,144 @@
+"""Models and tokenizers: loading real ones, and building tiny ones locally (no downloads).
+
+The tiny builders exist for tests, benchmarks and the embedded default job: a byte-level BPE tokenizer
+trained in memory on a small corpus, and GPT-2 / Llama models constructed from a config with random weights,
+dropout off, and BOS/EOS/pad ids taken from the tokenizer (GPT-2's config defaults to 50256 otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+
+#: A minimal chat template (role headers + EOS after each assistant turn). Used by the tiny tokenizer so that
+#: conversational data goes through ``apply_chat_template`` exactly like with a real chat model.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+_DEFAULT_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. "
+    "a language model reads its logits as soft q values of a regularised decision process. "
+    "user: what is the capital of france? assistant: the capital of france is paris. "
+    "tool: {\"name\": \"get_weather\", \"arguments\": {\"city\": \"paris\"}} "
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - * / = ( ) [ ] { } , ; : ! ?"
+)
+
+
+def build_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int = 320, chat_template: bool = True):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained in memory (deterministic, no downloads).
+
+    Byte-level, so any text round-trips (unknown words fall back to bytes). Special tokens: see
+    ``SPECIAL_TOKENS``; role markers ``<|user|>``, ``<|assistant|>``, ``<|system|>``, ``<|tool|>`` are added
+    as special tokens so that chat templates tokenise them as single ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    roles = ["<|user|>", "<|assistant|>", "<|system|>", "<|tool|>"]
+    specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")] + roles
+    backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = list(corpus) if corpus is not None else [_DEFAULT_CORPUS] * 4
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": roles})
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(
+    tokenizer_or_vocab_size,
+    *,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    tie_word_embeddings: bool = True,
+    max_positions: int = 512,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A small random-weight causal LM built from a config: ``arch`` ∈ {"llama", "gpt2"}.
+
+    Dropout is off, BOS/EOS/pad ids are the tokenizer's (or 1/2/0 given a bare vocabulary size), and the
+    weights are drawn under ``torch.manual_seed(seed)`` (the global RNG state is restored afterwards).
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if isinstance(tokenizer_or_vocab_size, int):
+        vocab_size, bos, eos, pad = tokenizer_or_vocab_size, 1, 2, 0
+    else:
+        tok = tokenizer_or_vocab_size
+        vocab_size, bos, eos, pad = len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=tie_word_embeddings)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            attention_dropout=0.0,
+            **ids,
+        )
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+            **ids,
+        )
+    else:
+        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only attended tokens, so left padding does not shift positions.
+
+    attention_mask: (B, L) {0, 1}. Returns (B, L) int64: 0, 1, 2, … from each row's first real token
+    (padding positions get 0; they are never attended).
+    """
+    positions = attention_mask.long().cumsum(dim=-1) - 1
+    return positions.clamp(min=0)
+
+
+def check_tokenizer_fits_model(tokenizer, model, *, token_ids: Sequence[int] | None = None) -> None:
+    """Raise a ValueError when the tokenizer can emit ids the model's embedding cannot look up."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            "this tokenizer does not belong to this model (resize the embeddings or pick the matching tokenizer)"
+        )
+    if token_ids is not None and len(token_ids) and max(token_ids) >= rows:
+        raise ValueError(f"token id {max(token_ids)} is outside the model's vocabulary of {rows}")
