@@ -1,0 +1,224 @@
+"""Reward-labelled rows: the two canonical forms, loading, and validation.
+
+A dataset for ``shiq_llm`` is a ``datasets.Dataset`` whose rows take one of two canonical forms:
+
+* **single-turn** ``{"prompt", "completion", "reward"}`` — ``prompt`` is a string or a list of
+  ``{"role", "content"}`` messages (all of them state, even assistant messages of an earlier history),
+  ``completion`` a non-empty string (the one action turn), ``reward`` a finite number;
+* **multi-turn** ``{"messages", "rewards"}`` — every ``assistant`` message is an action turn and gets one
+  reward, in order (``len(rewards) == number of assistant messages``); user, system and tool messages are
+  state. Accepted too: no ``rewards`` column and a ``reward`` field on every assistant message.
+
+:func:`load_rows` reads JSONL / JSON / parquet files, a hub dataset, a list of dicts or a ``Dataset``, runs an
+optional adapter (``shiq_llm.adapters.ADAPTERS``) and validates every row. :func:`row_conversation` turns one
+row into ``(messages, turn_rewards)`` — the single representation the tokeniser works on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "SINGLE_TURN_COLUMNS",
+    "MULTI_TURN_COLUMNS",
+    "row_form",
+    "row_conversation",
+    "prompt_key",
+    "validate_rows",
+    "load_rows",
+]
+
+SINGLE_TURN_COLUMNS = ("prompt", "completion", "reward")
+MULTI_TURN_COLUMNS = ("messages", "rewards")
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def row_form(columns: Iterable[str]) -> str:
+    """``"single"`` or ``"multi"`` from a dataset's column names; ValueError naming the missing columns."""
+    columns = set(columns)
+    if "messages" in columns:
+        return "multi"
+    missing = [c for c in SINGLE_TURN_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"missing column(s) {missing}: rows need either {list(SINGLE_TURN_COLUMNS)} (single turn) or "
+            f"{list(MULTI_TURN_COLUMNS)} (multi-turn); found {sorted(columns)}"
+        )
+    return "single"
+
+
+def _reward(value: Any, where: str) -> float:
+    if value is None:
+        raise ValueError(f"{where} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any, where: str, *, allow_empty: bool) -> str:
+    if value is None:
+        raise ValueError(f"{where} is missing")
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{where} is empty")
+    return value
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} messages, got {value!r:.80}")
+    out = []
+    for j, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{where}[{j}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"{where}[{j}]: 'role' must be a non-empty string, got {role!r}")
+        content = _text(message.get("content"), f"{where}[{j}] ({role}) content", allow_empty=role != "assistant")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str, str]], list[float], int]:
+    """One canonical row as ``(messages, turn_rewards, n_prompt)``; ValueError naming the row and field.
+
+    ``messages`` are ``{"role", "content"}`` dicts; the action turns are the assistant messages at positions
+    ``>= n_prompt`` (the first ``n_prompt`` messages are the prompt, all state); ``turn_rewards`` holds one
+    reward per action turn, in order. A single-turn row with a string prompt becomes
+    ``[user: prompt, assistant: completion]`` with ``n_prompt = 1``.
+    """
+    at = f"row {index}"
+    if "messages" in row and row["messages"] is not None:
+        messages = _messages(row["messages"], f"{at}: field 'messages'")
+        assistant = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        if not assistant:
+            raise ValueError(f"{at}: field 'messages' has no assistant message (nothing to learn from)")
+        if assistant[0] == 0:
+            raise ValueError(f"{at}: field 'messages' starts with an assistant message; a prompt message must come first")
+        rewards = row.get("rewards")
+        if rewards is not None:
+            if not isinstance(rewards, (list, tuple)):
+                raise ValueError(f"{at}: field 'rewards' must be a list of numbers, got {type(rewards).__name__}")
+            if len(rewards) != len(assistant):
+                raise ValueError(
+                    f"{at}: field 'rewards' has {len(rewards)} value(s) but 'messages' has {len(assistant)} assistant turn(s)"
+                )
+            turn_rewards = [_reward(r, f"{at}: field 'rewards'[{k}]") for k, r in enumerate(rewards)]
+        else:
+            turn_rewards = []
+            for j, raw in enumerate(row["messages"]):
+                r = raw.get("reward")
+                if raw["role"] == "assistant":
+                    turn_rewards.append(_reward(r, f"{at}: messages[{j}] (assistant) field 'reward'"))
+                elif r is not None:
+                    raise ValueError(f"{at}: messages[{j}] ({raw['role']}) has a reward, but only assistant turns are actions")
+        return messages, turn_rewards, 0
+
+    for column in SINGLE_TURN_COLUMNS:
+        if column not in row:
+            raise ValueError(f"{at}: missing field {column!r}")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        prompt_messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)):
+        prompt_messages = _messages(prompt, f"{at}: field 'prompt'")
+    else:
+        raise ValueError(f"{at}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    completion = _text(row["completion"], f"{at}: field 'completion'", allow_empty=False)
+    reward = _reward(row["reward"], f"{at}: field 'reward'")
+    messages = prompt_messages + [{"role": "assistant", "content": completion}]
+    return messages, [reward], len(prompt_messages)
+
+
+def prompt_key(messages: Sequence[Mapping[str, str]], n_prompt: int) -> str:
+    """A string naming the state before the first action turn of ``row_conversation``'s output.
+
+    Rows with equal keys share a prompt: a string prompt and the same text as one user message coincide.
+    """
+    first = next(j for j, m in enumerate(messages) if m["role"] == "assistant" and j >= n_prompt)
+    return json.dumps([[m["role"], m["content"]] for m in messages[:first]], ensure_ascii=False)
+
+
+def validate_rows(rows) -> None:
+    """Check every row of a canonical dataset (``Dataset`` or list of dicts); ValueError at the first bad row.
+
+    Checked: the columns of one of the two forms; prompt/completion/message types; empty completions (also
+    empty assistant messages); rewards finite real numbers; one reward per assistant turn.
+    """
+    columns = rows.column_names if hasattr(rows, "column_names") else _list_columns(rows)
+    row_form(columns)
+    if len(rows) == 0:
+        raise ValueError("the dataset has no rows")
+    for i, row in enumerate(rows):
+        row_conversation(row, i)
+
+
+def _list_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    columns: set[str] = set()
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise ValueError(f"rows must be dicts, got {type(row).__name__}")
+        columns.update(row)
+    return columns
+
+
+def _read(source, *, split: str, load_kwargs: dict):
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise ValueError(f"split {split!r} not in the DatasetDict (splits: {list(source)})")
+        return source[split]
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"source must be a path, a hub dataset name, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
+    path = Path(source)
+    if path.exists():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"cannot read {path}: the extension must be one of {sorted(_FILE_BUILDERS)}")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **load_kwargs)
+        except Exception as error:  # arrow/json parse errors: say which file
+            raise ValueError(f"cannot read {path} as {builder}: {error}") from error
+    if path.suffix.lower() in _FILE_BUILDERS:
+        raise ValueError(f"file not found: {path}")
+    return datasets.load_dataset(str(source), split=split, **load_kwargs)  # a hub dataset (needs the network)
+
+
+def load_rows(source, *, format: str | None = None, split: str = "train", validate: bool = True, **load_kwargs):
+    """Load reward-labelled rows as a ``datasets.Dataset`` in a canonical form (see the module docstring).
+
+    source: a ``.jsonl`` / ``.json`` / ``.parquet`` path, a hub dataset name (``datasets.load_dataset(source,
+    split=split, **load_kwargs)``), a list of dicts, or a ``Dataset`` / ``DatasetDict``.
+    format: ``None`` when the rows are already canonical, else the name of an adapter in
+    ``shiq_llm.adapters.ADAPTERS`` (``"paired"``, ``"ultrafeedback"``, ``"hh"``, ``"bfcl"``) applied first.
+    Every row is validated (``validate_rows``) unless ``validate=False``.
+    """
+    import datasets
+
+    rows = _read(source, split=split, load_kwargs=load_kwargs)
+    if format is not None:
+        from shiq_llm.adapters import ADAPTERS
+
+        if format not in ADAPTERS:
+            raise ValueError(f"unknown format {format!r}; known: {sorted(ADAPTERS)}")
+        rows = ADAPTERS[format](rows)
+    if not isinstance(rows, datasets.Dataset):
+        if not rows:
+            raise ValueError("the dataset has no rows")
+        _list_columns(rows)
+        rows = datasets.Dataset.from_list(list(rows))
+    if validate:
+        validate_rows(rows)
+    return rows
