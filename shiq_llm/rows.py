@@ -196,24 +196,35 @@ def _read(source, *, split: str, load_kwargs: dict):
     return datasets.load_dataset(str(source), split=split, **load_kwargs)  # a hub dataset (needs the network)
 
 
-def load_rows(source, *, format: str | None = None, split: str = "train", validate: bool = True, **load_kwargs):
+def load_rows(
+    source,
+    *,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    split: str = "train",
+    validate: bool = True,
+    **load_kwargs,
+):
     """Load reward-labelled rows as a ``datasets.Dataset`` in a canonical form (see the module docstring).
 
     source: a ``.jsonl`` / ``.json`` / ``.parquet`` path, a hub dataset name (``datasets.load_dataset(source,
     split=split, **load_kwargs)``), a list of dicts, or a ``Dataset`` / ``DatasetDict``.
     format: ``None`` when the rows are already canonical, else the name of an adapter in
-    ``shiq_llm.adapters.ADAPTERS`` (``"paired"``, ``"ultrafeedback"``, ``"hh"``, ``"bfcl"``) applied first.
+    ``shiq_llm.adapters.ADAPTERS`` (``"paired"``, ``"ultrafeedback"``, ``"hh"``, ``"bfcl"``) applied first,
+    with the keyword arguments ``format_options`` (e.g. ``{"rejected_reward": -1.0}``).
     Every row is validated (``validate_rows``) unless ``validate=False``.
     """
     import datasets
 
+    if format is None and format_options:
+        raise ValueError("format_options needs a format")
     rows = _read(source, split=split, load_kwargs=load_kwargs)
     if format is not None:
         from shiq_llm.adapters import ADAPTERS
 
         if format not in ADAPTERS:
             raise ValueError(f"unknown format {format!r}; known: {sorted(ADAPTERS)}")
-        rows = ADAPTERS[format](rows)
+        rows = ADAPTERS[format](rows, **dict(format_options or {}))
     if not isinstance(rows, datasets.Dataset):
         if not rows:
             raise ValueError("the dataset has no rows")
