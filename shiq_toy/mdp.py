@@ -203,17 +203,18 @@ def all_sequences(vocab_size: int, horizon: int) -> torch.Tensor:
     return (index[:, None] // powers) % vocab_size  # (V**H, H)
 
 
-def gather_levels(tables: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+def gather_levels(tables: list[torch.Tensor], tokens: torch.Tensor, *, vocab_size: int | None = None) -> torch.Tensor:
     """Rows of per-level tables at the state of each position: ``out[b, t] = tables[t][node[b, t]]``.
 
-    tables: list over depth of (V**h, V); tokens: (B, T) with T <= len(tables) -> (B, T, V).
+    tables: list over depth of (V**h, ...) (usually (V**h, V)); tokens: (B, T) with T <= len(tables)
+    -> (B, T, ...). ``vocab_size`` defaults to ``tables[0].shape[-1]`` (tables of shape (V**h, V)).
     E.g. ``gather_levels(solution.logits, tokens)`` are the logits a tabular "model" emits on ``tokens``.
     """
-    vocab = tables[0].shape[-1]
+    vocab = tables[0].shape[-1] if vocab_size is None else vocab_size
     if tokens.dim() != 2 or tokens.shape[1] > len(tables):
         raise ValueError(f"tokens must have shape (B, T) with T <= {len(tables)} levels, got {tuple(tokens.shape)}")
     nodes = prefix_index(tokens, vocab)
-    return torch.stack([tables[t][nodes[:, t]] for t in range(tokens.shape[1])], dim=1)  # (B, T, V)
+    return torch.stack([tables[t][nodes[:, t]] for t in range(tokens.shape[1])], dim=1)  # (B, T, ...)
 
 
 # --------------------------------------------------------------------------------------------------

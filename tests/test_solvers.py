@@ -24,31 +24,15 @@ from shiq_toy.mdp import (
     random_tree,
 )
 from shiq_toy.solvers import soft_value_iteration, solve_bandit, solve_tree
+
 from . import ref_solvers as ref
+from .ref_solvers import trees
 
 # float64 round-off on sums of at most V**H = 81 terms of size O(10) is ~1e-13; 1e-10 leaves room.
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 betas = st.floats(0.1, 5.0)
 gammas = st.floats(0.3, 1.0)
-
-
-@st.composite
-def trees(draw, max_paths: int = 81) -> TokenTree:
-    vocab = draw(st.integers(1, 4))
-    horizon = draw(st.integers(1, 4))
-    while vocab**horizon > max_paths:
-        horizon -= 1
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    return random_tree(
-        vocab,
-        horizon,
-        generator=generator,
-        reward=draw(st.sampled_from(["terminal", "dense"])),
-        ref_scale=draw(st.floats(0.0, 2.0)),
-        reward_scale=draw(st.floats(0.1, 2.0)),
-    )
-
 
 # --------------------------------------------------------------------------------------------------
 # Tree structure helpers
