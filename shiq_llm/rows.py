@@ -152,10 +152,9 @@ def validate_rows(rows) -> None:
     Checked: the columns of one of the two forms; prompt/completion/message types; empty completions (also
     empty assistant messages); rewards finite real numbers; one reward per assistant turn.
     """
-    columns = rows.column_names if hasattr(rows, "column_names") else _list_columns(rows)
-    row_form(columns)
     if len(rows) == 0:
         raise ValueError("the dataset has no rows")
+    row_form(rows.column_names if hasattr(rows, "column_names") else _list_columns(rows))
     for i, row in enumerate(rows):
         row_conversation(row, i)
 
@@ -225,11 +224,19 @@ def load_rows(
         if format not in ADAPTERS:
             raise ValueError(f"unknown format {format!r}; known: {sorted(ADAPTERS)}")
         rows = ADAPTERS[format](rows, **dict(format_options or {}))
-    if not isinstance(rows, datasets.Dataset):
-        if not rows:
-            raise ValueError("the dataset has no rows")
-        _list_columns(rows)
-        rows = datasets.Dataset.from_list(list(rows))
+    if isinstance(rows, datasets.Dataset):
+        if validate:
+            validate_rows(rows)
+        return rows
+    rows = list(rows)
     if validate:
-        validate_rows(rows)
-    return rows
+        validate_rows(rows)  # before Arrow sees the rows: errors name the row and field
+    elif not rows:
+        raise ValueError("the dataset has no rows")
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (TypeError, ValueError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError
+        raise ValueError(
+            f"the rows cannot be stored as one table (a column mixes types, e.g. string and message-list prompts; "
+            f"tokenize_rows accepts such a list directly): {error}"
+        ) from error
