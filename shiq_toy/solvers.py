@@ -59,16 +59,26 @@ def _check_gamma(gamma: float, *, allow_one: bool = True) -> None:
         raise ValueError(f"gamma must lie in {interval}, got {gamma!r}")
 
 
+def _exp_shifted(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out ← exp(x − m) with m = max_a x (N, 1); returns (m, Σ_a out) so that logsumexp_a x = m + ln Σ_a out."""
+    top = x.amax(dim=-1, keepdim=True)  # (N, 1)
+    torch.sub(x, top, out=out).exp_()
+    return top, out.sum(dim=-1, keepdim=True)
+
+
 def _soft_step(ref_logits: torch.Tensor, q: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One soft Bellman backup on rows of states: (N, A) ``ℓ_ref``, (N, A) ``q*`` -> (v* (N,), π* (N, A), ℓ* (N, A)).
 
     ℓ* = ℓ_ref + q*/β;  v* = β (logsumexp ℓ* − logsumexp ℓ_ref);  π* = exp(ℓ* − logsumexp ℓ*).
+    Memory: the two outputs are the only (N, A) allocations (the policy buffer doubles as scratch), which
+    matters on trees of 10^7 states where every fresh allocation costs page faults.
     """
-    logits = ref_logits + q / beta  # (N, A)
-    lse = torch.logsumexp(logits, dim=-1)  # (N,)
-    v = beta * (lse - torch.logsumexp(ref_logits, dim=-1))
-    policy = torch.sub(logits, lse[:, None]).exp_()
-    return v, policy, logits
+    logits = torch.add(ref_logits, q, alpha=1.0 / beta)  # (N, A)
+    policy = torch.empty_like(logits)
+    ref_top, ref_total = _exp_shifted(ref_logits, out=policy)
+    top, total = _exp_shifted(logits, out=policy)  # policy = exp(ℓ* − max ℓ*)
+    v = beta * ((top - ref_top) + (total / ref_total).log()).squeeze(-1)  # (N,)
+    return v, policy.div_(total), logits
 
 
 def solve_bandit(ref_logits: torch.Tensor, rewards: torch.Tensor, *, beta: float) -> BanditSolution:
@@ -94,6 +104,8 @@ def solve_tree(tree: TokenTree, *, beta: float, gamma: float = 1.0) -> Solution:
     then the soft backup of :func:`_soft_step` on all ``V**h`` states at once. Cost and memory are linear
     in the number of states; the Python loop runs over the H levels only.
     """
+    if not isinstance(tree, TokenTree):
+        raise ValueError(f"tree must be a shiq_toy.mdp.TokenTree, got {type(tree).__name__}")
     _check_beta(beta)
     _check_gamma(gamma)
     vocab, horizon = tree.vocab_size, tree.horizon
@@ -116,6 +128,8 @@ def soft_value_iteration(
     guarantees ‖v − v*‖∞ ≤ tol. Returns q* (S, A), v* (S,), π* (S, A); terminal states get v* = 0,
     q* = 0 and π* = π_ref. Raises RuntimeError if ``max_iter`` sweeps do not reach ``tol``.
     """
+    if not isinstance(mdp, FiniteMDP):
+        raise ValueError(f"mdp must be a shiq_toy.mdp.FiniteMDP, got {type(mdp).__name__}")
     _check_beta(beta)
     _check_gamma(gamma, allow_one=False)
     if not (tol > 0):
