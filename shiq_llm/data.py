@@ -7,6 +7,10 @@ The pipeline, one function per step::
     batch = collate([examples[i] for i in idx], pad_token_id=tokenizer.pad_token_id)  # (B, L) tensors
     chosen, rejected = preference_pairs(examples)            # index pairs for DPO / CoPG
 
+    # or batches straight from a DataLoader (a Dataset row is a dict):
+    loader = torch.utils.data.DataLoader(examples, batch_size=8, shuffle=True,
+                                         collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id))
+
 Rows (``shiq_llm.rows``): single-turn ``{prompt, completion, reward}`` or multi-turn ``{messages, rewards}``
 (one reward per assistant turn; user/system/tool turns are state). Dataset formats (UltraFeedback, Anthropic
 HH, paired preferences, BFCL) are converted by ``shiq_llm.adapters``. Tokenisation, the response mask and the

@@ -6,6 +6,7 @@ References: transformers' own ``apply_chat_template`` tokenisation and its ``{% 
 stated truncation policy.
 """
 
+import functools
 import json
 import math
 from itertools import combinations
@@ -527,6 +528,10 @@ def test_collate_of_tokenized_rows_both_sides_agree(tok):
             assert right[key][b, :n].tolist() == pytest.approx(ex[key])
             assert left[key][b, right[key].shape[1] - n :].tolist() == pytest.approx(ex[key])
     assert not right["response_mask"][:, 0].any() and not left["response_mask"][:, 0].any()
+    # a DataLoader over the tokenized Dataset yields the same batch
+    loader = torch.utils.data.DataLoader(out, batch_size=len(out), collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id))
+    (batch,) = list(loader)
+    assert all(torch.equal(batch[k], right[k]) for k in right)
 
 
 def test_collate_bad_input():
