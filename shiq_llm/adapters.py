@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 __all__ = ["paired_preferences", "ultrafeedback", "hh_rlhf", "bfcl_multi_turn", "ADAPTERS", "BFCL_SYSTEM_PROMPT"]
 

@@ -68,8 +68,11 @@ class TokenizeReport:
         return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
-def _render(tokenizer, messages, *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages, *, generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # jinja raises TemplateError, e.g. "roles must alternate user/assistant"
+        raise ValueError(f"{where}: the chat template cannot render this conversation: {error}") from error
 
 
 def _strip_after_end_of_turn(text: str, special_tokens: Sequence[str]) -> str:
@@ -82,13 +85,13 @@ def _strip_after_end_of_turn(text: str, special_tokens: Sequence[str]) -> str:
 
 def _template_segments(messages, actions: Sequence[int], tokenizer, where: str) -> list[tuple[str, bool]]:
     """Split the template rendering into alternating (text, is_action) segments; see the module docstring."""
-    full = _render(tokenizer, messages[: actions[-1] + 1], generation_prompt=False)
+    full = _render(tokenizer, messages[: actions[-1] + 1], generation_prompt=False, where=where)
     specials = list(tokenizer.all_special_tokens)
     segments: list[tuple[str, bool]] = []
     position = 0
     for j in actions:
-        head = _render(tokenizer, messages[:j], generation_prompt=True)
-        body = _render(tokenizer, messages[: j + 1], generation_prompt=False)
+        head = _render(tokenizer, messages[:j], generation_prompt=True, where=where)
+        body = _render(tokenizer, messages[: j + 1], generation_prompt=False, where=where)
         if not (full.startswith(head) and full.startswith(body) and position <= len(head) < len(body)):
             raise ValueError(
                 f"{where}: the chat template is not prefix-stable at message {j} (rendering the conversation up to "

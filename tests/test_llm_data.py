@@ -26,7 +26,7 @@ from shiq_llm.data import (
     tokenize_rows,
     validate_rows,
 )
-from shiq_llm.models import CHAT_TEMPLATE, build_tokenizer
+from shiq_llm.models import build_tokenizer
 from shiq_llm.tokenization import Encoded, truncate_encoded
 
 # CHAT_TEMPLATE with the assistant turns wrapped in {% generation %}: transformers then returns its own
@@ -364,6 +364,16 @@ def test_template_that_rewrites_history_is_refused():
     )
     with pytest.raises(ValueError, match="row 0: the chat template is not prefix-stable at message 1"):
         tokenize_rows(SINGLE[:1], tok)
+
+
+def test_template_error_names_the_row():
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('roles must alternate') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="row 0: the chat template cannot render this conversation: roles must alternate"):
+        tokenize_rows(MULTI, tok)
 
 
 def test_prompt_ids_group_equal_prompts(tok):
