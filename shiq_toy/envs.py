@@ -1,6 +1,6 @@
 """gymnasium environments for the bandit and the token tree, to sample trajectories with the standard API.
 
-    env = TokenTreeEnv(tree)                  # or gymnasium.make("shiq_toy/TokenTree-v0", tree=tree)
+    env = TokenTreeEnv(tree)   # or gymnasium.make("shiq_toy.envs:shiq_toy/TokenTree-v0", tree=tree)
     obs, info = env.reset(seed=0)             # obs = {"depth": 0, "node": 0}
     obs, reward, terminated, truncated, info = env.step(token)
 

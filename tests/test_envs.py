@@ -31,7 +31,7 @@ def test_check_env_passes_without_warnings(make):
 
 
 def test_registered_ids_make_the_same_envs():
-    tree_env = gym.make("shiq_toy/TokenTree-v0", tree=_tree())
+    tree_env = gym.make("shiq_toy.envs:shiq_toy/TokenTree-v0", tree=_tree())  # "module:" imports the registering module
     bandit_env = gym.make("shiq_toy/Bandit-v0", bandit=_bandit())
     assert isinstance(tree_env.unwrapped, TokenTreeEnv) and isinstance(bandit_env.unwrapped, BanditEnv)
     obs, _ = tree_env.reset(seed=0)

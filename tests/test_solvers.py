@@ -259,9 +259,13 @@ def _levels(vocab, horizon):
     [
         (_levels(2, 3), _levels(2, 2), "3 levels but rewards has 2"),
         ([], [], "at least one level"),
-        (_levels(2, 2) + [torch.zeros(3, 2, dtype=torch.float64)], _levels(2, 3), r"ref_logits\[2\] \(depth 2\) has shape \(3, 2\)"),
+        (
+            _levels(2, 2) + [torch.zeros(3, 2, dtype=torch.float64)],
+            _levels(2, 3),
+            r"ref_logits\[2\] \(depth 2\) has shape \(3, 2\), expected \(4, 2\)",
+        ),
         (_levels(2, 3), _levels(2, 2) + [torch.zeros(4, 3, dtype=torch.float64)], r"rewards\[2\] \(depth 2\) has shape"),
-        (_levels(2, 2), [torch.zeros(1, 2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.int64)], r"rewards\[1\].*floating"),
+        (_levels(2, 2), [torch.zeros(1, 2), torch.zeros(2, 2, dtype=torch.int64)], r"rewards\[1\].*floating"),
         (_levels(2, 2), [torch.zeros(1, 2), torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])], r"rewards\[1\].*non-finite"),
         ([torch.zeros(2, 2)], [torch.zeros(2, 2)], r"ref_logits\[0\] must have shape \(1, V\)"),
     ],
@@ -313,6 +317,8 @@ def test_other_bad_inputs():
     with pytest.raises(ValueError, match="tokens must lie"):
         prefix_index(torch.tensor([[0, 2]]), 2)
     with pytest.raises(ValueError, match="next_state must lie"):
-        FiniteMDP(next_state=torch.tensor([[1]]), rewards=torch.zeros(1, 1), terminal=torch.tensor([False]), ref_logits=torch.zeros(1, 1))
+        FiniteMDP(
+            next_state=torch.tensor([[1]]), rewards=torch.zeros(1, 1), terminal=torch.tensor([False]), ref_logits=torch.zeros(1, 1)
+        )
     with pytest.raises(ValueError, match="reward must be"):
         random_tree(2, 2, generator=torch.Generator(), reward="sparse")

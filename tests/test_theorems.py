@@ -168,8 +168,10 @@ def test_shiq_and_shiq_init_pin_different_shifts_of_the_same_policy(tree, beta, 
     vref = [torch.logsumexp(x, -1) for x in tree.ref_logits]  # (V**h,)
     tokens = all_sequences(tree.vocab_size, tree.horizon)
     beta_vref = beta * gather_levels(vref, tokens, vocab_size=tree.vocab_size)  # (B, H)
-    at_init_point = residuals_on_all_sequences(tree, fixed_point(tree, "shiq_init", beta=beta, gamma=gamma), "shiq", beta=beta, gamma=gamma)
-    at_l_star = residuals_on_all_sequences(tree, fixed_point(tree, "shiq", beta=beta, gamma=gamma), "shiq_init", beta=beta, gamma=gamma)
+    init_point = fixed_point(tree, "shiq_init", beta=beta, gamma=gamma)  # ln π_ref + q*/β
+    l_star = fixed_point(tree, "shiq", beta=beta, gamma=gamma)  # ℓ_ref + q*/β
+    at_init_point = residuals_on_all_sequences(tree, init_point, "shiq", beta=beta, gamma=gamma)
+    at_l_star = residuals_on_all_sequences(tree, l_star, "shiq_init", beta=beta, gamma=gamma)
     torch.testing.assert_close(at_init_point, -beta_vref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(at_l_star, beta_vref, rtol=1e-9, atol=1e-9)
 
@@ -184,7 +186,8 @@ def test_telescoping_on_random_logits(tree, beta, gamma, seed):
     """shiq_t − γ shiq_{t+1} = shiq_ms_t and shiq_init_t − γ shiq_init_{t+1} = shifted_q_t (0 after the end)."""
     generator = torch.Generator().manual_seed(seed)
     logits = [2.0 * torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in tree.ref_logits]
-    res = {name: residuals_on_all_sequences(tree, logits, name, beta=beta, gamma=gamma) for name in ("shiq", "shiq_ms", "shiq_init", "shifted_q")}
+    names = ("shiq", "shiq_ms", "shiq_init", "shifted_q")
+    res = {name: residuals_on_all_sequences(tree, logits, name, beta=beta, gamma=gamma) for name in names}
     torch.testing.assert_close(res["shiq"] - gamma * _next(res["shiq"]), res["shiq_ms"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(res["shiq_init"] - gamma * _next(res["shiq_init"]), res["shifted_q"], rtol=1e-9, atol=1e-9)
 
