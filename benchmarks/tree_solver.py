@@ -1,10 +1,13 @@
-"""Benchmark of ``shiq_toy.solvers.solve_tree`` (level-vectorised backward induction).
+"""Benchmark of ``shiq_toy.solvers.solve_tree`` (level-vectorised backward induction), one process.
 
-(a) speed-up over per-node Python solvers on a V=8, H=6 tree (37,449 states), measured in this process;
-(b) time per state of ``solve_tree`` on random trees of 10^3 to 10^7 states (V=10, H=4..8).
+(a) speed-up over two per-node solvers (Python floats; torch ops per node) on a V=8, H=6 tree (37,449 states);
+(b) time per state of ``solve_tree`` on random V=10 trees, H=3..8: 111 to 1.1e7 (non-terminal) states.
 
-    python -m benchmarks.tree_solver                 # from the repository root; one torch thread, ~1 minute
-    python -m benchmarks.tree_solver --threads 2 --max-horizon 7   # (or python benchmarks/tree_solver.py once installed)
+    python -m benchmarks.tree_solver                 # from the repository root; one torch thread, ~1 minute, 4.7 GiB
+    python -m benchmarks.tree_solver --threads 2 --max-horizon 7   # (python benchmarks/tree_solver.py once installed)
+
+At 10^7 states the output tables are 0.9 GiB each and first-touch page faults ("sys" time) are a large part
+of the cost; PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for big CPU tensors) cuts them.
 """
 
 from __future__ import annotations
@@ -59,40 +62,61 @@ def per_node_torch(tree: TokenTree, *, beta: float, gamma: float):
     return q, v, policy, logits
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
+def best_time(fn, repeats: int) -> tuple[float, float]:
+    """Smallest (wall, process CPU) seconds of ``repeats`` calls; CPU time is immune to other processes."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far; system time is mostly page faults of fresh memory."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
 
 
 def speedup(beta: float, gamma: float) -> None:
     tree = random_tree(8, 6, generator=torch.Generator().manual_seed(0), reward="dense")
     ref_levels, reward_levels = [x.tolist() for x in tree.ref_logits], [x.tolist() for x in tree.rewards]
-    t_fast = best_time(lambda: solve_tree(tree, beta=beta, gamma=gamma), repeats=20)
-    t_python = best_time(lambda: per_node_python(ref_levels, reward_levels, beta=beta, gamma=gamma), repeats=2)
-    t_torch = best_time(lambda: per_node_torch(tree, beta=beta, gamma=gamma), repeats=1)
+    timings = {
+        "solve_tree (vectorised by level)": best_time(lambda: solve_tree(tree, beta=beta, gamma=gamma), repeats=20),
+        "per-node loop, Python floats": best_time(
+            lambda: per_node_python(ref_levels, reward_levels, beta=beta, gamma=gamma), repeats=2
+        ),
+        "per-node loop, torch ops per node": best_time(lambda: per_node_torch(tree, beta=beta, gamma=gamma), repeats=1),
+    }
     fast = solve_tree(tree, beta=beta, gamma=gamma)
     slow = per_node_python(ref_levels, reward_levels, beta=beta, gamma=gamma)
     err = max(float((fast.v[h] - torch.tensor(slow[1][h], dtype=torch.float64)).abs().max()) for h in range(tree.horizon))
     print(f"(a) V=8, H=6 tree, {tree.num_states:,} states, dense rewards, beta={beta}, gamma={gamma}")
-    print(f"    solve_tree (vectorised by level)     {t_fast * 1e3:10.2f} ms")
-    print(f"    per-node loop, Python floats         {t_python * 1e3:10.2f} ms   speed-up x{t_python / t_fast:,.0f}")
-    print(f"    per-node loop, torch ops per node    {t_torch * 1e3:10.2f} ms   speed-up x{t_torch / t_fast:,.0f}")
+    print(f"    {'method':<36} {'wall ms':>9} {'cpu ms':>9}   speed-up of solve_tree (wall, cpu)")
+    wall_fast, cpu_fast = timings["solve_tree (vectorised by level)"]
+    for name, (wall, cpu) in timings.items():
+        ratio = "" if wall == wall_fast else f"   x{wall / wall_fast:,.0f}, x{cpu / cpu_fast:,.0f}"
+        print(f"    {name:<36} {wall * 1e3:>9.2f} {cpu * 1e3:>9.2f}{ratio}")
     print(f"    max |v_fast - v_per_node| = {err:.1e}")
 
 
 def scaling(vocab: int, horizons: range, beta: float, gamma: float) -> None:
-    print(f"\n(b) solve_tree on random V={vocab} trees (terminal reward), best of repeats")
-    print(f"    {'H':>2} {'states':>12} {'(s, a) pairs':>14} {'time (s)':>10} {'ns / state':>11}")
+    print(f"\n(b) solve_tree on random V={vocab} trees (terminal reward); wall time is the best of the repeats,")
+    print("    user/sys are CPU seconds per call (sys: page faults on the freshly allocated output tables);")
+    print("    cpu ns/state = (user + sys) / states does not depend on other processes sharing the cores")
+    print(f"    {'H':>2} {'states':>12} {'(s, a) pairs':>14} {'wall (s)':>9} {'ns/state':>9} {'cpu ns/state':>13} {'user s':>7} {'sys s':>7}")
     for horizon in horizons:
         tree = random_tree(vocab, horizon, generator=torch.Generator().manual_seed(horizon))
         repeats = 20 if tree.num_states < 10**5 else 3 if tree.num_states < 10**7 else 2
-        seconds = best_time(lambda: solve_tree(tree, beta=beta, gamma=gamma), repeats=repeats)
-        pairs = tree.num_states * vocab
-        print(f"    {horizon:>2} {tree.num_states:>12,} {pairs:>14,} {seconds:>10.4f} {seconds / tree.num_states * 1e9:>11.1f}")
+        user, system = cpu_seconds()
+        seconds, _ = best_time(lambda: solve_tree(tree, beta=beta, gamma=gamma), repeats=repeats)
+        user, system = [(after - before) / repeats for after, before in zip(cpu_seconds(), (user, system))]
+        states, pairs = tree.num_states, tree.num_states * vocab
+        print(
+            f"    {horizon:>2} {states:>12,} {pairs:>14,} {seconds:>9.4f} {seconds / states * 1e9:>9.1f}"
+            f" {(user + system) / states * 1e9:>13.1f} {user:>7.3f} {system:>7.3f}"
+        )
         del tree
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
     print(f"    peak resident memory of this process: {peak_gib:.1f} GiB")
