@@ -1,0 +1,129 @@
+"""Training metrics: what is logged, computed from the statistics the loss already has, and where it goes.
+
+One JSONL line per logging step (``OUT/metrics.jsonl``, flushed at once), the same values to TensorBoard
+(``OUT/tensorboard``, through accelerate's tracker, when ``tensorboard`` is installed). Keys of a line:
+
+=================  =====================================================================================
+``step``           optimizer steps done
+``epoch``          passes over the training items started (fractional: items seen / items)
+``loss``           mean training loss of the micro-batches since the last line
+``abs_residual``   token algorithms: mean over response tokens of ``|residual_t|`` (``shiq_toy.losses
+                   .RESIDUALS[algo]``); ``dro``, ``copg``: mean over sequences/pairs of ``|e|`` where the loss
+                   is ``½ e²`` (so ``|e| = √(2·loss)``); not logged for ``dpo``
+``dpo_margin``     ``dpo`` only: mean of ``β(Δ(y_w) − Δ(y_l))``
+``implicit_value`` mean over sequences of ``β (vℓ − vref)`` at the first response token (state s_1): the
+                   value ShiQ implies for the prompt (spec §3, fact 6)
+``kl_estimate``    mean over response tokens of ``ρ_t = ln π(a_t|s_t) − ln π_ref(a_t|s_t)`` on the data's own
+                   tokens. An *off-policy* estimate: on tokens sampled from π it estimates KL(π‖π_ref) per token;
+                   on data sampled from π_ref its expectation is −KL(π_ref‖π) ≤ 0. For KL(π‖π_ref) proper,
+                   sample from π (``shiq_llm.evaluate``).
+``nll``            mean over response tokens of ``−ln π(a_t|s_t)``: the data's cross-entropy under π, logged
+                   as a proxy of the policy's entropy (equal in expectation when the data comes from π). The
+                   per-token entropy itself needs the full distribution, which the chunked statistics never hold.
+``value``          ``dro`` only: mean V_φ(x) of the batch
+``grad_norm``      total L2 norm of the gradient before clipping, mean over the optimizer steps of the window
+``lr``             learning rate after the step
+``tokens_per_s``   attended (non-padding) tokens processed per second of wall time, all processes together
+``peak_memory_mib`` GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set (ru_maxrss)
+=================  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from shiq_toy.losses import RESIDUALS, TokenStats, log_ratio
+
+__all__ = ["batch_metrics", "peak_memory_mib", "MetricsWindow", "JsonlWriter"]
+
+
+def _first_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) values -> (B,) the value at each row's first response position."""
+    first = mask.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1)
+    return values.gather(1, first).squeeze(1)
+
+
+@torch.no_grad()
+def batch_metrics(
+    algo: str,
+    policy: TokenStats,
+    ref: TokenStats,
+    batch: Mapping[str, torch.Tensor],
+    per_item: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    extras: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagnostics of one micro-batch (module docstring), as 0-d float32 tensors on the batch's device.
+
+    policy, ref: TokenStats of (B, L); batch: ``input_ids``, ``attention_mask``, ``response_mask``, ``rewards``
+    (B, L); per_item: the unreduced loss, (B,) or (P,) for pairs; extras: tensors logged as their mean
+    (the loss's own diagnostics: ``dpo_margin`` (P,), ``value`` (B,)).
+    """
+    policy = TokenStats(*(x.detach().float() for x in policy))
+    mask = batch["response_mask"]
+    tokens = mask.sum().clamp(min=1)
+    rho = torch.where(mask, log_ratio(policy, ref), 0.0)  # (B, L)
+    logp = torch.where(mask, policy.logit_taken - policy.logsumexp, 0.0)  # (B, L)
+    out = {
+        "implicit_value": (beta * _first_response(policy.logsumexp - ref.logsumexp, mask)).mean(),
+        "kl_estimate": rho.sum() / tokens,
+        "nll": -logp.sum() / tokens,
+    }
+    if algo in RESIDUALS:
+        residual = RESIDUALS[algo](policy, ref, batch["rewards"], mask, beta=beta, gamma=gamma)  # (B, L)
+        out["abs_residual"] = residual.abs().sum() / tokens
+    elif algo in ("dro", "copg"):
+        out["abs_residual"] = (2.0 * per_item.detach().float()).sqrt().mean()
+    for key, x in (extras or {}).items():
+        out[key] = x.detach().float().mean()
+    return out
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process in MiB: CUDA allocator peak on a GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsWindow:
+    """Running sums of per-micro-batch tensors between two logging steps (kept on device: no sync per step)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: Mapping[str, torch.Tensor | float]) -> None:
+        for key, value in values.items():
+            value = torch.as_tensor(value, dtype=torch.float32).detach()
+            self.sums[key] = self.sums[key] + value.to(self.sums[key].device) if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+class JsonlWriter:
+    """Append one JSON object per line to ``path``; each line is flushed and fsync'ed as written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self.file.write(json.dumps(dict(record), sort_keys=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
