@@ -178,14 +178,15 @@ def make_pairs(prompt_ids: torch.Tensor, *, mode: str = "disjoint") -> tuple[tor
 
 
 def make_preference_pairs(
-    prompt_ids: torch.Tensor, rewards: torch.Tensor, *, mode: str = "disjoint"
+    prompt_ids: torch.Tensor, rewards: torch.Tensor, *, mode: str = "disjoint", allow_empty: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preference pairs for DPO from reward-labelled responses (spec §4).
 
     prompt_ids: (N,) integer prompt of each response; rewards: (N,) its sequence reward R. Responses are
     paired within a prompt as in :func:`make_pairs` (``mode``), the higher reward is the winner, and ties
     are dropped. Returns ``(idx_w, idx_l)``, (P,) int64 indices of the preferred and the rejected response.
-    Raises ValueError when no pair with different rewards exists.
+    Raises ValueError when no pair with different rewards exists, unless ``allow_empty`` (then (0,) tensors:
+    an online batch may legitimately hold no preference).
     """
     _check_prompt_ids(prompt_ids)
     if not isinstance(rewards, torch.Tensor) or rewards.shape != prompt_ids.shape or not rewards.is_floating_point():
@@ -195,10 +196,12 @@ def make_preference_pairs(
     try:
         idx_a, idx_b = make_pairs(prompt_ids, mode=mode)
     except ValueError as error:
+        if allow_empty:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         raise ValueError(f"no preference pair can be formed: {error}") from None
     gap = rewards[idx_a] - rewards[idx_b]
     keep = gap != 0
-    if not bool(keep.any()):
+    if not bool(keep.any()) and not allow_empty:
         raise ValueError(f"no preference pair can be formed: all {len(gap)} pairs of responses to the same prompt have equal rewards")
     a_wins = gap[keep] > 0
     idx_a, idx_b = idx_a[keep], idx_b[keep]

@@ -1,0 +1,258 @@
+"""A small trainer for tabular logits: any ShiQ-family loss of :mod:`shiq_toy.losses`, or a baseline.
+
+``method`` is a key of :data:`shiq_toy.losses.LOSSES` (``shiq``, ``shiq_init``, ``shiq_ms``, ``shiq_tk``,
+``shifted_q``, ``logit_q``) or a baseline of :mod:`shiq_toy.baselines` (``dpo``, ``copg``, ``dro``). Data
+is either a fixed offline :class:`~shiq_toy.data.Dataset` (full batch, or minibatches drawn with the
+sequence weights) or, online, a fresh batch each step from ``sampler(current logits tables)``.
+
+Independent runs are vectorised. A model with ``copies=C`` holds C independent tables; the step minimises
+the *sum* over copies of each copy's own loss. Copy c's parameters receive exactly the gradient of copy c's
+loss (the other terms do not depend on them), and Adam (like SGD) updates every parameter element-wise
+from its own gradient history, so a vectorised run is the same computation as C separate runs — one
+Python loop instead of C (``tests/test_tabular.py`` checks this against separate runs).
+
+The per-token statistics come from :meth:`TabularLogits.token_stats` (equal to
+``losses.token_stats(model(tokens), tokens)``, one log-sum-exp per state instead of per token).
+
+Notation used for tensor shapes: ``C`` copies, ``N`` sequences per copy, ``H`` depth, ``V`` vocabulary,
+``P`` pairs, ``K`` evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from shiq_toy import baselines
+from shiq_toy.data import Dataset
+from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, TokenStats, logit_q_soft_value
+from shiq_toy.tabular import TabularLogits
+
+__all__ = ["BASELINES", "METHODS", "OPTIMIZERS", "History", "method_loss", "train"]
+
+BASELINES = ("dpo", "copg", "dro")
+METHODS = (*LOSSES, *BASELINES)
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class History:
+    """What :func:`train` records. ``steps`` (K,) are the numbers of updates done at each evaluation
+    (0 = the initial model); ``metrics[name]`` is (K, C) (or (K,) without copies); ``loss`` is (steps, C)
+    (or (steps,)), the training loss of each step."""
+
+    steps: list[int] = field(default_factory=list)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+
+def _groups(prompt_ids: torch.Tensor) -> torch.Tensor:
+    """(C, N) prompt ids -> ids unique across copies, so that pairs never mix two copies."""
+    return torch.arange(prompt_ids.shape[0])[:, None] * (int(prompt_ids.max()) + 1) + prompt_ids
+
+
+def method_loss(
+    method: str,
+    policy: TokenStats,
+    ref: TokenStats,
+    batch: Dataset,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    soft_value: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    pair_mode: str = "disjoint",
+) -> torch.Tensor:
+    """Loss of each copy on a batch: (C,).
+
+    policy, ref: TokenStats with (C, N, H) fields on ``batch.tokens`` (gradients flow through ``policy``);
+    batch: :class:`Dataset` with (C, N, H) fields. ShiQ-family: Σ_n w_n L_n with L_n = Σ_t residual_t²
+    (``logit_q`` also needs ``soft_value`` (C, N, H), see :func:`shiq_toy.losses.logit_q_soft_value`).
+    ``dro``: Σ_n w_n ½(R_n − V(x_n) − βΔ_n)² with ``values`` (C, prompts) the value table V_φ.
+    ``dpo``/``copg``: pairs of responses of the same prompt (``pair_mode``, see
+    :func:`shiq_toy.baselines.make_pairs`), weighted by w_a·w_b normalised per copy; a copy with no pair
+    in the batch contributes 0. Baselines use the sequence reward R = Σ_t r_t and need γ = 1.
+    """
+    num_copies, num, _ = batch.tokens.shape
+    flat = lambda x: x.flatten(0, 1)  # noqa: E731  (C, N, H) -> (C·N, H)
+    policy, ref = TokenStats(*map(flat, policy)), TokenStats(*map(flat, ref))
+    rewards, mask, weights = flat(batch.rewards), flat(batch.mask), batch.weights  # weights (C, N)
+    if method in LOSSES:
+        extra = {"soft_value": flat(soft_value)} if method in NEEDS_SOFT_VALUE else {}
+        per_sequence = LOSSES[method](policy, ref, rewards, mask, beta=beta, gamma=gamma, **extra)  # (C·N,)
+        return (weights * per_sequence.view(num_copies, num)).sum(-1)
+    if method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if gamma != 1.0:
+        raise ValueError(f"the baselines are sequence-level: gamma must be 1, got {gamma}")
+    delta = baselines.sequence_log_ratio(policy, ref, mask)  # (C·N,)
+    returns = torch.where(mask, rewards, 0.0).sum(-1)  # (C·N,) R = Σ_t r_t
+    if method == "dro":
+        copy = torch.arange(num_copies).repeat_interleave(num)
+        value = values[copy, batch.prompt_ids.flatten()]  # (C·N,)
+        return (weights * baselines.dro_loss(delta, returns, value, beta=beta).view(num_copies, num)).sum(-1)
+    groups = _groups(batch.prompt_ids).flatten()  # (C·N,)
+    if method == "dpo":
+        idx_a, idx_b = baselines.make_preference_pairs(groups, returns, mode=pair_mode, allow_empty=True)  # winner, loser
+        per_pair = baselines.dpo_loss(delta[idx_a], delta[idx_b], beta=beta)  # (P,)
+    else:
+        idx_a, idx_b = baselines.make_pairs(groups, mode=pair_mode)
+        per_pair = baselines.copg_loss(delta[idx_a], delta[idx_b], returns[idx_a], returns[idx_b], beta=beta)
+    flat_weights = weights.flatten()
+    pair_weight, pair_copy = flat_weights[idx_a] * flat_weights[idx_b], idx_a // num  # (P,)
+    total = torch.zeros(num_copies, dtype=per_pair.dtype).index_add(0, pair_copy, pair_weight * per_pair)
+    norm = torch.zeros(num_copies, dtype=per_pair.dtype).index_add(0, pair_copy, pair_weight)
+    return total / norm.clamp(min=torch.finfo(norm.dtype).tiny)
+
+
+def _stats(model: TabularLogits, tokens: torch.Tensor) -> TokenStats:
+    """(C, N, H) tokens -> TokenStats of (C, N, H), whether the model stacks C copies or one shared table."""
+    if model.copies is None:
+        return TokenStats(*(x.view(tokens.shape) for x in model.token_stats(tokens.flatten(0, 1))))
+    return model.token_stats(tokens)
+
+
+def _soft_value(model: TabularLogits, ref: TabularLogits, tokens: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """logit_q's statistic β ln Σ_a π_ref(a|s) exp(ℓ(s,a)/β), once per state, at each token: (C, N, H)."""
+    per_state = []
+    for level, ref_level in zip(model.levels, ref.levels):
+        lead = level if model.copies is not None else level[None]  # (C, S, V): states as "positions"
+        ref_lead = (ref_level if ref.copies is not None else ref_level[None]).expand_as(lead)
+        values = logit_q_soft_value(lead, ref_lead, beta=beta)  # (C, S)
+        per_state.append(values if model.copies is not None else values[0])
+    if model.copies is None:
+        return model.gather_states(per_state, tokens.flatten(0, 1)).view(tokens.shape)
+    return model.gather_states(per_state, tokens)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (C, b) of each copy: (C, N, ...) -> (C, b, ...)."""
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
+
+
+def _check_args(model, ref, method, steps, lr, optimizer, eval_every, batch_size, data, sampler) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if ref.copies not in (None, model.copies) or ref.vocab_size != model.vocab_size or ref.horizon != model.horizon:
+        raise ValueError(
+            f"ref must match the model (V={model.vocab_size}, H={model.horizon}, copies {model.copies} or none), "
+            f"got V={ref.vocab_size}, H={ref.horizon}, copies {ref.copies}"
+        )
+    for name, value in (("steps", steps), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'steps' else 1}, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+    if (data is None) == (sampler is None):
+        raise ValueError("give exactly one of data (offline) or sampler (online)")
+    if batch_size is not None and (data is None or isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, and only with offline data; got {batch_size!r}")
+
+
+def _check_pairs(method: str, data: Dataset, pair_mode: str) -> None:
+    """Offline DPO/CoPG: refuse data that holds no usable pair at all (a clear error before training)."""
+    returns = torch.where(data.mask, data.rewards, 0.0).sum(-1).flatten()
+    groups = _groups(data.prompt_ids).flatten()
+    if method == "dpo":
+        baselines.make_preference_pairs(groups, returns, mode=pair_mode)
+    elif method == "copg":
+        baselines.make_pairs(groups, mode=pair_mode)
+
+
+def train(
+    model: TabularLogits,
+    ref: TabularLogits,
+    method: str,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    steps: int,
+    data: Dataset | None = None,
+    sampler: Callable[[list[torch.Tensor]], Dataset] | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    optimizer: str = "adam",
+    lr: float = 0.05,
+    evaluate: Callable[[list[torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    eval_every: int = 10,
+    pair_mode: str = "disjoint",
+    progress: bool = False,
+) -> History:
+    """Train ``model`` (in place) for ``steps`` updates of ``optimizer`` ('adam' or 'sgd', learning rate ``lr``).
+
+    model: trained logits, ``copies=C`` or none; ref: frozen reference logits, shared or with C copies.
+    data: offline :class:`Dataset`, (N, H) fields (shared by all copies) or (C, N, H). ``batch_size``: None
+    for full batch, else minibatches of that size per copy drawn with replacement, with probabilities
+    ``data.weights`` (``generator`` draws them). sampler: online; called each step with the current tables
+    (detached, list over depth of (C, V**h, V) or (V**h, V)) and returns a fresh (C, B, H) or (B, H) batch.
+    evaluate: called with the tables before training, every ``eval_every`` steps and after the last step;
+    returns named metrics, each (C,) or a scalar. ``dro`` trains a value table V_φ (C, prompts), zero at
+    start (prompts: from ``data``; 1 online), jointly with the same optimiser.
+    """
+    _check_args(model, ref, method, steps, lr, optimizer, eval_every, batch_size, data, sampler)
+    num_copies = model.copies or 1
+    stacked = model.copies is not None
+
+    def as_stacked(batch: Dataset) -> Dataset:  # (N, H) -> (C, N, H)
+        if batch.tokens.dim() == 2:
+            return Dataset(*(x.expand(num_copies, *x.shape) for x in batch))
+        if batch.tokens.shape[0] != num_copies:
+            raise ValueError(f"the batch stacks {batch.tokens.shape[0]} copies but the model has {num_copies}")
+        return batch
+
+    params = list(model.parameters())
+    values = None
+    if method == "dro":
+        prompts = 1 if data is None else int(data.prompt_ids.max()) + 1
+        values = torch.zeros(num_copies, prompts, dtype=torch.float64, requires_grad=True)
+        params.append(values)
+    opt = OPTIMIZERS[optimizer](params, lr=lr)
+    if data is not None:
+        fixed = as_stacked(data)
+        _check_pairs(method, fixed, pair_mode)
+        with torch.no_grad():  # offline: the reference statistics are computed once
+            fixed_ref = _stats(ref, fixed.tokens)  # (C, N, H)
+
+    history, losses = History(), []
+
+    def record(step: int) -> None:
+        if evaluate is None:
+            return
+        history.steps.append(step)
+        for name, value in evaluate(model.tables()).items():
+            history.metrics.setdefault(name, []).append(torch.as_tensor(value, dtype=torch.float64))
+
+    record(0)
+    for step in tqdm(range(1, steps + 1), disable=not progress, desc=method, leave=False):
+        if data is None:
+            batch = as_stacked(sampler(model.tables()))
+            with torch.no_grad():
+                ref_stats = _stats(ref, batch.tokens)  # (C, B, H)
+        elif batch_size is None:
+            batch, ref_stats = fixed, fixed_ref
+        else:
+            idx = torch.multinomial(fixed.weights, batch_size, replacement=True, generator=generator)  # (C, b)
+            batch = Dataset(*(_take(x, idx) for x in fixed[:-1]), weights=torch.full(idx.shape, 1.0 / batch_size, dtype=torch.float64))
+            ref_stats = TokenStats(*(_take(x, idx) for x in fixed_ref))  # (C, b, H)
+        soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if method in NEEDS_SOFT_VALUE else None
+        loss = method_loss(
+            method, _stats(model, batch.tokens), ref_stats, batch,
+            beta=beta, gamma=gamma, soft_value=soft_value, values=values, pair_mode=pair_mode,
+        )  # (C,)
+        opt.zero_grad()
+        loss.sum().backward()  # copies are independent: Σ_c keeps each copy's own gradient
+        opt.step()
+        losses.append(loss.detach())
+        if step % eval_every == 0 or step == steps:
+            record(step)
+
+    history.metrics = {name: torch.stack(v) if stacked else torch.stack(v).reshape(len(v), -1)[:, 0] for name, v in history.metrics.items()}
+    loss_table = torch.stack(losses) if losses else torch.zeros(0, num_copies, dtype=torch.float64)
+    history.loss = loss_table if stacked else loss_table[:, 0]
+    return history
