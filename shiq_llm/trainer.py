@@ -347,7 +347,7 @@ def _check_resumable(config: TrainConfig, state: Mapping[str, Any], path: Path, 
 
 
 def _frozen_names(models) -> list[set[str]]:
-    return [{name for name, p in m.named_parameters() if not p.requires_grad} for m in models]
+    return [{name for name, p in m.named_parameters(remove_duplicate=False) if not p.requires_grad} for m in models]
 
 
 def _save_trainable_only(models, weights, output_dir) -> None:
@@ -415,6 +415,7 @@ def train(config: TrainConfig) -> TrainResult:
     config = dataclasses.replace(config).validate()
     out = Path(config.out)
     tensorboard = config.tensorboard and is_tensorboard_available()
+    _reset_accelerate_state()
     accelerator = Accelerator(
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         gradient_accumulation_steps=config.grad_accum,
@@ -522,6 +523,19 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator.end_training()
     return TrainResult(out_dir=out, final_dir=final, metrics_file=out / "metrics.jsonl", checkpoint=checkpoint,
                        steps=step, final_metrics=last)
+
+
+def _reset_accelerate_state() -> None:
+    """Forget the precision and gradient-accumulation state a previous ``train`` call left in this process.
+
+    accelerate keeps them in process-wide singletons: without this, a second run in one process (a sweep, the
+    demo, the tests) could not change ``precision``, and would inherit the previous run's half-consumed
+    dataloader. The process group (``PartialState``) is kept, so ``accelerate launch`` runs are unaffected.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _log_window(accelerator, window: MetricsWindow, tokens, seconds: float, *, step: int, epoch: float, lr: float) -> dict:
