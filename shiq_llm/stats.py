@@ -73,10 +73,26 @@ _WARNED_CLASSES: set[str] = set()
 # --------------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stats_dtype: torch.dtype) -> torch.Tensor:
-    """z = h Wᵀ + b for one chunk, in the compute dtype, then upcast to ``stats_dtype``: (c, H) -> (c, V)."""
-    logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # (c, V)
-    return logits.to(stats_dtype)  # no copy when the dtypes already agree
+class _ChunkBuffers:
+    """The chunk's logits (compute dtype) and their float32 copy, allocated once per pass and reused, so a
+    pass touches ``chunk_size × V`` fresh memory once instead of once per chunk (page faults on CPU)."""
+
+    def __init__(self, rows: int, vocab: int, like: torch.Tensor, compute_dtype: torch.dtype, stats_dtype: torch.dtype):
+        self.logits = like.new_empty((rows, vocab), dtype=compute_dtype)  # (c, V)
+        self.stats = self.logits if stats_dtype == compute_dtype else like.new_empty((rows, vocab), dtype=stats_dtype)
+
+    def chunk_logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """z = h Wᵀ + b in the compute dtype, returned upcast to the stats dtype: (c, H) -> (c, V)."""
+        logits = self.logits[: h.shape[0]]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        return logits if self.stats is self.logits else self.stats[: h.shape[0]].copy_(logits)
+
+    def to_compute(self, z: torch.Tensor) -> torch.Tensor:
+        """A (c, V) stats-dtype tensor in the compute dtype (no copy when they agree)."""
+        return z if self.stats is self.logits else self.logits[: z.shape[0]].copy_(z)
 
 
 class _LinearHeadStats(torch.autograd.Function):
@@ -90,18 +106,20 @@ class _LinearHeadStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype):
         stats_dtype = torch.promote_types(compute_dtype, torch.float32)
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         logit_taken = hidden.new_empty(n, dtype=stats_dtype)
         logsumexp = hidden.new_empty(n, dtype=stats_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(compute_dtype)
+            buffers = _ChunkBuffers(min(chunk_size, n), vocab, hidden, compute_dtype, stats_dtype)
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows].to(compute_dtype), w, b, stats_dtype)  # (c, V)
-                logsumexp[rows] = torch.logsumexp(logits, dim=-1)
-                logit_taken[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
-                del logits
+                z = buffers.chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (c, V)
+                logit_taken[rows] = z.gather(1, targets[rows, None]).squeeze(1)
+                shift = z.amax(dim=1, keepdim=True)  # (c, 1); vℓ = m + ln Σ_a exp(z_a − m), in place
+                logsumexp[rows] = z.sub_(shift).exp_().sum(dim=1).log_().add_(shift.squeeze(1))
+            del buffers
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
         return logit_taken, logsumexp
@@ -110,31 +128,32 @@ class _LinearHeadStats(torch.autograd.Function):
     def backward(ctx, grad_taken, grad_lse):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dtype, n = ctx.compute_dtype, hidden.shape[0]
+        dtype, n, vocab = ctx.compute_dtype, hidden.shape[0], weight.shape[0]
         grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None  # (N, H)
         grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H), accumulated in the weight's dtype
-        grad_bias = logsumexp.new_zeros(weight.shape[0]) if need_bias else None  # (V,)
+        grad_bias = logsumexp.new_zeros(vocab) if need_bias else None  # (V,)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
+            buffers = _ChunkBuffers(min(ctx.chunk_size, n), vocab, hidden, dtype, logsumexp.dtype)
             for start in range(0, n, ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 h = hidden[rows].to(dtype)  # (c, H)
-                grad_logits = _chunk_logits(h, w, b, logsumexp.dtype)  # (c, V), becomes ∂/∂z in place:
-                grad_logits.sub_(logsumexp[rows, None]).exp_().mul_(grad_lse[rows, None])  # g_vℓ · softmax(z)
+                grad_z = buffers.chunk_logits(h, w, b)  # (c, V), turned into ∂/∂z in place:
+                grad_z.sub_(logsumexp[rows, None]).exp_().mul_(grad_lse[rows, None])  # g_vℓ · softmax(z)
                 chunk_rows = torch.arange(h.shape[0], device=h.device)
-                grad_logits.index_put_((chunk_rows, targets[rows]), grad_taken[rows], accumulate=True)  # + g_ℓ · onehot
+                grad_z.index_put_((chunk_rows, targets[rows]), grad_taken[rows], accumulate=True)  # + g_ℓ · onehot
                 if need_bias:
-                    grad_bias += grad_logits.sum(dim=0)
-                grad_logits = grad_logits.to(dtype)
+                    grad_bias += grad_z.sum(dim=0)
+                grad_z = buffers.to_compute(grad_z)
                 if need_hidden:
-                    torch.mm(grad_logits, w, out=grad_hidden[rows])
+                    torch.mm(grad_z, w, out=grad_hidden[rows])
                 if need_weight:
                     if grad_weight.dtype == dtype:
-                        grad_weight.addmm_(grad_logits.t(), h)
+                        grad_weight.addmm_(grad_z.t(), h)
                     else:  # autocast: the weight is kept in float32, the matmuls run in bf16/fp16
-                        grad_weight += torch.mm(grad_logits.t(), h)
-                del grad_logits
+                        grad_weight += torch.mm(grad_z.t(), h)
+            del buffers
         if need_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
         if need_bias:

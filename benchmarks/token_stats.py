@@ -1,0 +1,162 @@
+"""Peak memory and time of forward + backward of the response statistics: chunked head vs full logits.
+
+What is measured is the output head only: given hidden states h (N, H) that require grad and an
+``nn.Linear`` head W (V, H), one step computes (ℓ, vℓ) for N target tokens and back-propagates a fixed
+random upstream gradient into h and W:
+
+    naive    logits = F.linear(h, W) (N, V) -> shiq_toy.losses.token_stats   (what model(...).logits does)
+    chunked  shiq_llm.stats.linear_head_token_stats(h, W, targets, chunk_size=c)   (what the library runs)
+
+The backbone is excluded: ``response_token_stats`` runs the same backbone as the naive path. The naive path
+is given only the N response rows, its best case: a model's ``forward`` projects all B·L positions,
+prompt and padding included, so the saving in a real step is larger than shown here.
+
+Each (device, V, method) runs in a fresh subprocess. CPU peak memory is the growth of the process's peak
+resident set (``ru_maxrss``) over the set-up (inputs, weight), CUDA peak memory is
+``torch.cuda.max_memory_allocated`` over the set-up. Times are the best of ``--repeats`` steps (the first
+included: fresh large buffers cost page faults on every step of a real run too): wall-clock seconds, and on
+CPU also the process's CPU seconds (user + system, all threads), which other jobs sharing the machine
+disturb much less than wall-clock time.
+
+    python benchmarks/token_stats.py                       # N = 4,096, H = 1,024, V = 32,000 and 128,256
+    python benchmarks/token_stats.py --chunk-sizes 256 512 1024 2048 --vocab 32000   # tune chunk_size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, linear_head_token_stats  # noqa: E402
+from shiq_toy.losses import token_stats  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(method: str, *, tokens: int, hidden: int, vocab: int, chunk_size: int, dtype: str, device: str, repeats: int) -> dict:
+    """One configuration, in this (fresh) process: peak memory growth (bytes), wall and CPU step times (s)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dt = DTYPES[dtype]
+    h = torch.empty(tokens, hidden, device=device, dtype=dt).normal_(generator=gen).requires_grad_()  # (N, H)
+    weight = torch.empty(vocab, hidden, device=device, dtype=dt).normal_(0.0, hidden**-0.5, generator=gen)
+    weight.requires_grad_()  # (V, H)
+    targets = torch.randint(0, vocab, (tokens,), device=device, generator=gen)  # (N,)
+    upstream = torch.randn(2, tokens, device=device, generator=gen)  # fixed g_ℓ, g_vℓ
+
+    def step() -> None:
+        if method == "naive":
+            stats = token_stats(torch.nn.functional.linear(h, weight)[None], targets[None])  # (1, N) each
+            taken, lse = stats.logit_taken[0], stats.logsumexp[0]
+        else:
+            taken, lse = linear_head_token_stats(h, weight, targets, chunk_size=chunk_size)
+        (upstream[0] * taken + upstream[1] * lse).sum().backward()
+
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _peak_rss_bytes()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        h.grad = weight.grad = None
+        start, start_cpu = time.perf_counter(), _cpu_seconds()
+        step()
+        _sync(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(_cpu_seconds() - start_cpu)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    return {"peak_bytes": peak - base, "wall": wall, "cpu": cpu}
+
+
+def run_in_subprocess(method: str, args: argparse.Namespace, *, vocab: int, chunk_size: int, device: str, repeats: int) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", method, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
+        "--vocab", str(vocab), "--chunk-sizes", str(chunk_size), "--dtype", args.dtype, "--devices", device,
+        "--repeats", str(repeats),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {method} V={vocab} on {device} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096, help="N, response tokens in the batch")
+    parser.add_argument("--hidden", type=int, default=1024, help="H, hidden size")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="V, vocabulary sizes")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[DEFAULT_CHUNK_SIZE], help="rows per chunk")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of h and W")
+    parser.add_argument(
+        "--repeats", type=int, nargs="+", default=[2, 1],
+        help="timed steps per configuration (best reported), one value per vocabulary; the last one repeats",
+    )  # fmt: skip
+    default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    parser.add_argument("--devices", nargs="+", default=default_devices, help="cpu and/or cuda")
+    parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = worker(
+            args.worker, tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0], chunk_size=args.chunk_sizes[0],
+            dtype=args.dtype, device=args.devices[0], repeats=args.repeats[0],
+        )  # fmt: skip
+        print(json.dumps(result))
+        return
+
+    print(
+        f"N = {args.tokens} response tokens, H = {args.hidden}, dtype {args.dtype}, best of {args.repeats} "
+        f"steps, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
+    header = (
+        f"{'device':>6} {'V':>7} {'chunk':>5} {'steps':>5} | {'naive MiB':>9} {'chunked MiB':>11} {'ratio':>6} | "
+        f"{'naive s':>7} {'chunked s':>9} {'ratio':>6} | {'naive cpu-s':>11} {'chunked cpu-s':>13} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for device in args.devices:
+        for index, vocab in enumerate(args.vocab):
+            repeats = args.repeats[min(index, len(args.repeats) - 1)]
+            naive = run_in_subprocess("naive", args, vocab=vocab, chunk_size=args.chunk_sizes[0], device=device, repeats=repeats)
+            for chunk_size in args.chunk_sizes:
+                chunked = run_in_subprocess(
+                    "chunked", args, vocab=vocab, chunk_size=chunk_size, device=device, repeats=repeats
+                )
+                mem_n, mem_c = naive["peak_bytes"] / 2**20, chunked["peak_bytes"] / 2**20
+                t_n, t_c = min(naive["wall"]), min(chunked["wall"])
+                cpu = f"{min(naive['cpu']):>11.2f} {min(chunked['cpu']):>13.2f} {min(chunked['cpu']) / min(naive['cpu']):>6.3f}"
+                print(
+                    f"{device:>6} {vocab:>7} {chunk_size:>5} {repeats:>5} | {mem_n:>9.0f} {mem_c:>11.0f} {mem_c / mem_n:>6.3f} | "
+                    f"{t_n:>7.2f} {t_c:>9.2f} {t_c / t_n:>6.3f} | {cpu if device == 'cpu' else '':>32}",
+                    flush=True,
+                )
+    print("targets (issue #4): memory ratio ≤ 0.25 at V = 32k; time ratio ≤ 1.2")
+
+
+if __name__ == "__main__":
+    main()
