@@ -51,10 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(config: TrainConfig) -> None:
+    """``--no-progress-bar`` also silences the progress bars of transformers and datasets."""
+    if not config.progress_bar:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from shiq_llm.trainer import train
 
-    result = train(config_from_namespace(args))
+    config = config_from_namespace(args)
+    _quiet_libraries(config)
+    result = train(config)
     print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: {result.metrics_file}")
     return 0
 
@@ -92,7 +104,9 @@ def cache_reference(config: TrainConfig, *, verify: bool = False) -> Path:
 
 
 def _run_cache_ref(args: argparse.Namespace) -> int:
-    path = cache_reference(config_from_namespace(args), verify=args.verify)
+    config = config_from_namespace(args)
+    _quiet_libraries(config)
+    path = cache_reference(config, verify=args.verify)
     print(f"reference cache: {path}")
     return 0
 

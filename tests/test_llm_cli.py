@@ -1,0 +1,252 @@
+"""``shiq-llm train`` / ``cache-ref`` and TrainConfig: YAML + overrides, every option documented, smoke runs,
+and bad input reported as one clear line with a non-zero exit status (nothing already written is lost)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shiq_llm import cli
+from shiq_llm.config import TrainConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = CONFIGS / "shiq_tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(n_prompts: int = 3):
+    return [
+        {"prompt": f"what is {p} plus {p}?", "completion": f"it is {2 * p + k}", "reward": float(k == 0)}
+        for p in range(n_prompts)
+        for k in range(2)
+    ]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # json writes NaN / Infinity for non-finite floats
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    status = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def train_args(tmp_path: Path, data: Path, out: str = "run", *extra):
+    return ["train", "--config", TINY, "--data", data, "--out", tmp_path / out, "--no-progress-bar", "--no-tensorboard",
+            "--batch-size", "6", "--max-steps", "3", "--logging-steps", "1", *extra]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo: dpo\nbeta: 1\nlr: 1e-4\nmax-steps: 7\nref_cache: null\nlora_target_modules: q_proj,v_proj\n")
+    config = load_config(path, overrides={"beta": 0.25, "out": "x"})
+    assert (config.algo, config.beta, config.lr, config.max_steps, config.out) == ("dpo", 0.25, 1e-4, 7, "x")
+    assert isinstance(config.beta, float) and config.ref_cache is None
+    assert config.batch_size == TrainConfig().batch_size  # absent keys keep the defaults
+
+
+def test_example_configs_are_valid():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        load_config(path).validate()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("algo: shiq\nbta: 0.1\n", r"unknown key 'bta'; known keys: .*beta"),
+        ("beta: high\n", r"key 'beta' must be float, got str 'high'"),
+        ("max_steps: 2.5\n", r"key 'max_steps' must be int"),
+        ("resume: 1\n", r"key 'resume' must be bool"),
+        ("- algo\n", "must hold a mapping"),
+        ("algo: [shiq\n", "cannot read config file"),
+    ],
+)
+def test_bad_yaml_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("algo", "ppo", "must be one of"), ("beta", 0.0, "'beta' must be a finite number > 0"), ("gamma", 1.5, "'gamma' must lie in"),
+     ("batch_size", 0, "'batch_size' must be >= 1"), ("data", None, "'data' is required")],
+)
+def test_bad_values_name_the_field(field, value, message):
+    config = dataclasses.replace(TrainConfig(data="d.jsonl", out="o"), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f"(default: {getattr(defaults, f.name)!r})" in text, f.name
+    assert "--config FILE" in text
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo: dpo\nbeta: 1.0\ngradient_checkpointing: true\n")
+    args = cli.build_parser().parse_args(["train", "--config", str(path), "--beta", "0.5", "--no-gradient-checkpointing",
+                                          "--ref-cache", "none", "--data", "d"])
+    config = cli.config_from_namespace(args)
+    assert (config.algo, config.beta, config.gradient_checkpointing, config.ref_cache, config.data) == ("dpo", 0.5, False, None, "d")
+
+
+# --------------------------------------------------------------------------------------------------
+# Smoke runs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_train_then_cache_ref_reuse_and_verify(tmp_path, capsys, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows())
+    cache = tmp_path / "shared_reference"
+    status, out, err = run(capsys, "cache-ref", "--config", TINY, "--data", data, "--out", tmp_path / "run",
+                           "--ref-cache", cache, "--no-progress-bar")
+    assert status == 0, err
+    assert (cache / "manifest.json").is_file()
+    status, out, _ = run(capsys, "cache-ref", "--config", TINY, "--data", data, "--out", tmp_path / "run",
+                         "--ref-cache", cache, "--verify")
+    assert status == 0 and "matches the model and data" in out
+
+    with caplog.at_level(logging.INFO):
+        status, out, err = run(capsys, *train_args(tmp_path, data, "run", "--ref-cache", cache))
+    assert status == 0, err
+    assert "reusing the cache" in caplog.text  # computed once, by cache-ref
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all(math.isfinite(line["loss"]) for line in lines)
+    final = tmp_path / "run" / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (final / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("what is 1 plus 1?", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one clear line on stderr, exit status 1
+# --------------------------------------------------------------------------------------------------
+
+
+def _bad(rows_, index: int, **fields):
+    rows_ = [dict(r) for r in rows_]
+    rows_[index].update(fields)
+    return rows_
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        (_bad(rows(), 3, reward=float("nan")), "row 3: field 'reward' must be finite, got nan"),
+        (_bad(rows(), 2, reward=float("inf")), "row 2: field 'reward' must be finite, got inf"),
+        (_bad(rows(), 4, completion=""), "row 4: field 'completion' is empty"),
+        ([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows()], r"missing column\(s\) \['reward'\]"),
+    ],
+)
+def test_bad_rows_print_the_row_and_field(tmp_path, capsys, records, message):
+    import re
+
+    data = write_jsonl(tmp_path / "rows.jsonl", records)
+    status, _, err = run(capsys, *train_args(tmp_path, data))
+    assert status == 1
+    assert re.search(message, err), err
+    assert err.strip().splitlines()[-1].startswith("shiq-llm: error: ") and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_no_usable_pair_for_dpo_or_copg(tmp_path, capsys):
+    distinct = [{"prompt": f"prompt {i}", "completion": "yes", "reward": float(i)} for i in range(4)]
+    data = write_jsonl(tmp_path / "rows.jsonl", distinct)
+    for algo in ("dpo", "copg"):
+        status, _, err = run(capsys, *train_args(tmp_path, data, f"run_{algo}", "--algo", algo))
+        assert status == 1 and "no usable pair for DPO/CoPG" in err, err
+
+
+def test_long_prompts_are_truncated_and_counted(tmp_path, capsys, caplog):
+    long_prompt = "tell me " + "very " * 60 + "much"
+    records = rows() + [{"prompt": long_prompt, "completion": "ok", "reward": 1.0}, {"prompt": long_prompt + "!", "completion": "no", "reward": 0.0}]
+    data = write_jsonl(tmp_path / "rows.jsonl", records)
+    with caplog.at_level(logging.INFO):
+        status, _, err = run(capsys, *train_args(tmp_path, data, "run", "--max-length", "32", "--max-steps", "1"))
+    assert status == 0, err
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["prompt_truncated"] == 2 and report["kept"] == len(records)
+    assert "prompt_truncated=2" in caplog.text
+
+
+def test_tokenizer_that_does_not_fit_the_model(tmp_path, capsys):
+    from shiq_llm.models import build_tokenizer, tiny_causal_lm
+
+    tokenizer = build_tokenizer()
+    small = tiny_causal_lm(64, hidden_size=16, num_heads=2)  # 64 embedding rows < the tokenizer's ids
+    small.save_pretrained(tmp_path / "small_model")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    data = write_jsonl(tmp_path / "rows.jsonl", rows())
+    status, _, err = run(capsys, *train_args(tmp_path, data, "run", "--model", tmp_path / "small_model", "--tokenizer",
+                                             tmp_path / "tokenizer"))
+    assert status == 1
+    assert f"tokenizer has {len(tokenizer)} tokens but the model's embedding has 64 rows" in err
+
+
+def test_reference_cache_of_other_data_is_refused_by_name(tmp_path, capsys):
+    cache = tmp_path / "ref"
+    first = write_jsonl(tmp_path / "a.jsonl", rows())
+    second = write_jsonl(tmp_path / "b.jsonl", rows(4))
+    assert run(capsys, *train_args(tmp_path, first, "a", "--ref-cache", cache, "--max-steps", "1"))[0] == 0
+    status, _, err = run(capsys, *train_args(tmp_path, second, "b", "--ref-cache", cache, "--max-steps", "1"))
+    assert status == 1
+    assert f"reference cache {cache} does not match the tokenised data" in err and "--recompute-ref" in err
+    status, _, err = run(capsys, *train_args(tmp_path, second, "b", "--ref-cache", cache, "--max-steps", "1", "--recompute-ref"))
+    assert status == 0, err
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl", rows())
+    assert run(capsys, *train_args(tmp_path, data, "run", "--max-steps", "1"))[0] == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    status, _, err = run(capsys, *train_args(tmp_path, data, "run", "--max-steps", "1"))
+    assert status == 1 and "holds an earlier run" in err and "--overwrite" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    status, _, err = run(capsys, *train_args(tmp_path, data, "run", "--max-steps", "2", "--overwrite"))
+    assert status == 0, err
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_command_line_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--algo", "ppo"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'ppo'" in capsys.readouterr().err
