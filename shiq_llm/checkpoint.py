@@ -37,6 +37,9 @@ __all__ = [
     "verify_checkpoint",
     "latest_checkpoint",
     "prune_checkpoints",
+    "resume_point",
+    "save_trainable_only",
+    "check_trainable_saved",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,3 +161,40 @@ def prune_checkpoints(root: str | Path, *, keep: int, protect: Path | None = Non
         shutil.rmtree(path)
         deleted.append(path)
     return deleted
+
+
+def resume_point(root: str | Path, *, resume: bool, resume_from: str | Path | None,
+                 warn: Callable[[str], None] = logger.warning) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its trainer state: ``resume_from`` (verified; ValueError if unusable),
+    else with ``resume`` the newest usable one under ``root`` (ValueError if there is none), else None."""
+    if resume_from:
+        path = Path(resume_from)
+        return path, verify_checkpoint(path)
+    if not resume:
+        return None
+    found = latest_checkpoint(root, warn=warn)
+    if found is None:
+        raise ValueError(f"--resume: no checkpoint in {root} (nothing to resume; drop --resume)")
+    return found
+
+
+def save_trainable_only(models, weights, output_dir) -> None:
+    """accelerate ``register_save_state_pre_hook``: drop frozen parameters (a LoRA run's base, tied aliases
+    included) from the saved model states; they are reloaded from the model's source, not the checkpoint."""
+    for i, model in enumerate(models):
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        if frozen:
+            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+
+
+def check_trainable_saved(path: str | Path, model) -> None:
+    """ValueError unless ``path/model.safetensors`` holds every trainable parameter of ``model`` (by name)."""
+    from safetensors import safe_open
+
+    file = Path(path) / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        saved = set(f.keys())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not belong to this model: {file} lacks {missing[:3]} "
+                         f"({len(missing)} trainable parameters missing)")

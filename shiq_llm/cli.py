@@ -77,7 +77,7 @@ def cache_reference(config: TrainConfig, *, verify: bool = False) -> Path:
 
     from shiq_llm.models import check_tokenizer_fits_model
     from shiq_llm.reference import data_fingerprint, load_reference_cache, model_fingerprint, reference_cache
-    from shiq_llm.trainer import load_examples, load_model_and_tokenizer
+    from shiq_llm.loading import load_examples, load_model_and_tokenizer
 
     config.validate()
     out = Path(config.out)

@@ -307,18 +307,21 @@ def reference_cache(
     settings: Mapping[str, Any],
     recompute: bool = False,
     need_prompt_state: bool = False,
+    fingerprints: tuple[str, str] | None = None,
     log: Callable[[str], None] = print,
     **compute_kwargs,
 ):
     """The reference statistics of ``examples``: loaded from ``path`` if it matches, else computed and saved.
 
     A cache at ``path`` that does not match the model, data or settings raises ValueError unless
-    ``recompute``. ``compute_kwargs`` go to :func:`compute_reference_stats`. Returns the stats Dataset.
+    ``recompute``. ``fingerprints``: ``(model_fingerprint(model), data_fingerprint(examples))`` when the caller
+    has them already. ``compute_kwargs`` go to :func:`compute_reference_stats`. Returns the stats Dataset.
     """
     path = Path(path)
+    model_fp, data_fp = fingerprints if fingerprints is not None else (model_fingerprint(model), data_fingerprint(examples))
     expected = {
-        "model_fingerprint": model_fingerprint(model),
-        "data_fingerprint": data_fingerprint(examples),
+        "model_fingerprint": model_fp,
+        "data_fingerprint": data_fp,
         "settings": dict(settings),
         "num_examples": len(examples),
     }

@@ -130,7 +130,9 @@ class _LinearHeadStats(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dtype, n, vocab = ctx.compute_dtype, hidden.shape[0], weight.shape[0]
         grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None  # (N, H)
-        grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H), accumulated in the weight's dtype
+        grad_weight = None  # (V, H), accumulated in the weight's dtype; the first chunk's addmm_ overwrites it
+        if need_weight:
+            grad_weight = torch.empty_like(weight) if n > 0 and weight.dtype == dtype else torch.zeros_like(weight)
         grad_bias = logsumexp.new_zeros(vocab) if need_bias else None  # (V,)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
@@ -150,7 +152,7 @@ class _LinearHeadStats(torch.autograd.Function):
                     torch.mm(grad_z, w, out=grad_hidden[rows])
                 if need_weight:
                     if grad_weight.dtype == dtype:
-                        grad_weight.addmm_(grad_z.t(), h)
+                        grad_weight.addmm_(grad_z.t(), h, beta=0.0 if start == 0 else 1.0)
                     else:  # autocast: the weight is kept in float32, the matmuls run in bf16/fp16
                         grad_weight += torch.mm(grad_z.t(), h)
             del buffers

@@ -154,8 +154,12 @@ def test_rows_without_response_tokens_are_zero():
     naive = naive_response_token_stats(model, ids, attention, response)
     assert bool((stats.logit_taken[1] == 0).all()) and bool((stats.logsumexp[1] == 0).all())
     torch.testing.assert_close(stats.logsumexp, naive.logsumexp, atol=ATOL, rtol=RTOL)
-    none = response_token_stats(model, ids, attention, torch.zeros_like(response))
+    none = response_token_stats(model, ids, attention, torch.zeros_like(response))  # N = 0
     assert bool((none.logit_taken == 0).all()) and bool((none.logsumexp == 0).all())
+    model.zero_grad(set_to_none=True)
+    _objective(none).backward()
+    assert all(float(p.grad.abs().max()) == 0 for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ policy is the reference (ρ ≡ 0); an uninterrupted run for resumed ones.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -334,3 +335,35 @@ def test_resume_refuses_changed_options_and_keeps_the_checkpoints(tmp_path):
     assert sorted(p.name for p in (first.out_dir / "checkpoints").iterdir()) == before
     longer = train(config(tmp_path, algo="shiq", batch_size=12, max_steps=4, resume=True))
     assert [line["step"] for line in read_metrics(longer.metrics_file)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_data_by_fingerprint(tmp_path):
+    first = train(config(tmp_path, algo="shiq", batch_size=12, max_steps=2))
+    other = write_jsonl(tmp_path / "other.jsonl", [dict(r, completion=r["completion"] + " indeed") for r in rows()])
+    with pytest.raises(ValueError, match=r"the tokenised data differs from the checkpoint's run \(data_fingerprint"):
+        train(config(tmp_path, algo="shiq", batch_size=12, max_steps=4, resume=True, data=str(other)))
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(tmp_path / "rows.jsonl", moved)  # same rows elsewhere: a path change is not a data change
+    assert train(config(tmp_path, algo="shiq", batch_size=12, max_steps=3, resume=True, data=str(moved))).steps == 3
+    assert first.steps == 2
+
+
+def test_multi_turn_rows_train_on_the_action_tokens_only(tmp_path):
+    """BFCL dialogues: tool/user turns are holes in the response mask. At the first step (ρ ≡ 0) the shiq loss
+    is Σ_t disc_t(r)² over the action tokens, in order, as if the holes were absent (spec §1, §3)."""
+    fixture = Path(__file__).resolve().parent / "fixtures" / "bfcl_multi_turn.jsonl"
+    cfg = config(tmp_path, data=str(fixture), data_format="bfcl", algo="shiq", batch_size=8, max_steps=2, max_length=512)
+    result = train(cfg)
+    from shiq_llm.data import load_rows
+
+    tokenizer = build_tokenizer()
+    examples, _ = tokenize_rows(load_rows(str(fixture), format="bfcl"), tokenizer, max_length=512)
+    per = []
+    for ex in examples:
+        mask = torch.tensor(ex["response_mask"])
+        assert not bool(mask[mask.nonzero()[0, 0]:mask.nonzero()[-1, 0] + 1].all())  # there are holes
+        r = torch.tensor(ex["rewards"], dtype=torch.float64)[mask]
+        per.append(discounted_reverse_cumsum(r, gamma=1.0).square().sum())
+    losses = [line["loss"] for line in read_metrics(result.metrics_file)]
+    assert losses[0] == pytest.approx(float(torch.stack(per).mean()), rel=1e-5)
+    assert math.isfinite(losses[1])
