@@ -32,7 +32,7 @@ from shiq_toy.data import Dataset
 from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, TokenStats, logit_q_soft_value
 from shiq_toy.tabular import TabularLogits
 
-__all__ = ["BASELINES", "METHODS", "OPTIMIZERS", "History", "method_loss", "train"]
+__all__ = ["BASELINES", "METHODS", "OPTIMIZERS", "History", "method_loss", "dataset_loss", "train"]
 
 BASELINES = ("dpo", "copg", "dro")
 METHODS = (*LOSSES, *BASELINES)
@@ -127,6 +127,30 @@ def _soft_value(model: TabularLogits, ref: TabularLogits, tokens: torch.Tensor, 
     if model.copies is None:
         return model.gather_states(per_state, tokens.flatten(0, 1)).view(tokens.shape)
     return model.gather_states(per_state, tokens)
+
+
+def dataset_loss(
+    model: TabularLogits,
+    ref: TabularLogits,
+    method: str,
+    data: Dataset,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    values: torch.Tensor | None = None,
+    pair_mode: str = "disjoint",
+) -> torch.Tensor:
+    """The loss :func:`train` minimises, of the current model on a whole dataset, without gradients:
+    (C,) with copies, else a scalar. data: (N, H) or (C, N, H) fields; ``values`` (C, prompts) for dro."""
+    num_copies = model.copies or 1
+    batch = data if data.tokens.dim() == 3 else Dataset(*(x.expand(num_copies, *x.shape) for x in data))
+    with torch.no_grad():
+        soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if method in NEEDS_SOFT_VALUE else None
+        loss = method_loss(
+            method, _stats(model, batch.tokens), _stats(ref, batch.tokens), batch,
+            beta=beta, gamma=gamma, soft_value=soft_value, values=values, pair_mode=pair_mode,
+        )
+    return loss if model.copies is not None else loss[0]
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

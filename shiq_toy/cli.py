@@ -1,0 +1,123 @@
+"""``shiq-toy``: the toy experiments and the exact solver from the command line.
+
+    shiq-toy bandit --out figures/        # three-armed bandit regret figure (seconds on a CPU)
+    shiq-toy tree --out figures/          # token-tree ablation of the ShiQ variants
+    shiq-toy solve-tree --vocab-size 2 --horizon 3 --beta 0.5   # print the exact solution of a random tree
+
+Every option of every command is listed, with its default, by ``shiq-toy COMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from shiq_toy.experiments import args_from_namespace, num_threads
+
+__all__ = ["build_parser", "main"]
+
+
+def _add_solve_tree(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab-size", type=int, default=2, help="V, tokens per node (default: 2)")
+    parser.add_argument("--horizon", type=int, default=3, help="H, tokens per sequence (default: 3)")
+    parser.add_argument("--beta", type=float, default=1.0, help="KL regularisation β (default: 1.0)")
+    parser.add_argument("--gamma", type=float, default=1.0, help="discount γ in (0, 1] (default: 1.0)")
+    parser.add_argument("--reward", choices=("terminal", "dense"), default="terminal", help="reward on the last token only, or on every token (default: terminal)")
+    parser.add_argument("--ref-scale", type=float, default=1.0, help="reference logits ~ ref_scale · N(0, 1) (default: 1.0)")
+    parser.add_argument("--reward-scale", type=float, default=1.0, help="rewards ~ reward_scale · N(0, 1) (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tree (default: 0)")
+    parser.add_argument("--max-rows", type=int, default=40, help="print at most this many states, level by level (default: 40)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``shiq-toy`` parser with its three subcommands."""
+    from shiq_toy.experiments import bandit, tree
+
+    parser = argparse.ArgumentParser(prog="shiq-toy", description="ShiQ toy experiments and the exact solver (shiq_toy).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter  # the experiment's docstring: set-up, outputs, expectations
+    bandit.build_parser(
+        commands.add_parser("bandit", help="three-armed bandit regret figure (offline and online)", description=bandit.__doc__, formatter_class=raw)
+    )
+    tree.build_parser(commands.add_parser("tree", help="token-tree ablation of the ShiQ variants", description=tree.__doc__, formatter_class=raw))
+    _add_solve_tree(
+        commands.add_parser(
+            "solve-tree",
+            help="print the exact soft-optimal solution of a small random tree",
+            description="Backward induction on a random token tree: v*, π* and q* of every state (spec §1).",
+        )
+    )
+    return parser
+
+
+def _solve_tree(ns: argparse.Namespace) -> None:
+    from shiq_toy.data import all_paths
+    from shiq_toy.mdp import random_tree
+    from shiq_toy.solvers import solve_tree
+
+    if ns.vocab_size < 1 or ns.horizon < 1 or ns.max_rows < 0:
+        raise ValueError("--vocab-size and --horizon must be >= 1 and --max-rows >= 0")
+    tree = random_tree(
+        ns.vocab_size, ns.horizon, generator=torch.Generator().manual_seed(ns.seed), reward=ns.reward,
+        ref_scale=ns.ref_scale, reward_scale=ns.reward_scale,
+    )
+    solution = solve_tree(tree, beta=ns.beta, gamma=ns.gamma)
+    vocab = ns.vocab_size
+    print(f"random tree: V={vocab}, H={ns.horizon}, {ns.reward} reward, β={ns.beta}, γ={ns.gamma}, seed {ns.seed}: {tree.num_states} states")
+    print(f"v*(root) = {solution.v[0][0].item():.6f}")
+    if ns.reward == "terminal" and ns.gamma == 1.0:  # closed form: v*(root) = β ln E_{y ~ π_ref}[exp(R(y)/β)]
+        ref_policy = [torch.softmax(x, -1) for x in tree.ref_logits]
+        from shiq_toy.data import path_probability
+
+        paths = all_paths(vocab, ns.horizon)
+        returns = tree.rewards[-1].flatten()  # leaf order = path order
+        check = ns.beta * torch.logsumexp(path_probability(ref_policy, paths).log() + returns / ns.beta, 0)
+        print(f"check: β ln E_π_ref[exp(R/β)] = {check.item():.6f} (enumeration of {len(paths)} paths)")
+    width = max(8, 7 * vocab)
+    print(f"{'depth':>5}  {'prefix':<{2 * ns.horizon + 2}} {'v*(s)':>10}  {'π*(·|s)':<{width}} {'q*(s,·)':<{width}}")
+    rows = 0
+    for h in range(ns.horizon):
+        for s in range(vocab**h):
+            if rows == ns.max_rows:
+                print(f"… ({tree.num_states - rows} more states; raise --max-rows)")
+                return
+            prefix = "".join(str((s // vocab ** (h - 1 - i)) % vocab) for i in range(h)) or "∅"
+            policy = " ".join(f"{p:.3f}" for p in solution.policy[h][s].tolist())
+            q = " ".join(f"{x:+.3f}" for x in solution.q[h][s].tolist())
+            print(f"{h:>5}  {prefix:<{2 * ns.horizon + 2}} {solution.v[h][s].item():>10.4f}  {policy:<{width}} {q:<{width}}")
+            rows += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``shiq-toy``; returns the exit code (0 success, 2 bad arguments or input)."""
+    from shiq_toy.experiments import bandit, tree
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "bandit":
+            summary = bandit.main(args_from_namespace(bandit.BanditArgs, ns))
+            out = ns.out
+            print(f"wrote {out / 'bandit_regret.png'}, {out / 'bandit_regret.csv'}, {out / 'bandit_summary.json'} in {summary['seconds']:.1f} s")
+            print(f"regret of π_ref: {summary['reference_regret']:.4g}")
+            for name, final in summary["final_regret"].items():
+                print(f"  {name:<20} final regret {final['mean']:.3e}  ({final['mean'] / summary['reference_regret']:.2%} of π_ref's)")
+        elif ns.command == "tree":
+            summary = tree.main(args_from_namespace(tree.TreeArgs, ns))
+            out = ns.out
+            print(f"wrote {out / 'tree_ablation.png'}, {out / 'tree_ablation.csv'}, {out / 'tree_summary.json'} in {summary['seconds']:.1f} s")
+            for name, result in summary["methods"].items():
+                print(f"  {name:<10} KL {result['initial_kl']:.3e} -> {result['final_kl']:.3e}   initial loss {result['initial_loss']:.3g}")
+        else:
+            with num_threads(1):
+                _solve_tree(ns)
+    except ValueError as error:
+        print(f"shiq-toy {ns.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

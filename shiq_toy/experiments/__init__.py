@@ -1,0 +1,91 @@
+"""Experiments of spec §5, one module each: a ``@dataclass`` of arguments (a docstring per field) and ``main(args)``.
+
+- :mod:`shiq_toy.experiments.bandit`: the three-armed bandit regret figure.
+- :mod:`shiq_toy.experiments.tree`: the token-tree ablation of the ShiQ variants.
+
+This module holds what they share: turning an arguments dataclass into ``argparse`` options (the help of an
+option is its field's docstring), a context manager that pins torch to a number of threads, and CSV writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import csv
+import dataclasses
+import inspect
+import textwrap
+import typing
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv"]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of a dataclass: the string literal written just below the field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[str, Iterable[str]] | None = None) -> None:
+    """One ``--option`` per dataclass field (``_`` -> ``-``), typed from the annotation, with the field's
+    docstring and default as help. Tuples become ``nargs='+'`` options."""
+    docs, hints, choices = field_docs(cls), typing.get_type_hints(cls), choices or {}
+    for f in dataclasses.fields(cls):
+        hint, default = hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict = {"default": default, "dest": f.name}
+        if typing.get_origin(hint) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(hint)[0])
+            shown = " ".join(str(x) for x in default)
+        else:
+            kwargs["type"] = hint
+            shown = str(default)
+        extra = ""
+        if f.name in choices:
+            kwargs["choices"] = list(choices[f.name])
+            kwargs["metavar"] = f.name.upper()
+            extra = f"; choices: {', '.join(kwargs['choices'])}"
+        kwargs["help"] = f"{docs.get(f.name, '')} (default: {shown}{extra})"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def args_from_namespace(cls: type, namespace: argparse.Namespace):
+    """Build the dataclass from parsed options (tuples restored from argparse lists)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(namespace, f.name)
+        values[f.name] = tuple(value) if typing.get_origin(hints[f.name]) is tuple else value
+    return cls(**values)
+
+
+@contextlib.contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)`` and restore the previous setting after.
+
+    The toy tensors are tiny: one thread avoids the synchronisation cost of intra-op parallelism.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_csv(path: Path, header: list[str], rows: Iterable[Iterable]) -> None:
+    """Write a CSV file with a header row; floats in ``repr`` precision."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
