@@ -1,7 +1,7 @@
 """Peak memory and time of forward + backward of the response statistics: chunked head vs full logits.
 
 What is measured is the output head only: given hidden states h (N, H) that require grad and an
-``nn.Linear`` head W (V, H), one step computes (ℓ, vℓ) for N target tokens and back-propagates a fixed
+``nn.Linear``-style head W (V, H), one step computes (ℓ, vℓ) for N target tokens and back-propagates a fixed
 random upstream gradient into h and W:
 
     naive    logits = F.linear(h, W) (N, V) -> shiq_toy.losses.token_stats   (what model(...).logits does)
@@ -11,15 +11,16 @@ The backbone is excluded: ``response_token_stats`` runs the same backbone as the
 is given only the N response rows, its best case: a model's ``forward`` projects all B·L positions,
 prompt and padding included, so the saving in a real step is larger than shown here.
 
-Each (device, V, method) runs in a fresh subprocess. CPU peak memory is the growth of the process's peak
-resident set (``ru_maxrss``) over the set-up (inputs, weight), CUDA peak memory is
-``torch.cuda.max_memory_allocated`` over the set-up. Times are the best of ``--repeats`` steps (the first
-included: fresh large buffers cost page faults on every step of a real run too): wall-clock seconds, and on
-CPU also the process's CPU seconds (user + system, all threads), which other jobs sharing the machine
-disturb much less than wall-clock time.
+Every step runs in a fresh subprocess, and the naive and chunked runs alternate (naive, chunked, naive,
+chunked, …) so that other jobs on the machine disturb both alike. CPU peak memory is the growth of the
+process's peak resident set (``ru_maxrss``) over the set-up (inputs, weight); CUDA peak memory is
+``torch.cuda.max_memory_allocated`` over the set-up. Each row reports the smallest memory and the best time
+over its ``--repeats`` runs: wall-clock seconds and, on CPU, the process's CPU seconds (user + system, all
+threads), which other jobs disturb much less than wall-clock time. A step includes its page faults (fresh
+large buffers fault on every step of a real run too).
 
-    python benchmarks/token_stats.py                       # N = 4,096, H = 1,024, V = 32,000 and 128,256
-    python benchmarks/token_stats.py --chunk-sizes 256 512 1024 2048 --vocab 32000   # tune chunk_size
+    python benchmarks/token_stats.py                     # N = 4,096, H = 1,024, V = 32,000 and 128,256
+    python benchmarks/token_stats.py --vocab 32000 --chunk-sizes 512 1024 2048   # tune chunk_size
 """
 
 from __future__ import annotations
@@ -51,13 +52,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def worker(method: str, *, tokens: int, hidden: int, vocab: int, chunk_size: int, dtype: str, device: str, repeats: int) -> dict:
-    """One configuration, in this (fresh) process: peak memory growth (bytes), wall and CPU step times (s)."""
+def worker(method: str, *, tokens: int, hidden: int, vocab: int, chunk_size: int, dtype: str, device: str) -> dict:
+    """One step of one configuration in this (fresh) process: peak memory growth (bytes), wall and CPU seconds."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     dt = DTYPES[dtype]
@@ -67,37 +63,30 @@ def worker(method: str, *, tokens: int, hidden: int, vocab: int, chunk_size: int
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=gen)  # (N,)
     upstream = torch.randn(2, tokens, device=device, generator=gen)  # fixed g_ℓ, g_vℓ
 
-    def step() -> None:
-        if method == "naive":
-            stats = token_stats(torch.nn.functional.linear(h, weight)[None], targets[None])  # (1, N) each
-            taken, lse = stats.logit_taken[0], stats.logsumexp[0]
-        else:
-            taken, lse = linear_head_token_stats(h, weight, targets, chunk_size=chunk_size)
-        (upstream[0] * taken + upstream[1] * lse).sum().backward()
-
-    _sync(device)
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
         base = _peak_rss_bytes()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        h.grad = weight.grad = None
-        start, start_cpu = time.perf_counter(), _cpu_seconds()
-        step()
-        _sync(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(_cpu_seconds() - start_cpu)
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    if method == "naive":
+        stats = token_stats(torch.nn.functional.linear(h, weight)[None], targets[None])  # (1, N) each
+        taken, lse = stats.logit_taken[0], stats.logsumexp[0]
+    else:
+        taken, lse = linear_head_token_stats(h, weight, targets, chunk_size=chunk_size)
+    (upstream[0] * taken + upstream[1] * lse).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
     return {"peak_bytes": peak - base, "wall": wall, "cpu": cpu}
 
 
-def run_in_subprocess(method: str, args: argparse.Namespace, *, vocab: int, chunk_size: int, device: str, repeats: int) -> dict:
+def run_in_subprocess(method: str, args: argparse.Namespace, *, vocab: int, chunk_size: int, device: str) -> dict:
     command = [
         sys.executable, __file__, "--worker", method, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
         "--vocab", str(vocab), "--chunk-sizes", str(chunk_size), "--dtype", args.dtype, "--devices", device,
-        "--repeats", str(repeats),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -114,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of h and W")
     parser.add_argument(
         "--repeats", type=int, nargs="+", default=[2, 1],
-        help="timed steps per configuration (best reported), one value per vocabulary; the last one repeats",
+        help="runs (fresh processes) per method, one value per vocabulary, the last one repeating",
     )  # fmt: skip
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--devices", nargs="+", default=default_devices, help="cpu and/or cuda")
@@ -124,17 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         result = worker(
             args.worker, tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0], chunk_size=args.chunk_sizes[0],
-            dtype=args.dtype, device=args.devices[0], repeats=args.repeats[0],
+            dtype=args.dtype, device=args.devices[0],
         )  # fmt: skip
         print(json.dumps(result))
         return
 
     print(
-        f"N = {args.tokens} response tokens, H = {args.hidden}, dtype {args.dtype}, best of {args.repeats} "
-        f"steps, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        f"N = {args.tokens} response tokens, H = {args.hidden}, dtype {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads; head only (backbone excluded), forward + backward, one step per process"
     )
     header = (
-        f"{'device':>6} {'V':>7} {'chunk':>5} {'steps':>5} | {'naive MiB':>9} {'chunked MiB':>11} {'ratio':>6} | "
+        f"{'device':>6} {'V':>7} {'chunk':>5} {'runs':>4} | {'naive MiB':>9} {'chunked MiB':>11} {'ratio':>6} | "
         f"{'naive s':>7} {'chunked s':>9} {'ratio':>6} | {'naive cpu-s':>11} {'chunked cpu-s':>13} {'ratio':>6}"
     )
     print(header)
@@ -142,17 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     for device in args.devices:
         for index, vocab in enumerate(args.vocab):
             repeats = args.repeats[min(index, len(args.repeats) - 1)]
-            naive = run_in_subprocess("naive", args, vocab=vocab, chunk_size=args.chunk_sizes[0], device=device, repeats=repeats)
-            for chunk_size in args.chunk_sizes:
-                chunked = run_in_subprocess(
-                    "chunked", args, vocab=vocab, chunk_size=chunk_size, device=device, repeats=repeats
-                )
+            runs: dict[object, list[dict]] = {"naive": [], **{size: [] for size in args.chunk_sizes}}
+            for _ in range(repeats):  # alternate the methods so that they share the machine's noise
+                runs["naive"].append(run_in_subprocess("naive", args, vocab=vocab, chunk_size=1, device=device))
+                for size in args.chunk_sizes:
+                    runs[size].append(run_in_subprocess("chunked", args, vocab=vocab, chunk_size=size, device=device))
+            best = {key: {k: min(run[k] for run in value) for k in ("peak_bytes", "wall", "cpu")} for key, value in runs.items()}
+            naive = best["naive"]
+            for size in args.chunk_sizes:
+                chunked = best[size]
                 mem_n, mem_c = naive["peak_bytes"] / 2**20, chunked["peak_bytes"] / 2**20
-                t_n, t_c = min(naive["wall"]), min(chunked["wall"])
-                cpu = f"{min(naive['cpu']):>11.2f} {min(chunked['cpu']):>13.2f} {min(chunked['cpu']) / min(naive['cpu']):>6.3f}"
+                cpu = f"{naive['cpu']:>11.2f} {chunked['cpu']:>13.2f} {chunked['cpu'] / naive['cpu']:>6.3f}"
                 print(
-                    f"{device:>6} {vocab:>7} {chunk_size:>5} {repeats:>5} | {mem_n:>9.0f} {mem_c:>11.0f} {mem_c / mem_n:>6.3f} | "
-                    f"{t_n:>7.2f} {t_c:>9.2f} {t_c / t_n:>6.3f} | {cpu if device == 'cpu' else '':>32}",
+                    f"{device:>6} {vocab:>7} {size:>5} {repeats:>4} | {mem_n:>9.0f} {mem_c:>11.0f} {mem_c / mem_n:>6.3f} | "
+                    f"{naive['wall']:>7.2f} {chunked['wall']:>9.2f} {chunked['wall'] / naive['wall']:>6.3f} | "
+                    f"{cpu if device == 'cpu' else '':>32}",
                     flush=True,
                 )
     print("targets (issue #4): memory ratio ≤ 0.25 at V = 32k; time ratio ≤ 1.2")
