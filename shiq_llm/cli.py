@@ -27,16 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shiq-llm", description="Train causal LMs with ShiQ, DPO, CoPG or DRO on "
                                      "reward-labelled rows {prompt, completion, reward}.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = argparse.ArgumentDefaultsHelpFormatter
     train = subparsers.add_parser("train", help="train a model (every option also reads from --config YAML)",
-                                  description="Train a causal LM. Options override the --config YAML file; "
-                                  "defaults are shown in brackets.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  description="Train a causal LM on rows {prompt, completion, reward}. Options "
+                                  "given here override the --config YAML file, which overrides the defaults shown.", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(train)
     train.set_defaults(handler=_run_train)
     cache = subparsers.add_parser("cache-ref", help="compute (or verify) the reference statistics cache only",
                                   description="Compute the reference model's statistics on the tokenised data and "
                                   "store them in the cache (OUT/reference or --ref-cache), or check an existing one.",
-                                  formatter_class=formatter)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(cache)
     cache.add_argument("--verify", action="store_true", help="only check the existing cache (error if it is missing "
                        "or does not match); compute nothing")
@@ -67,7 +66,10 @@ def _run_train(args: argparse.Namespace) -> int:
     config = config_from_namespace(args)
     _quiet_libraries(config)
     result = train(config)
-    print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: {result.metrics_file}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: {result.metrics_file}")
     return 0
 
 

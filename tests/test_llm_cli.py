@@ -250,3 +250,27 @@ def test_bad_command_line_exits_2(capsys):
         cli.main(["train", "--algo", "ppo"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'ppo'" in capsys.readouterr().err
+
+
+def test_distributed_launch_on_two_cpu_processes(tmp_path):
+    """``torchrun`` with 2 gloo processes (accelerate's MULTI_CPU): the batches are sharded (each step consumes
+    2 × batch_size items), the reference is computed once, every rank's RNG state is checkpointed, one final
+    model is written."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows())  # 6 examples
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "shiq_llm.cli",
+               "train", "--config", str(TINY), "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "1",
+               "--max-steps", "2", "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 2 steps") == 1  # printed by the main process only
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [pytest.approx(1 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4)]
+    checkpoint = tmp_path / "run" / "checkpoints" / "ckpt-000002"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["num_processes"] == 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
