@@ -18,8 +18,9 @@ backward pass. :func:`response_token_stats` instead
        ∂vℓ/∂z = softmax(z),   ∂ℓ/∂z = onehot(a),   so  ∂/∂z = g_vℓ · softmax(z) + g_ℓ · onehot(a)   (c, V)
        ∂/∂h = (∂/∂z) W   (c, H),   ∂/∂W += (∂/∂z)ᵀ h   (V, H),   ∂/∂b += Σ_rows ∂/∂z   (V,)
 
-   Peak extra memory is a few ``chunk_size × V`` float32 buffers instead of ``B·L·V``; the price is one
-   extra ``(N, H) × (H, V)`` matmul (the recomputation), i.e. 4 head matmuls instead of 3.
+   Peak extra memory is one ``chunk_size × V`` float32 buffer instead of ``B·L·V`` logits and their
+   gradient; the price is one extra ``(N, H) × (H, V)`` matmul (the recomputation), i.e. 4 head matmuls
+   instead of 3, partly paid back by touching far less memory.
 4. scatters the (N,) results back to (B, L), 0 wherever ``response_mask`` is False.
 
 Models whose logits are not ``W h + b`` (see :data:`LOGIT_TRANSFORM_ATTRIBUTES` and :func:`exact_path_reason`)
@@ -48,9 +49,10 @@ __all__ = [
     "exact_path_reason",
 ]
 
-#: Rows of hidden states projected at once. The chunk's float32 logits take ``chunk_size × V × 4`` bytes
-#: (128 MiB at V = 32k, 512 MiB at V = 128k; backward holds about two such buffers); measured with
-#: ``benchmarks/token_stats.py`` (time is flat from 512 to 2,048 rows on CPU).
+#: Rows of hidden states projected at once. Each pass holds one float32 ``chunk_size × V`` buffer
+#: (128 MiB at V = 32k, 512 MiB at V = 128k), plus its bf16 twin when the model runs in bf16. Chosen with
+#: ``benchmarks/token_stats.py --vocab 32000 --chunk-sizes 512 1024 2048``: on CPU, smaller chunks make the
+#: matmuls slower (M = 256 rows costs ~1.4× the CPU time of naive), larger ones only add memory.
 DEFAULT_CHUNK_SIZE = 1024
 
 #: Config attributes (of ``config.get_text_config()``) that put a transform between ``W h + b`` and the
@@ -58,11 +60,10 @@ DEFAULT_CHUNK_SIZE = 1024
 #: A model with one of them set goes through the exact path.
 LOGIT_TRANSFORM_ATTRIBUTES: dict[str, float | None] = {
     "final_logit_softcapping": None,  # Gemma 2/3/4, PaliGemma, VaultGemma, …: z ← c·tanh(z / c)
-    "logit_softcapping": None,  # same transform under another name
     "logit_scale": 1.0,  # Cohere, Cohere 2: z ← s·z
     "logits_scaling": 1.0,  # Granite family: z ← z / s (HyperCLOVA X: z ← s·z)
     "lm_head_multiplier": 1.0,  # Falcon-H1: z ← m·z
-    "output_multiplier": 1.0,  # z ← m·z before a soft cap
+    "output_multiplier": 1.0,  # MuseSpark, MuseGlimmer: z ← m·z before a soft cap
 }
 
 _WARNED_CLASSES: set[str] = set()

@@ -90,7 +90,7 @@ LEFT = _batch([9, 6, 4], [[4, 5, 6, 7, 8], [2, 3, 5], [1, 2, 3]], side="left")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("chunk_size", [1, 4, 11, 64])  # N = 11: divides, does not divide, = N, > N
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])  # N = 11: every row its own chunk, 4 ∤ 11, one chunk
 def test_chunked_equals_naive(arch, tied, side, chunk_size):
     model, batch = _model(arch, tied), (RIGHT if side == "right" else LEFT)
     chunked = _stats_and_grads(response_token_stats, model, batch, chunk_size=chunk_size)
@@ -134,7 +134,7 @@ def _random_batches(draw):
     return _batch(lengths, responses, side=side, seed=draw(st.integers(0, 2**16))), chunk_size
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(_random_batches())
 def test_chunked_equals_naive_on_random_batches(case):
     batch, chunk_size = case
