@@ -191,10 +191,13 @@ def linear_head_token_stats(
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be an integer tensor of shape (N,) = ({hidden.shape[0]},), got {tuple(targets.shape)} {targets.dtype}")
+        raise ValueError(
+            f"targets must be an integer tensor of shape (N,) = ({hidden.shape[0]},), got {tuple(targets.shape)} {targets.dtype}"
+        )
     _check_chunk_size(chunk_size)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"token ids must lie in [0, V) = [0, {weight.shape[0]}), got range [{int(targets.min())}, {int(targets.max())}]")
+        low, high = int(targets.min()), int(targets.max())
+        raise ValueError(f"token ids must lie in [0, V) = [0, {weight.shape[0]}), got range [{low}, {high}]")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -257,7 +260,8 @@ def _warn_once(model: nn.Module, reason: str) -> None:
 
 def _check_inputs(input_ids, attention_mask, response_mask, position_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor of shape (B, L), got {getattr(input_ids, 'shape', type(input_ids))}")
+        got = (getattr(input_ids, "shape", type(input_ids)), getattr(input_ids, "dtype", None))
+        raise ValueError(f"input_ids must be an integer tensor of shape (B, L), got {got}")
     shape = tuple(input_ids.shape)
     if shape[1] < 2:
         raise ValueError(f"sequences need at least 2 positions (a state and a token), got L = {shape[1]}")
@@ -265,7 +269,8 @@ def _check_inputs(input_ids, attention_mask, response_mask, position_ids) -> Non
         if name == "position_ids" and x is None:
             continue
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
-            raise ValueError(f"{name} must be a tensor of shape (B, L) = {shape} like input_ids, got {getattr(x, 'shape', type(x))}")
+            got = getattr(x, "shape", type(x))
+            raise ValueError(f"{name} must be a tensor of shape (B, L) = {shape} like input_ids, got {got}")
     if response_mask.dtype != torch.bool:
         raise ValueError(f"response_mask must be a bool tensor, got {response_mask.dtype}")
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
@@ -273,11 +278,11 @@ def _check_inputs(input_ids, attention_mask, response_mask, position_ids) -> Non
     attended = attention_mask.bool()
     if bool(response_mask[:, 0].any()):
         row = int(response_mask[:, 0].nonzero()[0])
-        raise ValueError(f"response_mask is True at position 0 (row {row}): the first token has no state before it to predict it")
+        raise ValueError(f"response_mask is True at position 0 (row {row}): no state precedes the first token")
     outside = response_mask & ~attended
     if bool(outside.any()):
         row, pos = outside.nonzero()[0].tolist()
-        raise ValueError(f"response_mask is True where attention_mask is 0 (row {row}, position {pos}): padding cannot be a response token")
+        raise ValueError(f"response_mask is True where attention_mask is 0 (row {row}, position {pos}): padding is no response")
     after_padding = response_mask[:, 1:] & ~attended[:, :-1]
     if bool(after_padding.any()):
         row, pos = after_padding.nonzero()[0].tolist()
