@@ -40,6 +40,8 @@ TOKEN_ALGOS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk")
 PAIR_ALGOS = ("dpo", "copg")
 ALGOS = TOKEN_ALGOS + PAIR_ALGOS + ("dro",)
 PRECISIONS = ("fp32", "bf16")
+#: ``transformers.get_scheduler`` names that need nothing but the warm-up and the number of steps.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 MODEL_DTYPES = ("float32", "bfloat16", "auto")
 #: ``--model`` names built locally by ``shiq_llm.models`` (no download): the architecture they use.
 TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
@@ -99,8 +101,8 @@ class TrainConfig:
     max_steps: int = _opt(100, "Optimizer steps to train (epochs repeat the data in a new seeded order).")
     lr: float = _opt(1e-5, "AdamW learning rate.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    lr_scheduler: str = _opt("linear", "transformers.get_scheduler name (linear, cosine, constant, "
-                             "constant_with_warmup, …).")
+    lr_scheduler: str = _opt("linear", "Learning-rate schedule (transformers.get_scheduler) over max_steps.",
+                             choices=SCHEDULERS)
     warmup_steps: int = _opt(0, "Learning-rate warm-up steps.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm; 0 turns clipping off (the norm is still logged).")
     seed: int = _opt(0, "Seed of the data order, the tiny model's weights and the value head.")

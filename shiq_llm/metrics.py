@@ -3,29 +3,26 @@
 One JSONL line per logging step (``OUT/metrics.jsonl``, flushed at once), the same values to TensorBoard
 (``OUT/tensorboard``, through accelerate's tracker, when ``tensorboard`` is installed). Keys of a line:
 
-=================  =====================================================================================
-``step``           optimizer steps done
-``epoch``          passes over the training items started (fractional: items seen / items)
-``loss``           mean training loss of the micro-batches since the last line
-``abs_residual``   token algorithms: mean over response tokens of ``|residual_t|`` (``shiq_toy.losses
-                   .RESIDUALS[algo]``); ``dro``, ``copg``: mean over sequences/pairs of ``|e|`` where the loss
-                   is ``½ e²`` (so ``|e| = √(2·loss)``); not logged for ``dpo``
-``dpo_margin``     ``dpo`` only: mean of ``β(Δ(y_w) − Δ(y_l))``
-``implicit_value`` mean over sequences of ``β (vℓ − vref)`` at the first response token (state s_1): the
-                   value ShiQ implies for the prompt (spec §3, fact 6)
-``kl_estimate``    mean over response tokens of ``ρ_t = ln π(a_t|s_t) − ln π_ref(a_t|s_t)`` on the data's own
-                   tokens. An *off-policy* estimate: on tokens sampled from π it estimates KL(π‖π_ref) per token;
-                   on data sampled from π_ref its expectation is −KL(π_ref‖π) ≤ 0. For KL(π‖π_ref) proper,
-                   sample from π (``shiq_llm.evaluate``).
-``nll``            mean over response tokens of ``−ln π(a_t|s_t)``: the data's cross-entropy under π, logged
-                   as a proxy of the policy's entropy (equal in expectation when the data comes from π). The
-                   per-token entropy itself needs the full distribution, which the chunked statistics never hold.
-``value``          ``dro`` only: mean V_φ(x) of the batch
-``grad_norm``      total L2 norm of the gradient before clipping, mean over the optimizer steps of the window
-``lr``             learning rate after the step
-``tokens_per_s``   attended (non-padding) tokens processed per second of wall time, all processes together
-``peak_memory_mib`` GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set (ru_maxrss)
-=================  =====================================================================================
+- ``step``: optimizer steps done. ``epoch``: passes over the training items (micro-batches consumed / per epoch).
+- ``loss``: mean training loss of the micro-batches since the last line.
+- ``abs_residual``: token algorithms: mean over response tokens of ``|residual_t|``
+  (``shiq_toy.losses.RESIDUALS[algo]``); ``dro``, ``copg``: mean over sequences/pairs of ``|e|`` where the loss
+  is ``½ e²`` (so ``|e| = √(2·loss)``); not logged for ``dpo``.
+- ``dpo_margin`` (dpo only): mean of ``β(Δ(y_w) − Δ(y_l))``. ``value`` (dro only): mean ``V_φ(x)``.
+- ``implicit_value``: mean over sequences of ``β (vℓ − vref)`` at the first response token (state s_1): the
+  value ShiQ implies for the prompt (spec §3, fact 6).
+- ``kl_estimate``: mean over response tokens of ``ρ_t = ln π(a_t|s_t) − ln π_ref(a_t|s_t)`` on the data's own
+  tokens. An *off-policy* estimate: on tokens sampled from π it estimates KL(π‖π_ref) per token; on data
+  sampled from π_ref its expectation is −KL(π_ref‖π) ≤ 0. For KL(π‖π_ref) proper, sample from π
+  (``shiq_llm.evaluate``).
+- ``nll``: mean over response tokens of ``−ln π(a_t|s_t)``: the data's cross-entropy under π, logged as a
+  proxy of the policy's entropy (equal in expectation when the data comes from π). The per-token entropy
+  itself needs the full distribution, which the chunked statistics never hold.
+- ``grad_norm``: total L2 norm of the gradient before clipping, mean over the optimizer steps of the window.
+- ``lr``: learning rate after the step.
+- ``tokens_per_s``: attended (non-padding) tokens processed per second of wall time, all processes together.
+- ``peak_memory_mib``: GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set
+  (``ru_maxrss``).
 """
 
 from __future__ import annotations
@@ -115,7 +112,7 @@ class MetricsWindow:
 
 
 class JsonlWriter:
-    """Append one JSON object per line to ``path``; each line is flushed and fsync'ed as written."""
+    """Append one JSON object per line to ``path``; each line is flushed as it is written."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
