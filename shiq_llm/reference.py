@@ -5,7 +5,7 @@ training, so they are computed once, under ``torch.no_grad``, with ``shiq_llm.st
 and stored; training then holds one model. With LoRA the reference is the base model with the adapters
 disabled (``with model.disable_adapter():``, :func:`reference_mode`), never a copy.
 
-**Cache layout** (a directory, written to ``DIR.tmp-<pid>`` and moved into place with ``os.replace``)::
+**Cache layout** (a directory, written to ``DIR.tmp`` and moved into place with ``os.replace``)::
 
     DIR/manifest.json      format, fingerprints (model, data), settings, counts, has_prompt_state
     DIR/data/…             datasets.Dataset.save_to_disk, one row per example, same order as the examples:
@@ -232,19 +232,21 @@ def compute_reference_stats(
 def save_reference_cache(path: str | Path, stats, manifest: Mapping[str, Any]) -> Path:
     """Write ``stats`` (a Dataset) and ``manifest`` to directory ``path`` atomically; replaces an old cache.
 
-    Written to ``path.tmp-<pid>`` first, then moved into place; an old cache at ``path`` is moved aside and
-    deleted only once the new one is in place.
+    Written to ``path.tmp`` first (a leftover of a crashed write is cleared), then moved into place; an old
+    cache at ``path`` is moved aside and deleted only once the new one is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     stats.save_to_disk(str(tmp / "data"))
     (tmp / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, **manifest}, indent=2, sort_keys=True))
     old = None
     if path.exists():
-        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        old = path.with_name(f"{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
