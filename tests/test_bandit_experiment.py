@@ -60,8 +60,8 @@ def _per_arm_means(data) -> torch.Tensor:
 
 
 def test_offline_outcomes():
-    """Offline, 3 seeds, 300 steps (the default data: 1,000 pulls of π_ref per seed)."""
-    args = BanditArgs(seeds=3, steps=300, settings=("offline",), methods=("shiq", "shiq_init", "shifted_q", "logit_q", "copg", "dro"))
+    """Offline, 3 seeds, the default 200 steps and data (1,000 pulls of π_ref per seed)."""
+    args = BanditArgs(seeds=3, settings=("offline",), methods=("shiq", "shiq_init", "shifted_q", "logit_q", "copg", "dro"))
     results = run(args)
     final = {m: table[-1] for (_, m), table in results["regret"].items()}  # (seeds,)
     reference = results["reference_regret"]
@@ -87,9 +87,9 @@ def test_offline_outcomes():
 
 
 def test_offline_dpo_converges_to_the_bradley_terry_optimum_not_pi_star():
-    """DPO's loss is flat near its optimum: 800 steps bring it to the Bradley–Terry optimum of its pairs
+    """DPO's loss is flat near its optimum: 400 steps bring it to the Bradley–Terry optimum of its pairs
     (fitted by scipy in ``bradley_terry_rewards``), whose regret is many times the data's optimum."""
-    args = BanditArgs(seeds=3, steps=800, settings=("offline",), methods=("dpo",))
+    args = BanditArgs(seeds=3, steps=400, settings=("offline",), methods=("dpo",))
     results = run(args)
     torch.testing.assert_close(results["regret"]["offline", "dpo"][-1], results["bt_regret"], rtol=1e-3, atol=0)
     assert results["bt_regret"].min() >= 5 * results["empirical_regret"].max()

@@ -180,3 +180,12 @@ def test_bad_inputs():
         make_preference_pairs(torch.tensor([0, 0]), torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="not finite"):
         make_preference_pairs(torch.tensor([0, 0]), torch.tensor([0.0, float("nan")]))
+
+
+def test_allow_empty_returns_no_pairs():
+    """An online batch may hold no preference: allow_empty gives (0,) index tensors instead of an error."""
+    for ids, rewards in (([0, 0, 1, 1], [1.0, 1.0, 2.0, 2.0]), ([0, 1, 2], [0.0, 1.0, 2.0])):
+        w, l = make_preference_pairs(torch.tensor(ids), torch.tensor(rewards), allow_empty=True)
+        assert w.shape == l.shape == (0,) and w.dtype == torch.int64
+    w, l = make_preference_pairs(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]), allow_empty=True)
+    assert (w.tolist(), l.tolist()) == ([1], [0])

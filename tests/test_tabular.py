@@ -93,6 +93,54 @@ def test_copies_read_their_own_table():
     assert replicated.copies == 4 and all(torch.equal(x[2], y) for x, y in zip(replicated.tables(), trees[0].ref_logits))
 
 
+def test_token_stats_without_full_logits_match_the_naive_path():
+    """TabularLogits.token_stats = losses.token_stats(model(tokens), tokens), values and gradients, with
+    and without copies; gather_states reads per-state values at each token's state."""
+    tree = _tree(8, vocab=3, horizon=3)
+    g = torch.Generator().manual_seed(1)
+    for copies, shape in ((None, (6, 3)), (2, (2, 6, 2))):
+        model = TabularLogits.from_tree(tree, copies=copies)
+        with torch.no_grad():
+            for level in model.levels:
+                level.add_(torch.randn(level.shape, generator=g, dtype=torch.float64))
+        tokens = torch.randint(0, 3, shape, generator=g)
+        fast = model.token_stats(tokens)
+        naive = token_stats(model(tokens).flatten(0, -3), tokens.flatten(0, -2))
+        for x, y in zip(fast, naive):
+            torch.testing.assert_close(x.reshape(y.shape), y, rtol=0, atol=1e-14)
+        weights = torch.randn(fast.logit_taken.shape, generator=g, dtype=torch.float64)
+        grad_fast = torch.autograd.grad(((fast.logit_taken + fast.logsumexp.square()) * weights).sum(), list(model.parameters()), materialize_grads=True)
+        w = weights.reshape(naive.logit_taken.shape)
+        grad_naive = torch.autograd.grad(((naive.logit_taken + naive.logsumexp.square()) * w).sum(), list(model.parameters()), materialize_grads=True)
+        for x, y in zip(grad_fast, grad_naive):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+        values = [torch.arange(3**h, dtype=torch.float64).expand(*([copies] if copies else []), 3**h) * 10 + h for h in range(3)]
+        read = model.gather_states(values, tokens)
+        for index in torch.cartesian_prod(*(torch.arange(n) for n in shape)).tolist():
+            *lead, t = index
+            prefix = tokens[tuple(lead)][:t].tolist()
+            assert read[tuple(index)].item() == _node(prefix, 3) * 10 + t
+
+
+def test_dataset_loss_matches_losses_on_full_logits():
+    """The trainer's loss (tabular statistics, logit_q's soft value once per state) equals the LOSSES entry
+    applied to full logits from the naive path, weighted by the dataset weights."""
+    from shiq_toy.losses import LOSSES, logit_q_soft_value
+    from shiq_toy.train import dataset_loss
+
+    tree, beta, gamma = _tree(9, vocab=2, horizon=3, reward="dense"), 0.7, 0.9
+    data = exhaustive_dataset(tree, policy=[torch.softmax(x, -1) for x in tree.ref_logits])
+    model = TabularLogits([x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(h), dtype=torch.float64) for h, x in enumerate(tree.ref_logits)])
+    ref = _frozen(tree)
+    logits, ref_logits = model(data.tokens), ref(data.tokens)
+    policy, ref_stats = token_stats(logits, data.tokens), token_stats(ref_logits, data.tokens)
+    for method, loss_fn in LOSSES.items():
+        extra = {"soft_value": logit_q_soft_value(logits, ref_logits, beta=beta)} if method == "logit_q" else {}
+        expected = (data.weights * loss_fn(policy, ref_stats, data.rewards, data.mask, beta=beta, gamma=gamma, **extra)).sum()
+        got = dataset_loss(model, ref, method, data, beta=beta, gamma=gamma)
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_tables_are_detached_copies_initialised_at_reference():
     tree = _tree(1)
     model = TabularLogits.from_tree(tree)
@@ -313,7 +361,7 @@ def test_variants_reach_their_fixed_points(method):
         "logit_q": solution.q,
     }.get(method, [torch.log_softmax(r, -1) + q / beta for r, q in zip(tree.ref_logits, solution.q)])
     model = TabularLogits.from_tree(tree)
-    train(model, _frozen(tree), method, beta=beta, gamma=gamma, steps=1500, data=exhaustive_dataset(tree), lr=0.05)
+    train(model, _frozen(tree), method, beta=beta, gamma=gamma, steps=800, data=exhaustive_dataset(tree), lr=0.05)
     assert max((x - y).abs().max().item() for x, y in zip(model.tables(), target)) < 1e-6
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shiq_toy.data import all_paths
-from shiq_toy.experiments.tree import TreeArgs, run
+from shiq_toy.experiments.tree import TreeArgs, _steps_to, run
 from shiq_toy.mdp import random_tree
 from shiq_toy.metrics import expected_kl
 from shiq_toy.solvers import solve_tree
@@ -60,20 +60,24 @@ def test_initial_kl_and_losses_in_closed_form():
             assert math.isclose(results["kl"][method][0, c].item(), initial_kl, rel_tol=1e-12)
 
 
-def test_multi_step_residuals_converge_an_order_of_magnitude_faster():
-    """Full-batch gradient descent (the default), 3 trees, 300 steps: the multi-step shiq and shiq_init
-    end ≥ 10× closer to π* (mean KL under π*'s states) than the one-step shiq_ms and shifted_q; shiq_tk,
-    which enforces only the first state's equation, lies in between. Every method improves on π_ref."""
-    args = TreeArgs(trees=3, steps=300, eval_every=100)
+def test_multi_step_residuals_converge_faster():
+    """The default set-up (6 trees, full-batch gradient descent) for 400 steps: the one-step residuals
+    (shiq_ms, shifted_q) need at least H/2 = 2 times more steps than the multi-step ones (shiq, shiq_init) to
+    bring the mean KL under π*'s states to 10% of its initial value (the docstring's "≈ H times"; never
+    within the budget counts as more); shiq_tk, which enforces only the first state's equation, ends in
+    between. Every method improves on π_ref."""
+    args = TreeArgs(steps=400, eval_every=10)
     results = run(args)
-    assert results["steps"] == [0, 100, 200, 300]
-    final = {m: kl[-1].mean().item() for m, kl in results["kl"].items()}
-    initial = results["kl"]["shiq"][0].mean().item()
+    assert results["steps"] == list(range(0, 401, 10))
+    mean_kl = {m: kl.mean(1).numpy() for m, kl in results["kl"].items()}
+    to_10 = {m: _steps_to(results["steps"], curve, 0.1) or math.inf for m, curve in mean_kl.items()}
     for fast in ("shiq", "shiq_init"):
+        assert to_10[fast] < math.inf
         for slow in ("shiq_ms", "shifted_q"):
-            assert final[slow] >= 10 * final[fast], (fast, slow)
+            assert to_10[slow] >= 2 * to_10[fast], (fast, slow, to_10)
+    final = {m: curve[-1] for m, curve in mean_kl.items()}
     assert max(final["shiq"], final["shiq_init"]) < final["shiq_tk"] < min(final["shiq_ms"], final["shifted_q"])
-    assert all(value < initial for value in final.values())
+    assert all(value < mean_kl["shiq"][0] for value in final.values())
     assert all(bool(torch.isfinite(loss).all()) for loss in results["loss"].values())
 
 

@@ -66,13 +66,13 @@ class BanditArgs:
     """offline: size of the dataset sampled from π_ref (one dataset per seed)"""
     batch_size: int = 64
     """online: fresh samples from the current policy at each step"""
-    steps: int = 300
+    steps: int = 200
     """training steps (full-batch offline, one fresh batch online)"""
     seeds: int = 10
     """independent runs (seeds seed, seed+1, …), trained together as stacked copies"""
     seed: int = 0
     """first seed"""
-    lr: float = 0.05
+    lr: float = 0.1
     """Adam learning rate"""
     methods: tuple[str, ...] = ("shiq", "shiq_init", "shifted_q", "logit_q", "dpo", "copg", "dro")
     """methods to train: ShiQ-family losses and the baselines dpo, copg, dro"""
@@ -222,7 +222,8 @@ def plot(results: dict, args: BanditArgs, path: Path) -> None:
         bottom.set(title=f"{setting}: cumulative regret", xlabel="training step", ylabel="Σ_{s≤t} regret(π_s)")
         for ax in (top, bottom):
             ax.grid(True, which="major", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, loc="lower left", ncol=2)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(
         f"three-armed bandit: r = {list(args.rewards)}, π_ref = {list(args.ref_probs)}, β = {args.beta}, noise σ = {args.noise_std}, "
         f"{args.seeds} seeds",

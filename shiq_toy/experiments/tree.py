@@ -15,12 +15,13 @@ Writes, in ``args.out``:
   ``loss`` the method's training loss on the whole dataset (weighted average over sequences of
   Σ_t residual²), both means over trees; step 0 is the initialisation ℓ = ℓ_ref;
 - ``tree_ablation.png``: the two against steps, log scale, mean and 10–90% band over trees;
-- ``tree_summary.json``: the set-up, the steps each method needs to bring the mean KL below 1% and 0.01% of
-  its initial value, final KLs, runtime.
+- ``tree_summary.json``: the set-up, the steps each method needs to bring the mean KL below 10% and 1% of
+  its initial value (null: not within the budget), initial and final KLs, initial losses, runtime.
 
 What it shows with the defaults (full-batch gradient descent, whose steps are proportional to the
 residuals): the multi-step residuals (shiq, shiq_init) converge fastest; the one-step ones (shiq_ms,
-shifted_q), which move a terminal reward back one level at a time, are an order of magnitude behind;
+shifted_q), which move a terminal reward back one level at a time, need several times (≈ H) more steps to
+bring the KL to 10% of its initial value and end the default budget about an order of magnitude behind;
 shiq_tk (the first state's equation only) lies in between. At ℓ = ℓ_ref the loss of a sequence with
 return R is H·R² for shiq, R² for shiq_ms and shiq_tk, Σ_t (β vref(s_t) − R)² for shiq_init: shiq_init starts
 with the largest loss although ℓ_ref is a sensible start. With Adam (``--optimizer adam --lr 0.05``) the
@@ -82,7 +83,7 @@ class TreeArgs:
     """full-batch training steps"""
     optimizer: str = "sgd"
     """sgd (full-batch gradient descent: a step is proportional to the residuals, so propagation speed is visible) or adam (per-parameter normalised steps hide most of the differences; use lr 0.05)"""
-    lr: float = 2.0
+    lr: float = 1.5
     """learning rate"""
     eval_every: int = 10
     """steps between two exact evaluations"""
@@ -193,8 +194,8 @@ def main(args: TreeArgs) -> dict:
                 "initial_kl": float(results["kl"][method][0].mean()),
                 "final_kl": float(results["kl"][method][-1].mean()),
                 "initial_loss": float(results["loss"][method][0].mean()),
-                "steps_to_1e-2_of_initial_kl": _steps_to(results["steps"], results["kl"][method].mean(1).numpy(), 1e-2),
-                "steps_to_1e-4_of_initial_kl": _steps_to(results["steps"], results["kl"][method].mean(1).numpy(), 1e-4),
+                "steps_to_10%_of_initial_kl": _steps_to(results["steps"], results["kl"][method].mean(1).numpy(), 1e-1),
+                "steps_to_1%_of_initial_kl": _steps_to(results["steps"], results["kl"][method].mean(1).numpy(), 1e-2),
             }
             for method in args.methods
         },
