@@ -92,6 +92,8 @@ def method_loss(
     delta = baselines.sequence_log_ratio(policy, ref, mask)  # (C·N,)
     returns = torch.where(mask, rewards, 0.0).sum(-1)  # (C·N,) R = Σ_t r_t
     if method == "dro":
+        if values is None or values.dim() != 2 or values.shape[0] != num_copies:
+            raise ValueError(f"dro needs values, the (C, prompts) value table V_φ with C = {num_copies}")
         copy = torch.arange(num_copies).repeat_interleave(num)
         value = values[copy, batch.prompt_ids.flatten()]  # (C·N,)
         return (weights * baselines.dro_loss(delta, returns, value, beta=beta).view(num_copies, num)).sum(-1)

@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shiq_toy.data import (
-    Dataset,
     all_paths,
     as_tree,
     exhaustive_dataset,
@@ -500,3 +499,7 @@ def test_train_bad_inputs():
         same = data._replace(rewards=torch.zeros_like(data.rewards))
         train(model, ref, "dpo", beta=1.0, steps=1, data=same)
     assert isinstance(train(model, ref, "shiq", beta=1.0, steps=0, data=data), History)
+    from shiq_toy.train import dataset_loss
+
+    with pytest.raises(ValueError, match="dro needs values"):
+        dataset_loss(model, ref, "dro", data, beta=1.0)
