@@ -1,0 +1,455 @@
+"""``shiq-llm make-data``, ``shiq-llm evaluate`` and ``shiq-llm demo``: the embedded task and its experiment.
+
+    shiq-llm make-data --out data/                    # tiny reference + offline rows (shiq_llm.synthetic)
+    shiq-llm evaluate --model runs/shiq/final --ref data/reference --prompts synthetic
+    shiq-llm demo --out demo/                          # reference, data, ShiQ and baselines over β, the figure
+
+The demo is spec §5's LLM-scale experiment on the embedded task: it builds the reference and the offline data
+(:func:`shiq_llm.synthetic.make_data`), trains every ``(algo, β)`` of the grid with ``shiq_llm.trainer.train``,
+evaluates each final policy on the held-out prompts (:func:`shiq_llm.evaluate.evaluate_policy`: mean reward of
+its own samples and the exact KL to the reference) and writes ``demo_results.csv`` (one row per run, plus the
+reference) and ``reward_vs_kl.png`` (mean reward against KL, one curve per method across β).
+:func:`register` adds the three subcommands to the ``shiq-llm`` parser of ``shiq_llm.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = [
+    "register",
+    "DemoConfig",
+    "run_demo",
+    "torch_threads",
+    "write_results",
+    "plot_reward_vs_kl",
+    "load_prompts",
+    "load_reward_fn",
+    "RESULT_COLUMNS",
+]
+
+#: Columns of ``demo_results.csv``.
+RESULT_COLUMNS = (
+    "algo", "beta", "mean_reward", "reward_sem", "kl", "kl_sem", "kl_mc", "mean_length", "finished", "num_samples",
+    "train_seconds",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoConfig:
+    """Arguments of ``shiq-llm demo`` (defaults: the full demo, about 3 minutes on a 2-core CPU)."""
+
+    out: str = "demo"
+    """Output directory: data/ (reference, rows), runs/<algo>_beta<β>/ (trainer outputs), the CSV and figure."""
+    algos: tuple[str, ...] = ("shiq", "dpo", "copg", "dro")
+    """Methods trained (``shiq_llm.config.ALGOS``)."""
+    betas: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """β of every method."""
+    steps: int = 150
+    """Optimizer steps per run."""
+    lr: float = 1e-3
+    """AdamW learning rate (linear decay), the same for every method."""
+    batch_size: int = 32
+    """Sequences per step; dpo and copg take batch_size // 2 pairs, i.e. as many sequences."""
+    completions_per_prompt: int = 16
+    """Offline completions sampled from the reference per training prompt."""
+    ref_steps: int = 600
+    """Supervised steps of the reference (``shiq_llm.synthetic.ReferenceConfig.steps``)."""
+    eval_samples: int = 16
+    """Completions sampled per held-out prompt to evaluate each policy."""
+    max_new_tokens: int = 12
+    """Generation budget (a correct answer is 5 tokens: four numbers and EOS)."""
+    seed: int = 0
+    """Seed of the reference, the data, the training runs and the evaluation samples."""
+    data: str | None = None
+    """An existing ``make-data`` directory to reuse instead of building the reference and rows (OUT/data)."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+    threads: int = 1
+    """torch CPU threads during the demo (restored afterwards). The tiny model's matrices are too small for
+    intra-op parallelism: with 2 threads on a busy 2-core machine the demo ran several times slower."""
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """A reduced budget (under a minute): the same reference, data and runs, but only shiq and dpo at β = 0.1."""
+        values = dict(algos=("shiq", "dpo"), betas=(0.1,))
+        return cls(**{**values, **overrides})
+
+
+def _quiet_libraries() -> None:
+    """Silence per-run chatter (dataset save bars, weight-loading bars, trainer INFO logs) under the demo's bar."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("shiq_llm").setLevel(logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "removed shared tensor" on every tied-weights save
+
+
+def _run_name(algo: str, beta: float) -> str:
+    return f"{algo}_beta{beta:g}"
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous count afterwards."""
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_demo(config: DemoConfig = DemoConfig(), *, log: Callable[[str], None] = print) -> list[dict]:
+    """Run the demo (module docstring); returns the result rows (``RESULT_COLUMNS``), the reference first.
+
+    Writes ``OUT/demo_results.csv``, ``OUT/reward_vs_kl.png`` and, unless ``config.data`` is given, ``OUT/data/``.
+    """
+    with torch_threads(config.threads):
+        return _run_demo(config, log)
+
+
+def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shiq_llm import synthetic
+    from shiq_llm.config import ALGOS, PAIR_ALGOS, TrainConfig
+    from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.trainer import train
+
+    unknown = [a for a in config.algos if a not in ALGOS]
+    if unknown or not config.algos:
+        raise ValueError(f"algos must be a non-empty subset of {list(ALGOS)}, got {list(config.algos)}")
+    if not config.betas or not all(b > 0 and math.isfinite(b) for b in config.betas):
+        raise ValueError(f"betas must be finite numbers > 0, got {list(config.betas)}")
+    if config.batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (dpo/copg train on batch_size // 2 pairs), got {config.batch_size}")
+    _quiet_libraries()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    if config.data is None:
+        log("building the reference and the offline data …")
+        reference = synthetic.ReferenceConfig(steps=config.ref_steps, seed=config.seed)
+        paths = synthetic.make_data(out / "data", reference=reference, completions_per_prompt=config.completions_per_prompt,
+                                    max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
+        data_dir = out / "data"
+    else:
+        data_dir = Path(config.data)
+        paths = {"reference": data_dir / "reference", "train": data_dir / "train.jsonl"}
+        for name, path in paths.items():
+            if not path.exists():
+                raise ValueError(f"--data {data_dir}: missing {path.name} (make it with `shiq-llm make-data --out {data_dir}`)")
+    tokenizer = AutoTokenizer.from_pretrained(paths["reference"])
+    ref = AutoModelForCausalLM.from_pretrained(paths["reference"]).eval()
+    prompts = synthetic.task_prompts("eval")
+
+    def evaluate(policy) -> dict:
+        return evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=synthetic.reward, num_samples=config.eval_samples,
+                               max_new_tokens=config.max_new_tokens, seed=config.seed + 1)
+
+    results = [{"algo": "reference", "beta": math.nan, **evaluate(ref), "train_seconds": 0.0}]
+    grid = [(algo, beta) for algo in config.algos for beta in config.betas]
+    bar = tqdm(grid, desc="demo runs", disable=not config.progress)
+    for algo, beta in bar:
+        bar.set_postfix_str(_run_name(algo, beta))
+        pairs = algo in PAIR_ALGOS
+        tick = time.perf_counter()
+        run = train(TrainConfig(
+            data=str(paths["train"]), model=str(paths["reference"]), out=str(out / "runs" / _run_name(algo, beta)),
+            algo=algo, beta=beta, lr=config.lr, max_steps=config.steps,
+            batch_size=config.batch_size // 2 if pairs else config.batch_size, seed=config.seed,
+            overwrite=True, progress_bar=False, tensorboard=False, save_total_limit=1,
+        ))
+        seconds = time.perf_counter() - tick
+        policy = AutoModelForCausalLM.from_pretrained(run.final_dir).eval()
+        results.append({"algo": algo, "beta": beta, **evaluate(policy), "train_seconds": seconds})
+    bar.close()
+
+    write_results(results, out / "demo_results.csv")
+    plot_reward_vs_kl(results, out / "reward_vs_kl.png",
+                      title=f"Held-out prompts of the embedded task ({len(prompts)} prompts × {config.eval_samples} samples)")
+    log(_summary(results, time.perf_counter() - started, out, data_dir))
+    return results
+
+
+def write_results(results: Sequence[dict], path: Path) -> Path:
+    """Write result rows as CSV with the columns ``RESULT_COLUMNS`` (the reference's β is empty)."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in results:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return Path(path)
+
+
+def _summary(results: Sequence[dict], seconds: float, out: Path, data_dir: Path) -> str:
+    lines = [f"{'algo':<10} {'beta':>5} {'mean_reward':>12} {'kl':>7} {'kl_mc':>7}"]
+    for r in results:
+        beta = "" if math.isnan(r["beta"]) else f"{r['beta']:g}"
+        lines.append(f"{r['algo']:<10} {beta:>5} {r['mean_reward']:>7.3f} ±{r['reward_sem']:.3f} {r['kl']:>7.3f} {r['kl_mc']:>7.3f}")
+    lines.append(f"data: {data_dir}; results: {out / 'demo_results.csv'}, {out / 'reward_vs_kl.png'}; {seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
+    """Mean reward (± standard error) against KL(π‖π_ref), one line per method through its β values (each point
+    labelled with its β), the reference as a star at KL = 0 and a dashed line at its reward (spec §5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    methods = [a for a in dict.fromkeys(r["algo"] for r in results) if a != "reference"]
+    for k, algo in enumerate(methods):
+        rows = sorted((r for r in results if r["algo"] == algo), key=lambda r: -r["beta"])
+        color = f"C{k}"
+        ax.errorbar([r["kl"] for r in rows], [r["mean_reward"] for r in rows], xerr=[r["kl_sem"] for r in rows],
+                    yerr=[r["reward_sem"] for r in rows], marker="o", color=color, capsize=2, label=algo)
+        for r in rows:
+            ax.annotate(f"β={r['beta']:g}", (r["kl"], r["mean_reward"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=color)
+    for r in results:
+        if r["algo"] == "reference":
+            ax.axhline(r["mean_reward"], color="grey", linestyle="--", linewidth=1)
+            ax.plot([0.0], [r["mean_reward"]], marker="*", markersize=12, color="black", linestyle="none", label="reference")
+    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats, exact per token, on π's samples)")
+    ax.set_ylabel("mean reward of π's samples")
+    ax.set_xlim(left=-0.05 * max([r["kl"] for r in results] + [1e-3]))
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate: prompts and reward functions from the command line
+# --------------------------------------------------------------------------------------------------
+
+
+def load_prompts(source: str, *, split: str = "eval") -> list:
+    """Prompts for ``evaluate``: ``"synthetic"`` (``shiq_llm.synthetic.task_prompts(split)``), a ``.txt`` file
+    (one prompt per non-empty line) or a ``.jsonl`` / ``.json`` file of rows with a ``prompt`` field (string or
+    messages; repeated prompts, as in a reward-labelled dataset, are kept once, in order of appearance)."""
+    if source == "synthetic":
+        from shiq_llm.synthetic import task_prompts
+
+        return task_prompts(split)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--prompts: no such file {source!r} (give a .txt, .jsonl or .json file, or 'synthetic')")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    elif path.suffix in (".jsonl", ".json"):
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+        if not isinstance(rows, list):
+            raise ValueError(f"--prompts {source}: a .json file must hold a list of rows")
+        prompts, seen = [], set()
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(f"--prompts {source}: row {i} has no 'prompt' field")
+            key = json.dumps(row["prompt"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(row["prompt"])
+    else:
+        raise ValueError(f"--prompts {source}: unknown file type {path.suffix!r} (use .txt, .jsonl or .json)")
+    if not prompts:
+        raise ValueError(f"--prompts {source}: no prompt found")
+    return prompts
+
+
+def load_reward_fn(spec: str | None) -> Callable | None:
+    """``"synthetic"`` → ``shiq_llm.synthetic.reward``; ``"module:function"`` → that callable
+    ``(prompt, completion) -> float``; ``None`` / ``"none"`` → no reward (only the KL is reported)."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "synthetic":
+        spec = "shiq_llm.synthetic:reward"
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--reward must be 'synthetic', 'none' or 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--reward {spec}: cannot import it ({error})") from error
+    if not callable(fn):
+        raise ValueError(f"--reward {spec} is not callable")
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line handlers
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_data(args: argparse.Namespace) -> int:
+    from shiq_llm import synthetic
+
+    if args.completions_per_prompt < 1 or args.max_new_tokens < 1 or args.ref_steps < 1:
+        raise ValueError("--completions-per-prompt, --max-new-tokens and --ref-steps must be >= 1")
+    reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed)
+    with torch_threads(args.threads):
+        paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    print(f"reference model: {paths['reference']}")
+    print(f"offline rows: {paths['train']} ({len(rows)} rows, mean reward {synthetic.mean_reward(rows):.3f})")
+    print(f"held-out prompts: {paths['eval_prompts']}")
+    print(f"next: shiq-llm train --model {paths['reference']} --data {paths['train']} --out runs/shiq "
+          "--max-steps 150 --lr 1e-3 --batch-size 32")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shiq_llm.evaluate import evaluate_policy
+
+    reward_spec = getattr(args, "reward", "synthetic" if args.prompts == "synthetic" else "none")
+    reward_fn = load_reward_fn(reward_spec)
+    prompts = load_prompts(args.prompts, split=args.split)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    ref = AutoModelForCausalLM.from_pretrained(args.ref).eval()
+    metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, num_samples=args.num_samples,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
+    report = {"model": args.model, "ref": args.ref, "prompts": args.prompts, "num_prompts": len(prompts),
+              "reward": reward_spec, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if getattr(args, "out", None):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)}
+    if "algos" in values:
+        values["algos"] = tuple(a.strip() for a in values["algos"].split(",") if a.strip())
+    if "betas" in values:
+        values["betas"] = tuple(_parse_betas(values["betas"]))
+    values["progress"] = not args.no_progress
+    config = DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
+    run_demo(config)
+    return 0
+
+
+def _parse_betas(text: str) -> list[float]:
+    try:
+        return [float(b) for b in text.split(",") if b.strip()]
+    except ValueError as error:
+        raise ValueError(f"--betas must be comma-separated numbers, got {text!r}") from error
+
+
+def register(subparsers) -> None:
+    """Add ``make-data``, ``evaluate`` and ``demo`` to the ``shiq-llm`` subparsers (``shiq_llm.cli``).
+
+    Each sets ``handler`` (the name ``shiq_llm.cli.main`` calls) to a function ``(args) -> int``.
+    """
+    from shiq_llm.synthetic import ReferenceConfig
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    ref_defaults = ReferenceConfig()
+
+    make = subparsers.add_parser(
+        "make-data", formatter_class=formatter, help="build the embedded task's reference model and offline rows",
+        description="Build the embedded synthetic task (shiq_llm.synthetic, no download, CPU seconds): a tiny Llama "
+        "pre-trained on noisy counting demonstrations, saved with its tokenizer to OUT/reference (load it with "
+        "`shiq-llm train --model OUT/reference`); K completions per training prompt sampled from it and labelled "
+        "with the task reward, in OUT/train.jsonl ({prompt, completion, reward}); the held-out prompts in "
+        "OUT/eval_prompts.jsonl.")
+    make.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output directory")
+    make.add_argument("--completions-per-prompt", type=int, default=16, help="completions sampled per training prompt")
+    make.add_argument("--max-new-tokens", type=int, default=12, help="generation budget per completion")
+    make.add_argument("--noise", type=float, default=ref_defaults.noise,
+                      help="probability that a word of the reference's demonstrations is a random number")
+    make.add_argument("--ref-steps", type=int, default=ref_defaults.steps, help="supervised steps of the reference")
+    make.add_argument("--seed", type=int, default=0, help="seed of the reference and the samples")
+    make.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
+    make.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    make.set_defaults(handler=_make_data)
+
+    ev = subparsers.add_parser(
+        "evaluate", formatter_class=formatter, help="mean reward and KL(π‖π_ref) of a policy on its own samples",
+        description="Sample completions of each prompt from the policy (temperature 1, no top-k/top-p) and report "
+        "their mean reward and KL(π‖π_ref): exact per token from both models' next-token distributions, summed "
+        "over each sample, and the Monte-Carlo Σ_t ln π/π_ref (shiq_llm.evaluate). Prints JSON; --out writes it.")
+    ev.add_argument("--model", required=True, default=argparse.SUPPRESS, help="the policy: a directory saved with save_pretrained (e.g. a "
+                    "run's OUT/final) or a hub name; its tokenizer is used for both models")
+    ev.add_argument("--ref", required=True, default=argparse.SUPPRESS, help="the reference model (same vocabulary)")
+    ev.add_argument("--prompts", default="synthetic", help="'synthetic' (the embedded task's prompts), a .txt file "
+                    "(one prompt per line) or a .jsonl/.json file of rows with a 'prompt' field")
+    ev.add_argument("--split", default="eval", choices=("train", "eval", "all"), help="split of the synthetic prompts")
+    ev.add_argument("--reward", default=argparse.SUPPRESS, help="reward function: 'synthetic', 'module:function' (called as "
+                    "f(prompt, completion) -> float) or 'none'; default: 'synthetic' for --prompts synthetic, else 'none'")
+    ev.add_argument("--num-samples", type=int, default=16, help="completions sampled per prompt")
+    ev.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per completion")
+    ev.add_argument("--batch-size", type=int, default=64, help="sequences per generation / KL batch")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ev.add_argument("--out", default=argparse.SUPPRESS, help="also write the JSON report to this file (default: print only)")
+    ev.set_defaults(handler=_evaluate)
+
+    d = DemoConfig()
+    demo = subparsers.add_parser(
+        "demo", formatter_class=formatter, help="the LLM main job: reference, data, ShiQ and baselines over β, figure",
+        description="Spec §5 on the embedded task, on the CPU in about 3 minutes: build the reference and offline "
+        "data (as make-data), train each method at each β with the trainer's API, evaluate each policy on the "
+        "held-out prompts (mean reward of its samples, exact KL to the reference) and write OUT/demo_results.csv "
+        "(columns " + ",".join(RESULT_COLUMNS) + ") and OUT/reward_vs_kl.png.")
+    demo.add_argument("--out", default=d.out, help="output directory")
+    demo.add_argument("--algos", default=argparse.SUPPRESS, help=f"comma-separated methods (default: {','.join(d.algos)}; --quick: shiq,dpo)")
+    demo.add_argument("--betas", default=argparse.SUPPRESS, help=f"comma-separated β values (default: {','.join(f'{b:g}' for b in d.betas)}; --quick: 0.1)")
+    demo.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"optimizer steps per run (default: {d.steps})")
+    demo.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"learning rate of every run (default: {d.lr:g})")
+    demo.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=f"sequences per step; pairs methods take half as "
+                      f"many pairs (default: {d.batch_size})")
+    demo.add_argument("--completions-per-prompt", type=int, default=argparse.SUPPRESS,
+                      help=f"offline completions per training prompt (default: {d.completions_per_prompt})")
+    demo.add_argument("--ref-steps", type=int, default=argparse.SUPPRESS, help=f"supervised steps of the reference (default: "
+                      f"{d.ref_steps})")
+    demo.add_argument("--eval-samples", type=int, default=argparse.SUPPRESS, help=f"samples per held-out prompt (default: "
+                      f"{d.eval_samples})")
+    demo.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS, help=f"generation budget (default: {d.max_new_tokens})")
+    demo.add_argument("--seed", type=int, default=argparse.SUPPRESS, help=f"seed of everything (default: {d.seed})")
+    demo.add_argument("--data", default=argparse.SUPPRESS, help="reuse a `shiq-llm make-data` directory instead of building "
+                      "OUT/data (default: build it)")
+    demo.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=f"torch CPU threads during the demo "
+                      f"(default: {d.threads}, fastest for the tiny model)")
+    demo.add_argument("--quick", action="store_true", help="only shiq and dpo at β = 0.1 (under a minute): a smoke test")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(handler=_demo)

@@ -1,0 +1,324 @@
+"""Evaluation (shiq_llm.evaluate) and `shiq-llm evaluate`.
+
+The exact per-token KL against enumeration of every response of a tiny vocabulary (sequence-level
+KL(π‖π_ref) = Σ_y π(y) ln π(y)/π_ref(y), and a per-token sum written out in a loop); KL(π_ref‖π_ref) = 0;
+left-padding invariance; generation: EOS and padding, prompts as the data pipeline tokenises them, seeded
+determinism, and samples drawn from π itself (no top-k); evaluate_policy against a recomputation; the CLI.
+"""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from shiq_llm.cli import main
+from shiq_llm.cli_tasks import load_prompts, torch_threads
+from shiq_llm.data import tokenize_rows
+from shiq_llm.evaluate import (
+    encode_prompts,
+    evaluate_policy,
+    generate,
+    response_mask_from_generated,
+    sequence_kl,
+    token_kl,
+)
+from shiq_llm.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.synthetic import build_task_tokenizer, reward, task_prompts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+V = 6  # vocabulary of the enumeration tests: ids 0 = pad, 1 = BOS, 2 = EOS, 3..5 ordinary
+
+
+def _pair(dtype=torch.float64):
+    return tiny_causal_lm(V, hidden_size=16, num_heads=2, seed=0, dtype=dtype), tiny_causal_lm(V, hidden_size=16, num_heads=2, seed=1, dtype=dtype)
+
+
+def _all_responses(prompt: list[int], length: int):
+    """Every response of ``length`` tokens after ``prompt``: input_ids (V**length, P + length), masks."""
+    rows = [prompt + list(y) for y in itertools.product(range(V), repeat=length)]
+    ids = torch.tensor(rows)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, len(prompt):] = True
+    return ids, torch.ones_like(ids), response
+
+
+def _log_prob_of_sequences(model, ids, n_prompt):
+    """ln π(y|x) = Σ_t ln softmax(z_{t−1})[y_t], one sequence at a time (no padding, no batching)."""
+    out = []
+    with torch.no_grad():
+        for row in ids:
+            logp = torch.log_softmax(model(row[None]).logits[0], dim=-1)  # (L, V)
+            out.append(sum(logp[p - 1, row[p]] for p in range(n_prompt, len(row))))
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL
+# --------------------------------------------------------------------------------------------------
+
+
+def test_exact_token_kl_matches_sequence_kl_by_enumeration():
+    """Σ_y π(y) Σ_t KL_t(y) = Σ_y π(y) Σ_t ρ_t(y) = Σ_y π(y) ln π(y)/π_ref(y) over all V² responses."""
+    policy, ref = _pair()
+    prompt = [1, 3, 4]
+    ids, attention, response = _all_responses(prompt, 2)
+    exact, rho = token_kl(policy, ref, ids, attention, response)  # (V², 5)
+    assert exact.dtype == torch.float64
+    assert torch.all(exact[:, : len(prompt)] == 0) and torch.all(rho[:, : len(prompt)] == 0)
+    logp = _log_prob_of_sequences(policy, ids, len(prompt))  # (V²,)
+    logq = _log_prob_of_sequences(ref, ids, len(prompt))
+    weights = logp.exp()
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-12)
+    kl = (weights * (logp - logq)).sum()
+    assert kl > 0
+    torch.testing.assert_close((weights * exact.sum(-1)).sum(), kl, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close((weights * rho.sum(-1)).sum(), kl, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rho.sum(-1), logp - logq, rtol=1e-10, atol=1e-12)  # per sequence, ρ telescopes
+
+
+def test_exact_token_kl_is_the_full_distribution_sum():
+    """KL_t = Σ_a π(a|s_t) (ln π(a|s_t) − ln π_ref(a|s_t)), written as a loop over the V actions."""
+    policy, ref = _pair()
+    ids = torch.tensor([[1, 5, 3, 4, 2]])
+    response = torch.tensor([[False, False, True, True, True]])
+    exact, _ = token_kl(policy, ref, ids, torch.ones_like(ids), response)
+    with torch.no_grad():
+        p = torch.softmax(policy(ids).logits[0], -1)
+        q = torch.softmax(ref(ids).logits[0], -1)
+    for position in (2, 3, 4):
+        expected = sum(p[position - 1, a] * math.log(p[position - 1, a] / q[position - 1, a]) for a in range(V))
+        assert exact[0, position].item() == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_kl_of_the_reference_to_itself_is_zero():
+    _, ref = _pair(torch.float32)
+    ids, attention, response = _all_responses([1, 4], 2)
+    exact, rho = token_kl(ref, ref, ids, attention, response)
+    assert torch.all(exact == 0) and torch.all(rho == 0)
+
+
+def test_kl_is_invariant_to_left_padding():
+    """Batched with left padding = each sequence alone (position ids count attended tokens only)."""
+    policy, ref = _pair()
+    sequences = [([1, 3], [4, 5, 2]), ([1, 3, 4, 5, 3], [3]), ([1], [5, 5])]
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.zeros(len(sequences), length, dtype=torch.int64)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    alone = []
+    for b, (p, r) in enumerate(sequences):
+        n = len(p) + len(r)
+        ids[b, length - n:] = torch.tensor(p + r)
+        attention[b, length - n:] = 1
+        response[b, length - len(r):] = True
+        single = torch.tensor([p + r])
+        mask = torch.tensor([[False] * len(p) + [True] * len(r)])
+        alone.append([x.sum() for x in token_kl(policy, ref, single, torch.ones_like(single), mask)])
+    exact, rho = token_kl(policy, ref, ids, attention, response)
+    torch.testing.assert_close(exact.sum(-1), torch.stack([a[0] for a in alone]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rho.sum(-1), torch.stack([a[1] for a in alone]), rtol=1e-10, atol=1e-12)
+
+
+def test_token_kl_rejects_a_response_at_position_zero():
+    policy, ref = _pair()
+    ids = torch.tensor([[3, 4]])
+    with pytest.raises(ValueError, match="position 0"):
+        token_kl(policy, ref, ids, torch.ones_like(ids), torch.tensor([[True, True]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_response_mask_from_generated():
+    eos = 2
+    generated = torch.tensor([[5, 2, 0, 0], [5, 5, 5, 5], [2, 2, 5, 0], [4, 4, 4, 2]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(response_mask_from_generated(generated, eos), expected)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _eos_biased(tokenizer, bias: float, seed: int = 0):
+    """A random tiny model whose EOS logit is raised by ``bias`` (a hook on the head), so samples end early."""
+    model = tiny_causal_lm(tokenizer, seed=seed)
+    shift = torch.zeros(len(tokenizer))
+    shift[tokenizer.eos_token_id] = bias
+    model.lm_head.register_forward_hook(lambda module, args, output: output + shift)
+    return model
+
+
+PROMPTS = ["what is the capital of france?", "the quick brown fox", "0 1 2 3"]
+
+
+def test_encode_prompts_matches_the_data_pipeline(tokenizer):
+    """The prompt ids are the tokens before the first response token of tokenize_rows, with and without a
+    chat template, for string and message prompts."""
+    plain = build_tokenizer(chat_template=False)
+    for tok in (tokenizer, plain):
+        prompts = PROMPTS if tok is plain else PROMPTS + [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]]
+        rows = [{"prompt": p, "completion": " an answer", "reward": 0.0} for p in prompts]
+        examples, _ = tokenize_rows(rows, tok)
+        for ids, example in zip(encode_prompts(tok, prompts), examples):
+            assert ids == example["input_ids"][: example["response_mask"].index(True)]
+
+
+def test_generate_respects_eos_and_padding(tokenizer):
+    model = _eos_biased(tokenizer, bias=4.0)
+    max_new = 8
+    samples = generate(model, tokenizer, PROMPTS, num_samples=20, max_new_tokens=max_new, seed=0)
+    n = len(PROMPTS) * 20
+    assert samples.input_ids.shape[0] == n and samples.prompt_index.tolist() == [i for i in range(3) for _ in range(20)]
+    encoded = encode_prompts(tokenizer, PROMPTS)
+    width = max(len(e) for e in encoded)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for b in range(n):
+        prompt = encoded[samples.prompt_index[b]]
+        assert samples.input_ids[b, width - len(prompt): width].tolist() == prompt  # left-padded prompt
+        assert torch.all(samples.input_ids[b, : width - len(prompt)] == pad)
+        assert samples.attention_mask[b, : width - len(prompt)].sum() == 0
+        response = samples.input_ids[b][samples.response_mask[b]].tolist()
+        assert torch.all(samples.response_mask[b, :width] == 0)
+        assert samples.response_mask[b, width: width + len(response)].all()  # contiguous after the prompt
+        tail = samples.input_ids[b, width + len(response):]
+        assert torch.all(tail == pad) and samples.attention_mask[b, width + len(response):].sum() == 0
+        if samples.finished[b]:
+            assert response[-1] == eos and eos not in response[:-1] and len(response) <= max_new
+        else:
+            assert eos not in response and len(response) == max_new
+        body = response[:-1] if samples.finished[b] else response
+        assert samples.completions[b] == tokenizer.decode(body, skip_special_tokens=True)
+    # P(EOS) ≈ e^4 / (e^4 + V − 1) ≈ 0.15 per step (near-uniform random logits, V ≈ 320): a sample ends with
+    # EOS within 8 steps with probability ≈ 1 − 0.85^8 ≈ 0.73, so both endings occur among 60 samples
+    assert samples.finished.any() and not samples.finished.all()
+
+
+def test_generate_is_deterministic_under_a_seed(tokenizer):
+    model = _eos_biased(tokenizer, bias=3.0)
+    state = torch.get_rng_state()
+    a = generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=6, seed=11, batch_size=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    b = generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=6, seed=11, batch_size=5)
+    c = generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=6, seed=12, batch_size=5)
+    assert torch.equal(a.input_ids, b.input_ids) and a.completions == b.completions
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_generate_samples_from_the_full_distribution(tokenizer):
+    """First tokens of N samples against π(·|x): the total variation TV = ½ Σ_a |f_a − π_a| has
+    E[TV] ≤ ½ Σ_a √(π_a (1 − π_a) / N) =: b (Jensen), and one sample moves TV by at most 1/N, so
+    P(TV > b + t) ≤ exp(−2 N t²) (McDiarmid): with t = 0.05 and N = 4000, below 1e-8. A sampler truncated to
+    the 50 most likely tokens (transformers' default top_k) would have TV ≥ the mass outside them, which is
+    checked to exceed b + t, so the test can tell."""
+    model = tiny_causal_lm(tokenizer, seed=3)
+    n, t = 4000, 0.05
+    samples = generate(model, tokenizer, PROMPTS[:1], num_samples=n, max_new_tokens=1, seed=0, batch_size=n)
+    first = samples.input_ids[samples.response_mask]  # (N,)
+    ids = torch.tensor([encode_prompts(tokenizer, PROMPTS[:1])[0]])
+    with torch.no_grad():
+        pi = torch.softmax(model(ids).logits[0, -1].double(), -1)  # (V,)
+    freq = torch.bincount(first, minlength=len(pi)).double() / n
+    bound = 0.5 * torch.sqrt(pi * (1 - pi) / n).sum()
+    assert 0.5 * (freq - pi).abs().sum() < bound + t
+    assert 1 - pi.topk(50).values.sum() > bound + t
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate_policy
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task_models():
+    tok = build_task_tokenizer()
+    return tok, tiny_causal_lm(tok, seed=0), tiny_causal_lm(tok, seed=1)
+
+
+def test_evaluate_policy_against_a_recomputation(task_models):
+    tok, policy, ref = task_models
+    prompts = task_prompts("eval")[:5]
+    kwargs = dict(num_samples=6, max_new_tokens=6, seed=4, batch_size=16)
+    metrics = evaluate_policy(policy, ref, tok, prompts, reward_fn=reward, **kwargs)
+    samples = generate(policy, tok, prompts, **kwargs)
+    rewards = torch.tensor([reward(prompts[i], c) for i, c in zip(samples.prompt_index.tolist(), samples.completions)])
+    assert metrics["mean_reward"] == pytest.approx(rewards.double().mean().item(), abs=1e-12)
+    assert metrics["num_samples"] == 30 and 0 <= metrics["finished"] <= 1
+    assert metrics["mean_length"] == pytest.approx(samples.response_mask.sum(-1).double().mean().item())
+    exact, mc = sequence_kl(policy, ref, samples, batch_size=7)  # other batching, same values
+    assert metrics["kl"] == pytest.approx(exact.mean().item(), rel=1e-6) and metrics["kl"] > 0
+    assert metrics["kl_mc"] == pytest.approx(mc.mean().item(), rel=1e-6, abs=1e-9)
+    assert torch.all(exact >= 0)
+    # both estimate KL(π‖π_ref): their per-sample difference has mean 0 (within 5 standard errors)
+    diff = exact - mc
+    assert abs(diff.mean()) < 5 * diff.std() / math.sqrt(len(diff))
+
+
+def test_evaluate_policy_of_the_reference(task_models):
+    tok, _, ref = task_models
+    metrics = evaluate_policy(ref, ref, tok, task_prompts("eval")[:3], reward_fn=None, num_samples=2, max_new_tokens=4)
+    assert metrics["kl"] == 0 and metrics["kl_mc"] == 0 and math.isnan(metrics["mean_reward"])
+
+
+# --------------------------------------------------------------------------------------------------
+# shiq-llm evaluate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_models(task_models, tmp_path_factory):
+    tok, policy, ref = task_models
+    root = tmp_path_factory.mktemp("models")
+    for name, model in (("policy", policy), ("ref", ref)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "policy", root / "ref"
+
+
+def test_evaluate_cli_on_synthetic_prompts(saved_models, tmp_path):
+    policy, ref = saved_models
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--model", str(policy), "--ref", str(ref), "--num-samples", "2", "--max-new-tokens", "6"]
+    assert main(args + ["--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_prompts"] == len(task_prompts("eval")) and report["num_samples"] == 2 * report["num_prompts"]
+    assert report["reward"] == "synthetic" and 0 <= report["mean_reward"] <= 1 and report["kl"] > 0
+    assert main(["evaluate", "--model", str(ref), "--ref", str(ref), "--num-samples", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["kl"] == 0
+
+
+def test_evaluate_cli_on_a_prompts_file(saved_models, tmp_path):
+    policy, ref = saved_models
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "completion": " 1", "reward": 0.0}) + "\n" for p in ["repeat 5:", "repeat 5:", "repeat 6:"]))
+    out = tmp_path / "eval.json"
+    base = ["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(rows), "--num-samples", "2", "--out", str(out)]
+    assert main(base) == 0
+    report = json.loads(out.read_text())
+    assert report["num_prompts"] == 2 and report["reward"] == "none" and report["mean_reward"] is None
+    assert main(base + ["--reward", "shiq_llm.synthetic:reward"]) == 0
+    assert 0 <= json.loads(out.read_text())["mean_reward"] <= 1
+    assert main(base + ["--reward", "shiq_llm.synthetic:no_such_function"]) == 1
+    assert main(["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(tmp_path / "none.jsonl")]) == 1
+
+
+def test_load_prompts_from_text_and_json(tmp_path):
+    (tmp_path / "p.txt").write_text("repeat 5:\n\n  count up from 6: \n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["repeat 5:", "count up from 6:"]
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "a"}]))
+    assert load_prompts(str(tmp_path / "p.json")) == ["a", [{"role": "user", "content": "b"}]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "a"}) + "\n")
+    with pytest.raises(ValueError, match="row 0 has no 'prompt'"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
+    assert load_prompts("synthetic", split="train") == task_prompts("train")

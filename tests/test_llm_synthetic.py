@@ -1,0 +1,240 @@
+"""The embedded synthetic task (shiq_llm.synthetic) and the `shiq-llm make-data` / `shiq-llm demo` commands.
+
+Rewards against hand-computed cases, the prompt split, the noise of the demonstrations against its binomial
+law, the tokenizer, the saved reference, the offline rows (determinism, schema through shiq_llm.data.load_rows,
+labels), and end to end: make-data, then the quick demo on that data, asserting that ShiQ's policy earns a
+higher mean reward on the held-out prompts than the reference.
+"""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shiq_llm import synthetic
+from shiq_llm.cli import main
+from shiq_llm.cli_tasks import RESULT_COLUMNS, torch_threads
+from shiq_llm.data import load_rows, tokenize_rows
+from shiq_llm.synthetic import (
+    ANSWER_WORDS,
+    FAMILIES,
+    NUMBER_MAX,
+    NUMBER_MIN,
+    ReferenceConfig,
+    build_reference,
+    build_task_tokenizer,
+    demonstration,
+    make_offline_dataset,
+    reward,
+    target_words,
+    task_prompts,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model runs fastest on one thread (and does not fight the other xdist worker)."""
+    with torch_threads(1):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Task definition
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        ("count up from 7:", ["8", "9", "10", "11"]),
+        ("count down from 7:", ["6", "5", "4", "3"]),
+        ("repeat 7:", ["7", "7", "7", "7"]),
+        ("count down from 4:", ["3", "2", "1", "0"]),
+        ("  count up from 30:  ", ["31", "32", "33", "34"]),
+    ],
+)
+def test_target_words(prompt, words):
+    assert target_words(prompt) == words
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, expected",
+    [
+        ("count up from 7:", " 8 9 10 11", 1.0),  # all 4 right
+        ("count up from 7:", "8 9 10 12", 3 / 4),  # last word wrong
+        ("count up from 7:", "9 10 11 12", 0.0),  # shifted by one: no position matches
+        ("count down from 7:", "6 5", 2 / 4),  # 2 hits, 2 missing words: max(4, 2) = 4 slots
+        ("repeat 7:", "7 7 7 7 7", 4 / 5),  # 4 hits, one extra word: max(4, 5) = 5 slots
+        ("repeat 7:", "7 x 7 7 7 7 7 7", 3 / 8),  # hits at 0, 2, 3 over 8 slots
+        ("count up from 7:", "", 0.0),  # empty: 0 hits over 4 slots
+        ("count up from 7:", "  8\t9\n10 11 ", 1.0),  # any whitespace separates words
+    ],
+)
+def test_reward_hand_computed(prompt, completion, expected):
+    assert reward(prompt, completion) == pytest.approx(expected, abs=1e-15)
+
+
+def test_reward_rejects_other_prompts():
+    with pytest.raises(ValueError, match="not a prompt of the synthetic task"):
+        reward("count sideways from 7:", "8")
+    with pytest.raises(ValueError, match="not a prompt"):
+        target_words("count up from seven:")
+
+
+def test_prompt_split():
+    train, held_out, every = task_prompts("train"), task_prompts("eval"), task_prompts("all")
+    per_family = NUMBER_MAX - NUMBER_MIN + 1
+    assert len(every) == len(set(every)) == len(FAMILIES) * per_family
+    assert set(train) | set(held_out) == set(every) and not set(train) & set(held_out)
+    assert len(held_out) == sum((n + f) % synthetic.HOLDOUT_MODULUS == 0 for f in range(len(FAMILIES)) for n in range(NUMBER_MIN, NUMBER_MAX + 1))
+    # every start number of a held-out prompt is the start number of a training prompt of another family
+    start = {p: p.rstrip(":").split()[-1] for p in every}
+    for p in held_out:
+        assert any(start[q] == start[p] for q in train)
+    with pytest.raises(ValueError, match="split"):
+        task_prompts("test")
+
+
+def test_demonstration_noise_follows_its_law():
+    """Each word is right with probability (1 − noise) + noise / M, M = NUMBER_MAX + ANSWER_WORDS + 1 numbers
+    (a replacement can draw the right one). Checked within 5 binomial standard errors over 4,000 words."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = task_prompts("all")
+    noise, draws = 0.3, 1000
+    hits = 0
+    for k in range(draws):
+        prompt = prompts[k % len(prompts)]
+        text = demonstration(prompt, noise=noise, generator=generator)
+        assert text.startswith(" ") and len(text.split()) == ANSWER_WORDS
+        hits += sum(w == t for w, t in zip(text.split(), target_words(prompt)))
+    p = (1 - noise) + noise / (NUMBER_MAX + ANSWER_WORDS + 1)
+    n = draws * ANSWER_WORDS
+    assert abs(hits / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    clean = demonstration("count up from 7:", noise=0.0, generator=generator)
+    assert clean == " 8 9 10 11" and reward("count up from 7:", clean) == 1.0
+    with pytest.raises(ValueError, match="noise"):
+        demonstration("repeat 7:", noise=1.5, generator=generator)
+
+
+def test_task_tokenizer_has_one_token_per_number():
+    tokenizer = build_task_tokenizer()
+    for k in range(NUMBER_MAX + ANSWER_WORDS + 1):
+        assert len(tokenizer(f" {k}", add_special_tokens=False)["input_ids"]) == 1
+    ids = tokenizer(" 8 9 10 11", add_special_tokens=False)["input_ids"]
+    assert len(ids) == ANSWER_WORDS and tokenizer.decode(ids) == " 8 9 10 11"
+    assert tokenizer.chat_template is not None and tokenizer.eos_token_id is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference and offline data (a briefly trained reference: these tests check mechanics, not quality)
+# --------------------------------------------------------------------------------------------------
+
+SMALL = ReferenceConfig(steps=40, demonstrations=256)
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("reference")
+    model, tokenizer = build_reference(directory, SMALL)
+    return directory, model, tokenizer
+
+
+def test_reference_is_saved_and_reloads_identically(small_reference):
+    directory, model, tokenizer = small_reference
+    loaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(directory)
+    text = loaded_tokenizer.apply_chat_template([{"role": "user", "content": "repeat 9:"}], tokenize=False, add_generation_prompt=True)
+    ids = loaded_tokenizer(text + " 9 9", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == tokenizer(text + " 9 9", add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_pretraining_lowers_the_demonstrations_nll():
+    """Maximum likelihood on noisy demonstrations: the mean token NLL of the last steps is below that of the
+    first ones; the first is near ln V, the NLL of the uniform predictor (freshly initialised logits are small)."""
+    tokenizer = build_task_tokenizer()
+    from shiq_llm.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=0)
+    rows = synthetic.demonstration_rows(task_prompts("all"), 128, noise=0.3, seed=0)
+    losses = synthetic.pretrain_reference(model, tokenizer, rows, steps=30, batch_size=16, lr=3e-3, seed=0)
+    assert len(losses) == 30 and not model.training
+    assert abs(losses[0] - math.log(len(tokenizer))) < 0.5
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_offline_dataset_is_deterministic_and_labelled(small_reference, tmp_path):
+    _, model, tokenizer = small_reference
+    prompts = task_prompts("train")[:6]
+    rows = make_offline_dataset(model, tokenizer, prompts, completions_per_prompt=3, max_new_tokens=8, seed=5)
+    again = make_offline_dataset(model, tokenizer, prompts, completions_per_prompt=3, max_new_tokens=8, seed=5)
+    other = make_offline_dataset(model, tokenizer, prompts, completions_per_prompt=3, max_new_tokens=8, seed=6)
+    assert rows == again and rows != other
+    assert 0 < len(rows) <= 3 * len(prompts)
+    for row in rows:
+        assert set(row) == {"prompt", "completion", "reward"} and row["prompt"] in prompts
+        assert row["completion"].strip() and row["reward"] == reward(row["prompt"], row["completion"])
+    # prompt-major order: the prompts appear in the given order
+    order = [prompts.index(r["prompt"]) for r in rows]
+    assert order == sorted(order)
+
+    path = synthetic.write_jsonl(rows, tmp_path / "rows.jsonl")
+    loaded = load_rows(str(path))
+    assert loaded.to_list() == rows
+    examples, report = tokenize_rows(loaded, tokenizer)
+    assert report.kept == len(rows)
+    for example, row in zip(examples, rows):  # the reward sits on the last response token (EOS)
+        assert example["rewards"][-1] == row["reward"] and example["input_ids"][-1] == tokenizer.eos_token_id
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: shiq-llm make-data, then shiq-llm demo --quick on that data
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made_data(tmp_path_factory):
+    """`shiq-llm make-data` with its defaults (the demo's reference and data)."""
+    out = tmp_path_factory.mktemp("made") / "data"
+    assert main(["make-data", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_make_data_cli_writes_reference_rows_and_prompts(made_data):
+    rows = load_rows(str(made_data / "train.jsonl")).to_list()
+    train_prompts = task_prompts("train")
+    assert {r["prompt"] for r in rows} == set(train_prompts)
+    assert len(rows) <= 16 * len(train_prompts)  # 16 completions per prompt, empty ones left out
+    assert all(r["reward"] == reward(r["prompt"], r["completion"]) for r in rows)
+    held_out = [json.loads(line)["prompt"] for line in (made_data / "eval_prompts.jsonl").read_text().splitlines()]
+    assert held_out == task_prompts("eval")
+    model = AutoModelForCausalLM.from_pretrained(made_data / "reference")
+    tokenizer = AutoTokenizer.from_pretrained(made_data / "reference")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+
+def test_quick_demo_trains_shiq_above_the_reference(made_data, tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--data", str(made_data), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "reward_vs_kl.png").stat().st_size > 10_000
+    with (out / "demo_results.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == RESULT_COLUMNS
+        results = {r["algo"]: r for r in reader}
+    assert set(results) == {"reference", "shiq", "dpo"}
+    ref, shiq = results["reference"], results["shiq"]
+    assert float(ref["kl"]) == 0.0 and float(shiq["kl"]) > 0.0 and float(shiq["beta"]) == 0.1
+    # ShiQ beats the reference by more than 3 standard errors of the difference (independent samples)
+    gap = float(shiq["mean_reward"]) - float(ref["mean_reward"])
+    assert gap > 3 * math.hypot(float(shiq["reward_sem"]), float(ref["reward_sem"]))
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 1
+    assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 1
+    assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
