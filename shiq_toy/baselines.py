@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shiq_toy._checks import check_beta
 from shiq_toy.losses import TokenStats, log_ratio
 
 __all__ = [
@@ -31,11 +32,6 @@ __all__ = [
 
 #: How :func:`make_pairs` / :func:`make_preference_pairs` pair the responses of one prompt.
 PAIR_MODES = ("disjoint", "all")
-
-
-def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
 def _check_same_1d(**tensors: torch.Tensor) -> None:
@@ -77,7 +73,7 @@ def dpo_loss(log_ratio_chosen: torch.Tensor, log_ratio_rejected: torch.Tensor, *
     log_ratio_chosen, log_ratio_rejected: (P,) sequence log-ratios Δ of the preferred and the rejected
     response of each pair. Returns (P,). Computed as ``-logsigmoid`` (no overflow for large margins).
     """
-    _check_beta(beta)
+    check_beta(beta)
     _check_same_1d(log_ratio_chosen=log_ratio_chosen, log_ratio_rejected=log_ratio_rejected)
     return -F.logsigmoid(beta * (log_ratio_chosen - log_ratio_rejected))
 
@@ -97,7 +93,7 @@ def copg_loss(
     Its gradient is CoPG's contrastive policy gradient; no preference is needed (IPO is the case of a
     constant reward gap). All arguments (P,); returns (P,). Symmetric in the two responses.
     """
-    _check_beta(beta)
+    check_beta(beta)
     _check_same_1d(log_ratio_a=log_ratio_a, log_ratio_b=log_ratio_b, reward_a=reward_a, reward_b=reward_b)
     return 0.5 * (reward_a - reward_b - beta * (log_ratio_a - log_ratio_b)).square()
 
@@ -123,7 +119,7 @@ def dro_loss(
     parameters); value_coef ≠ 1 re-weights the value's update only. Fixed point: V(x) + β Δ(y) = E[R|x, y],
     i.e. π ∝ π_ref exp(R/β) on the responses the data covers, and V(x) = v*(x).
     """
-    _check_beta(beta)
+    check_beta(beta)
     if isinstance(value_coef, bool) or not isinstance(value_coef, (int, float)) or not (math.isfinite(value_coef) and value_coef > 0):
         raise ValueError(f"value_coef must be a finite number > 0, got {value_coef!r}")
     _check_same_1d(log_ratio=log_ratio, reward=reward, value=value)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _solve_tree(ns: argparse.Namespace) -> None:
-    from shiq_toy.data import all_paths
+    from shiq_toy.mdp import all_sequences
     from shiq_toy.mdp import random_tree
     from shiq_toy.solvers import solve_tree
 
@@ -71,7 +71,7 @@ def _solve_tree(ns: argparse.Namespace) -> None:
         ref_policy = [torch.softmax(x, -1) for x in tree.ref_logits]
         from shiq_toy.data import path_probability
 
-        paths = all_paths(vocab, ns.horizon)
+        paths = all_sequences(vocab, ns.horizon)
         returns = tree.rewards[-1].flatten()  # leaf order = path order
         check = ns.beta * torch.logsumexp(path_probability(ref_policy, paths).log() + returns / ns.beta, 0)
         print(f"check: β ln E_π_ref[exp(R/β)] = {check.item():.6f} (enumeration of {len(paths)} paths)")

@@ -17,12 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-from shiq_toy.mdp import Bandit, TokenTree, prefix_index
+from shiq_toy.mdp import Bandit, TokenTree, all_sequences, prefix_index
 
 __all__ = [
     "Dataset",
     "as_tree",
-    "all_paths",
     "path_probability",
     "sample_dataset",
     "exhaustive_dataset",
@@ -52,12 +51,6 @@ def as_tree(env: Bandit | TokenTree) -> TokenTree:
     if isinstance(env, Bandit):
         return TokenTree(ref_logits=[env.ref_logits[None]], rewards=[env.rewards[None]])
     raise ValueError(f"env must be a Bandit or a TokenTree, got {type(env).__name__}")
-
-
-def all_paths(vocab_size: int, horizon: int) -> torch.Tensor:
-    """Every path of the tree, (V**H, H) int64; row ``i`` is ``i`` written in base V (leaf order)."""
-    powers = vocab_size ** torch.arange(horizon - 1, -1, -1)  # (H,): V^(H-1-t)
-    return (torch.arange(vocab_size**horizon)[:, None] // powers) % vocab_size  # (V**H, H)
 
 
 def _policy_levels(env: Bandit | TokenTree, tree: TokenTree, policy) -> list[torch.Tensor]:
@@ -171,7 +164,7 @@ def exhaustive_dataset(env: Bandit | TokenTree, *, policy: Sequence[torch.Tensor
     ``policy`` (per-depth tables, as :func:`sample_dataset`): the infinite-data limit of sampling from it.
     """
     tree = as_tree(env)
-    tokens = all_paths(tree.vocab_size, tree.horizon)
+    tokens = all_sequences(tree.vocab_size, tree.horizon)
     if policy is None:
         weights = torch.full((tokens.shape[0],), 1.0 / tokens.shape[0], dtype=torch.float64)
     else:

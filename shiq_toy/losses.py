@@ -25,10 +25,11 @@ equations run on contiguous right-padded rows, and the result is scattered back.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
+
+from shiq_toy._checks import check_beta, check_gamma
 
 __all__ = [
     "TokenStats",
@@ -99,7 +100,7 @@ def logit_q_soft_value(logits: torch.Tensor, ref_logits: torch.Tensor, *, beta: 
 
     logits, ref_logits: (B, T, V), aligned like :func:`token_stats`. Returns (B, T).
     """
-    _check_beta(beta)
+    check_beta(beta)
     if logits.shape != ref_logits.shape or logits.dim() != 3:
         raise ValueError(
             f"logits and ref_logits must both have shape (B, T, V), got {tuple(logits.shape)} and {tuple(ref_logits.shape)}"
@@ -143,16 +144,6 @@ def discounted_reverse_cumsum(x: torch.Tensor, *, gamma: float, chunk: int = 256
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-
-
-def _check_gamma(gamma: float) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}")
-
-
 def _first_bad(x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     bad = (~torch.isfinite(x)) & mask
     row, pos = bad.nonzero()[0].tolist()
@@ -160,8 +151,8 @@ def _first_bad(x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
 
 
 def _validate(fields: dict[str, torch.Tensor], mask: torch.Tensor, beta: float, gamma: float) -> None:
-    _check_beta(beta)
-    _check_gamma(gamma)
+    check_beta(beta)
+    check_gamma(gamma)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         dtype = mask.dtype if isinstance(mask, torch.Tensor) else None

@@ -13,11 +13,11 @@ tokens, ``H`` depth, ``S`` states, ``A`` actions. Everything runs in float64.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
+from shiq_toy._checks import check_beta, check_gamma
 from shiq_toy.mdp import FiniteMDP, TokenTree
 
 __all__ = ["Solution", "BanditSolution", "solve_bandit", "solve_tree", "soft_value_iteration"]
@@ -45,18 +45,6 @@ class BanditSolution(NamedTuple):
     v: torch.Tensor
     policy: torch.Tensor
     logits: torch.Tensor
-
-
-def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-
-
-def _check_gamma(gamma: float, *, allow_one: bool = True) -> None:
-    upper_ok = gamma <= 1.0 if allow_one else gamma < 1.0
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 < gamma and upper_ok):
-        interval = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"gamma must lie in {interval}, got {gamma!r}")
 
 
 def _exp_shifted(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +75,7 @@ def solve_bandit(ref_logits: torch.Tensor, rewards: torch.Tensor, *, beta: float
     ref_logits, rewards: (K,). Returns q = r (K,), v = β ln Σ_a π_ref(a) exp(r(a)/β) (0-dim),
     policy π* (K,), logits ℓ* = ℓ_ref + r/β (K,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     if not isinstance(ref_logits, torch.Tensor) or ref_logits.dim() != 1 or ref_logits.numel() < 1:
         raise ValueError(f"ref_logits must be a (K,) tensor, got {ref_logits!r}")
     if not isinstance(rewards, torch.Tensor) or rewards.shape != ref_logits.shape:
@@ -106,8 +94,8 @@ def solve_tree(tree: TokenTree, *, beta: float, gamma: float = 1.0) -> Solution:
     """
     if not isinstance(tree, TokenTree):
         raise ValueError(f"tree must be a shiq_toy.mdp.TokenTree, got {type(tree).__name__}")
-    _check_beta(beta)
-    _check_gamma(gamma)
+    check_beta(beta)
+    check_gamma(gamma)
     vocab, horizon = tree.vocab_size, tree.horizon
     q, v, policy, logits = [None] * horizon, [None] * horizon, [None] * horizon, [None] * horizon
     for h in reversed(range(horizon)):
@@ -130,8 +118,8 @@ def soft_value_iteration(
     """
     if not isinstance(mdp, FiniteMDP):
         raise ValueError(f"mdp must be a shiq_toy.mdp.FiniteMDP, got {type(mdp).__name__}")
-    _check_beta(beta)
-    _check_gamma(gamma, allow_one=False)
+    check_beta(beta)
+    check_gamma(gamma, allow_one=False)
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
     live = ~mdp.terminal  # (S,)

@@ -17,14 +17,6 @@ from shiq_toy.experiments.bandit import BanditArgs, bradley_terry_rewards, make_
 from shiq_toy.solvers import solve_bandit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _beta_kl(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * (p * (p.log() - q.log())).sum(-1)
 

@@ -10,21 +10,12 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from shiq_llm import cli
 from shiq_llm.config import TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = CONFIGS / "shiq_tiny.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows(n_prompts: int = 3):

@@ -21,23 +21,14 @@ from shiq_llm import checkpoint as ckpt
 from shiq_llm.config import ALGOS, PAIR_ALGOS, TOKEN_ALGOS, load_config
 from shiq_llm.data import collate, preference_pairs, sequence_rewards, tokenize_rows
 from shiq_llm.models import build_tokenizer, tiny_causal_lm
-from shiq_llm.reference import scatter_response_values
 from shiq_llm.stats import naive_response_token_stats
 from shiq_llm.trainer import PolicyStats, algorithm_loss, train
 from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, sequence_log_ratio
-from shiq_toy.losses import LOSSES, TokenStats, discounted_reverse_cumsum, reduce_loss
+from shiq_toy.losses import LOSSES, discounted_reverse_cumsum, reduce_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shiq_tiny.yaml"
 #: float32 statistics of O(1) logits; the two paths differ by summation order only.
 ATOL, RTOL = 1e-5, 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows():

@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shiq_toy.data import (
-    all_paths,
     as_tree,
     exhaustive_dataset,
     on_policy_sampler,
@@ -23,20 +22,11 @@ from shiq_toy.data import (
     stack_datasets,
 )
 from shiq_toy.losses import token_stats
-from shiq_toy.mdp import Bandit, TokenTree, random_tree
+from shiq_toy.mdp import Bandit, TokenTree, all_sequences, random_tree
 from shiq_toy.metrics import exact_metrics, expected_kl, implicit_value_error, kl_per_state, policy_values, regret, state_distribution
 from shiq_toy.solvers import solve_bandit, solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
 from shiq_toy.train import METHODS, History, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and keeps timings stable on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tree(seed: int, vocab: int = 2, horizon: int = 3, reward: str = "terminal") -> TokenTree:
@@ -186,7 +176,7 @@ def test_exhaustive_dataset_matches_enumeration():
     ref_policy = [torch.softmax(x, -1) for x in tree.ref_logits]
     data = exhaustive_dataset(tree, policy=ref_policy)
     assert data.tokens.shape == (27, 3) and len({tuple(p) for p in data.tokens.tolist()}) == 27
-    assert torch.equal(data.tokens, all_paths(3, 3)) and bool(data.mask.all()) and not bool(data.prompt_ids.any())
+    assert torch.equal(data.tokens, all_sequences(3, 3)) and bool(data.mask.all()) and not bool(data.prompt_ids.any())
     for path, rewards, weight in zip(data.tokens.tolist(), data.rewards, data.weights):
         assert rewards.tolist() == [tree.rewards[t][_node(path[:t], 3), path[t]].item() for t in range(3)]
         assert math.isclose(weight.item(), _path_prob_loop(ref_policy, path, 3), rel_tol=1e-12)
@@ -202,7 +192,7 @@ def test_sample_dataset_frequencies():
     data = sample_dataset(tree, num, generator=torch.Generator().manual_seed(0))
     ref_policy = [torch.softmax(x, -1) for x in tree.ref_logits]
     counts = torch.bincount(data.tokens @ torch.tensor([4, 2, 1]), minlength=8).double()
-    for leaf, path in enumerate(all_paths(2, 3).tolist()):
+    for leaf, path in enumerate(all_sequences(2, 3).tolist()):
         p = _path_prob_loop(ref_policy, path, 2)
         assert abs(counts[leaf].item() / num - p) <= 5 * math.sqrt(p * (1 - p) / num)
     # a deterministic behaviour policy always takes its argmax path
@@ -263,7 +253,7 @@ def _objective_by_enumeration(tree: TokenTree, logits, *, beta: float, gamma: fl
     vocab, total = tree.vocab_size, 0.0
     pol = [torch.softmax(x, -1) for x in logits]
     ref = [torch.softmax(x, -1) for x in tree.ref_logits]
-    for path in all_paths(vocab, tree.horizon).tolist():
+    for path in all_sequences(vocab, tree.horizon).tolist():
         ret = 0.0
         for t, a in enumerate(path):
             s = _node(path[:t], vocab)
@@ -290,7 +280,7 @@ def test_policy_values_and_regret_by_enumeration(seed, vocab, horizon, beta, gam
         kl_paths = sum(
             _path_prob_loop([torch.softmax(x, -1) for x in logits], p, vocab)
             * math.log(_path_prob_loop([torch.softmax(x, -1) for x in logits], p, vocab) / _path_prob_loop(solution.policy, p, vocab))
-            for p in all_paths(vocab, horizon).tolist()
+            for p in all_sequences(vocab, horizon).tolist()
         )
         assert math.isclose(seq_kl.item(), kl_paths, rel_tol=1e-9, abs_tol=1e-12)
 

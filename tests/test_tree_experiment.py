@@ -7,19 +7,10 @@ import math
 import pytest
 import torch
 
-from shiq_toy.data import all_paths
+from shiq_toy.mdp import all_sequences, random_tree
 from shiq_toy.experiments.tree import TreeArgs, _steps_to, run
-from shiq_toy.mdp import random_tree
 from shiq_toy.metrics import expected_kl
 from shiq_toy.solvers import solve_tree
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _node(prefix, vocab):
@@ -41,7 +32,7 @@ def test_initial_kl_and_losses_in_closed_form():
         ref_policy = [torch.softmax(x, -1) for x in tree.ref_logits]
         vref = [torch.logsumexp(x, -1) for x in tree.ref_logits]
         expected = dict.fromkeys(("shiq", "shiq_ms", "shiq_tk", "shiq_init", "shifted_q"), 0.0)
-        for path in all_paths(2, 3).tolist():
+        for path in all_sequences(2, 3).tolist():
             nodes = [_node(path[:t], 2) for t in range(3)]
             weight = math.prod(ref_policy[t][nodes[t], path[t]].item() for t in range(3))
             ret = tree.rewards[2][nodes[2], path[2]].item()
