@@ -156,22 +156,28 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     if config.data is None:
         log("building the reference and the offline data …")
         reference = synthetic.ReferenceConfig(steps=config.ref_steps, seed=config.seed)
-        paths = synthetic.make_data(out / "data", reference=reference, completions_per_prompt=config.completions_per_prompt,
-                                    max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
+        paths = synthetic.make_data(
+            out / "data", reference=reference, completions_per_prompt=config.completions_per_prompt,
+            max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress,
+        )
         data_dir = out / "data"
     else:
         data_dir = Path(config.data)
         paths = {"reference": data_dir / "reference", "train": data_dir / "train.jsonl"}
         for name, path in paths.items():
             if not path.exists():
-                raise ValueError(f"--data {data_dir}: missing {path.name} (make it with `shiq-llm make-data --out {data_dir}`)")
+                raise ValueError(
+                    f"--data {data_dir}: missing {path.name} (make it with `shiq-llm make-data --out {data_dir}`)"
+                )
     tokenizer = AutoTokenizer.from_pretrained(paths["reference"])
     ref = AutoModelForCausalLM.from_pretrained(paths["reference"]).eval()
     prompts = synthetic.task_prompts("eval")
 
     def evaluate(policy) -> dict:
-        return evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=synthetic.reward, num_samples=config.eval_samples,
-                               max_new_tokens=config.max_new_tokens, seed=config.seed + 1)
+        return evaluate_policy(
+            policy, ref, tokenizer, prompts, reward_fn=synthetic.reward, num_samples=config.eval_samples,
+            max_new_tokens=config.max_new_tokens, seed=config.seed + 1,
+        )
 
     results = [{"algo": "reference", "beta": math.nan, **evaluate(ref), "train_seconds": 0.0}]
     grid = [(algo, beta) for algo in config.algos for beta in config.betas]
@@ -192,8 +198,8 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     bar.close()
 
     write_results(results, out / "demo_results.csv")
-    plot_reward_vs_kl(results, out / "reward_vs_kl.png",
-                      title=f"Held-out prompts of the embedded task ({len(prompts)} prompts × {config.eval_samples} samples)")
+    title = f"Held-out prompts of the embedded task ({len(prompts)} prompts × {config.eval_samples} samples)"
+    plot_reward_vs_kl(results, out / "reward_vs_kl.png", title=title)
     log(_summary(results, time.perf_counter() - started, out, data_dir))
     return results
 
@@ -212,7 +218,8 @@ def _summary(results: Sequence[dict], seconds: float, out: Path, data_dir: Path)
     lines = [f"{'algo':<10} {'beta':>5} {'mean_reward':>12} {'kl':>7} {'kl_mc':>7}"]
     for r in results:
         beta = "" if math.isnan(r["beta"]) else f"{r['beta']:g}"
-        lines.append(f"{r['algo']:<10} {beta:>5} {r['mean_reward']:>7.3f} ±{r['reward_sem']:.3f} {r['kl']:>7.3f} {r['kl_mc']:>7.3f}")
+        reward = f"{r['mean_reward']:.3f} ±{r['reward_sem']:.3f}"
+        lines.append(f"{r['algo']:<10} {beta:>5} {reward:>12} {r['kl']:>7.3f} {r['kl_mc']:>7.3f}")
     lines.append(f"data: {data_dir}; results: {out / 'demo_results.csv'}, {out / 'reward_vs_kl.png'}; {seconds:.0f} s")
     return "\n".join(lines)
 
@@ -238,7 +245,8 @@ def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str =
     for r in results:
         if r["algo"] == "reference":
             ax.axhline(r["mean_reward"], color="grey", linestyle="--", linewidth=1)
-            ax.plot([0.0], [r["mean_reward"]], marker="*", markersize=12, color="black", linestyle="none", label="reference")
+            ax.plot([0.0], [r["mean_reward"]], marker="*", markersize=12, color="black", linestyle="none",
+                    label="reference")
     ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats, exact per token, on π's samples)")
     ax.set_ylabel("mean reward of π's samples")
     ax.set_xlim(left=-0.05 * max([r["kl"] for r in results] + [1e-3]))
@@ -347,8 +355,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     ref = AutoModelForCausalLM.from_pretrained(args.ref).eval()
     metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, num_samples=args.num_samples,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
+    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}  # JSON null
     report = {"model": args.model, "ref": args.ref, "prompts": args.prompts, "num_prompts": len(prompts),
-              "reward": reward_spec, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}}
+              "reward": reward_spec, **metrics}
     text = json.dumps(report, indent=2)
     print(text)
     if getattr(args, "out", None):
@@ -381,13 +390,20 @@ def register(subparsers) -> None:
 
     Each sets ``handler`` (the name ``shiq_llm.cli.main`` calls) to a function ``(args) -> int``.
     """
+    _register_make_data(subparsers)
+    _register_evaluate(subparsers)
+    _register_demo(subparsers)
+
+
+_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _register_make_data(subparsers) -> None:
     from shiq_llm.synthetic import ReferenceConfig
 
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    ref_defaults = ReferenceConfig()
-
+    ref = ReferenceConfig()
     make = subparsers.add_parser(
-        "make-data", formatter_class=formatter, help="build the embedded task's reference model and offline rows",
+        "make-data", formatter_class=_FORMATTER, help="build the embedded task's reference model and offline rows",
         description="Build the embedded synthetic task (shiq_llm.synthetic, no download, CPU seconds): a tiny Llama "
         "pre-trained on noisy counting demonstrations, saved with its tokenizer to OUT/reference (load it with "
         "`shiq-llm train --model OUT/reference`); K completions per training prompt sampled from it and labelled "
@@ -396,60 +412,71 @@ def register(subparsers) -> None:
     make.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output directory")
     make.add_argument("--completions-per-prompt", type=int, default=16, help="completions sampled per training prompt")
     make.add_argument("--max-new-tokens", type=int, default=12, help="generation budget per completion")
-    make.add_argument("--noise", type=float, default=ref_defaults.noise,
+    make.add_argument("--noise", type=float, default=ref.noise,
                       help="probability that a word of the reference's demonstrations is a random number")
-    make.add_argument("--ref-steps", type=int, default=ref_defaults.steps, help="supervised steps of the reference")
+    make.add_argument("--ref-steps", type=int, default=ref.steps, help="supervised steps of the reference")
     make.add_argument("--seed", type=int, default=0, help="seed of the reference and the samples")
     make.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
     make.add_argument("--no-progress", action="store_true", help="hide progress bars")
     make.set_defaults(handler=_make_data)
 
+
+def _register_evaluate(subparsers) -> None:
     ev = subparsers.add_parser(
-        "evaluate", formatter_class=formatter, help="mean reward and KL(π‖π_ref) of a policy on its own samples",
+        "evaluate", formatter_class=_FORMATTER, help="mean reward and KL(π‖π_ref) of a policy on its own samples",
         description="Sample completions of each prompt from the policy (temperature 1, no top-k/top-p) and report "
         "their mean reward and KL(π‖π_ref): exact per token from both models' next-token distributions, summed "
         "over each sample, and the Monte-Carlo Σ_t ln π/π_ref (shiq_llm.evaluate). Prints JSON; --out writes it.")
-    ev.add_argument("--model", required=True, default=argparse.SUPPRESS, help="the policy: a directory saved with save_pretrained (e.g. a "
-                    "run's OUT/final) or a hub name; its tokenizer is used for both models")
+    ev.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                    help="the policy: a directory saved with save_pretrained (e.g. a run's OUT/final) or a hub name; "
+                    "its tokenizer is used for both models")
     ev.add_argument("--ref", required=True, default=argparse.SUPPRESS, help="the reference model (same vocabulary)")
     ev.add_argument("--prompts", default="synthetic", help="'synthetic' (the embedded task's prompts), a .txt file "
                     "(one prompt per line) or a .jsonl/.json file of rows with a 'prompt' field")
     ev.add_argument("--split", default="eval", choices=("train", "eval", "all"), help="split of the synthetic prompts")
-    ev.add_argument("--reward", default=argparse.SUPPRESS, help="reward function: 'synthetic', 'module:function' (called as "
-                    "f(prompt, completion) -> float) or 'none'; default: 'synthetic' for --prompts synthetic, else 'none'")
+    ev.add_argument("--reward", default=argparse.SUPPRESS,
+                    help="reward function: 'synthetic', 'module:function' (called as f(prompt, completion) -> float) "
+                    "or 'none'; default: 'synthetic' for --prompts synthetic, else 'none'")
     ev.add_argument("--num-samples", type=int, default=16, help="completions sampled per prompt")
     ev.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per completion")
     ev.add_argument("--batch-size", type=int, default=64, help="sequences per generation / KL batch")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ev.add_argument("--out", default=argparse.SUPPRESS, help="also write the JSON report to this file (default: print only)")
+    ev.add_argument("--out", default=argparse.SUPPRESS, help="also write the JSON report to this file "
+                    "(default: print only)")
     ev.set_defaults(handler=_evaluate)
 
+
+def _register_demo(subparsers) -> None:
     d = DemoConfig()
     demo = subparsers.add_parser(
-        "demo", formatter_class=formatter, help="the LLM main job: reference, data, ShiQ and baselines over β, figure",
-        description="Spec §5 on the embedded task, on the CPU in about 3 minutes: build the reference and offline "
+        "demo", formatter_class=_FORMATTER,
+        help="the LLM main job: reference, data, ShiQ and baselines over β, reward-vs-KL figure",
+        description="Spec §5 on the embedded task, on the CPU in about 2 minutes: build the reference and offline "
         "data (as make-data), train each method at each β with the trainer's API, evaluate each policy on the "
         "held-out prompts (mean reward of its samples, exact KL to the reference) and write OUT/demo_results.csv "
         "(columns " + ",".join(RESULT_COLUMNS) + ") and OUT/reward_vs_kl.png.")
     demo.add_argument("--out", default=d.out, help="output directory")
-    demo.add_argument("--algos", default=argparse.SUPPRESS, help=f"comma-separated methods (default: {','.join(d.algos)}; --quick: shiq,dpo)")
-    demo.add_argument("--betas", default=argparse.SUPPRESS, help=f"comma-separated β values (default: {','.join(f'{b:g}' for b in d.betas)}; --quick: 0.1)")
-    demo.add_argument("--steps", type=int, default=argparse.SUPPRESS, help=f"optimizer steps per run (default: {d.steps})")
-    demo.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=f"learning rate of every run (default: {d.lr:g})")
-    demo.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=f"sequences per step; pairs methods take half as "
-                      f"many pairs (default: {d.batch_size})")
-    demo.add_argument("--completions-per-prompt", type=int, default=argparse.SUPPRESS,
-                      help=f"offline completions per training prompt (default: {d.completions_per_prompt})")
-    demo.add_argument("--ref-steps", type=int, default=argparse.SUPPRESS, help=f"supervised steps of the reference (default: "
-                      f"{d.ref_steps})")
-    demo.add_argument("--eval-samples", type=int, default=argparse.SUPPRESS, help=f"samples per held-out prompt (default: "
-                      f"{d.eval_samples})")
-    demo.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS, help=f"generation budget (default: {d.max_new_tokens})")
-    demo.add_argument("--seed", type=int, default=argparse.SUPPRESS, help=f"seed of everything (default: {d.seed})")
-    demo.add_argument("--data", default=argparse.SUPPRESS, help="reuse a `shiq-llm make-data` directory instead of building "
-                      "OUT/data (default: build it)")
-    demo.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=f"torch CPU threads during the demo "
-                      f"(default: {d.threads}, fastest for the tiny model)")
-    demo.add_argument("--quick", action="store_true", help="only shiq and dpo at β = 0.1 (under a minute): a smoke test")
+    demo.add_argument("--algos", default=argparse.SUPPRESS,
+                      help=f"comma-separated methods (default: {','.join(d.algos)}; --quick: shiq,dpo)")
+    demo.add_argument("--betas", default=argparse.SUPPRESS,
+                      help=f"comma-separated β values (default: {','.join(f'{b:g}' for b in d.betas)}; --quick: 0.1)")
+    options = [  # (name, type, help); the default comes from DemoConfig
+        ("steps", int, "optimizer steps per run"),
+        ("lr", float, "learning rate of every run"),
+        ("batch_size", int, "sequences per step (dpo and copg: batch_size // 2 pairs)"),
+        ("completions_per_prompt", int, "offline completions per training prompt"),
+        ("ref_steps", int, "supervised steps of the reference"),
+        ("eval_samples", int, "samples per held-out prompt"),
+        ("max_new_tokens", int, "generation budget"),
+        ("seed", int, "seed of everything"),
+        ("threads", int, "torch CPU threads during the demo (1 is fastest for the tiny model)"),
+    ]
+    for name, kind, text in options:
+        demo.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                          help=f"{text} (default: {getattr(d, name):g})")
+    demo.add_argument("--data", default=argparse.SUPPRESS, help="reuse a `shiq-llm make-data` directory instead of "
+                      "building OUT/data (default: build it)")
+    demo.add_argument("--quick", action="store_true",
+                      help="only shiq and dpo at β = 0.1 (under a minute): a smoke test")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=_demo)

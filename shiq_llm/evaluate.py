@@ -4,7 +4,7 @@ Spec §5 (LLM scale) plots the generative mean reward ``E_{x, y∼π}[R(x, y)]``
 ``KL(π ‖ π_ref) = E_x E_{y∼π(·|x)}[ln π(y|x) − ln π_ref(y|x)]``. Both are estimated on completions the
 policy samples itself (temperature 1, no top-k / top-p: exactly π). The KL has two estimators, per sequence::
 
-    exact (chain rule):   KL(y) = Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) = Σ_t Σ_a π(a|s_t) ln π(a|s_t)/π_ref(a|s_t)
+    exact (chain rule):  KL(y) = Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) = Σ_t Σ_a π(a|s_t) ln π(a|s_t)/π_ref(a|s_t)
     Monte Carlo:          ρ(y)  = Σ_t ρ_t = Σ_t ln π(y_t|s_t) − ln π_ref(y_t|s_t)
 
 over the response positions ``t`` (generated tokens up to and including the first EOS). Both have expectation
@@ -144,7 +144,10 @@ def generate(
     inside ``torch.random.fork_rng``, so the caller's RNG state is untouched. Returns :class:`Samples`.
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"num_samples, max_new_tokens and batch_size must be >= 1, got {num_samples}, {max_new_tokens}, {batch_size}")
+        raise ValueError(
+            "num_samples, max_new_tokens and batch_size must be >= 1, "
+            f"got {num_samples}, {max_new_tokens}, {batch_size}"
+        )
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs an EOS token and a pad token to generate (set tokenizer.pad_token)")
     encoded = encode_prompts(tokenizer, prompts)
@@ -202,13 +205,18 @@ def _response_log_probs(model, input_ids, attention_mask, response_mask) -> tupl
     """(N, V) log π(·|s_p) at the N response positions (row-major; float32, or float64 for a float64 model),
     and (N,) ids of the tokens taken."""
     position_ids = position_ids_from_mask(attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits  # (B, L, V)
     states = logits[:, :-1][response_mask[:, 1:]]  # (N, V): logits emitted just before each response token
-    return torch.log_softmax(states.to(torch.promote_types(states.dtype, torch.float32)), dim=-1), input_ids[response_mask]
+    states = states.to(torch.promote_types(states.dtype, torch.float32))
+    return torch.log_softmax(states, dim=-1), input_ids[response_mask]
 
 
 @torch.no_grad()
-def token_kl(policy, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_kl(
+    policy, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL terms on response positions, (B, L) each (float32, float64 for float64 models), 0 where
     ``response_mask`` is False:
 
@@ -272,13 +280,15 @@ def evaluate_policy(
     ``kl_sem``, ``kl_mc`` (mean Monte-Carlo Σ_t ρ_t), ``mean_length`` (response tokens, EOS included),
     ``finished`` (fraction ending with EOS), ``num_samples`` (total samples).
     """
-    samples = generate(policy, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    samples = generate(
+        policy, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size,
+    )
     exact, mc = sequence_kl(policy, ref, samples, batch_size=batch_size)
     n = len(samples.completions)
     if reward_fn is not None:
-        rewards = torch.tensor(
-            [reward_fn(prompts[i], c) for i, c in zip(samples.prompt_index.tolist(), samples.completions)], dtype=torch.float64
-        )
+        pairs = zip(samples.prompt_index.tolist(), samples.completions)
+        rewards = torch.tensor([reward_fn(prompts[i], c) for i, c in pairs], dtype=torch.float64)  # (B,)
         mean_reward, reward_sem = float(rewards.mean()), _sem(rewards)
     else:
         mean_reward = reward_sem = math.nan

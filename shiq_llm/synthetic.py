@@ -79,7 +79,8 @@ ANSWER_WORDS = 4  #: words in a correct completion
 HOLDOUT_MODULUS = 4  #: one prompt in HOLDOUT_MODULUS is held out for evaluation (see task_prompts)
 
 _PROMPT_PATTERNS = [
-    (re.compile("^" + re.escape(template).replace(r"\{n\}", r"(\d+)") + "$"), step) for template, step in FAMILIES.values()
+    (re.compile("^" + re.escape(template).replace(r"\{n\}", r"(\d+)") + "$"), step)
+    for template, step in FAMILIES.values()
 ]
 
 
@@ -93,7 +94,8 @@ def target_words(prompt: str) -> list[str]:
         if match:
             n = int(match.group(1))
             return [str(n + step * (i + 1)) for i in range(ANSWER_WORDS)]
-    raise ValueError(f"not a prompt of the synthetic task: {prompt!r} (expected one of {[t for t, _ in FAMILIES.values()]})")
+    templates = [t for t, _ in FAMILIES.values()]
+    raise ValueError(f"not a prompt of the synthetic task: {prompt!r} (expected one of {templates})")
 
 
 def reward(prompt: str, completion: str) -> float:
@@ -183,7 +185,9 @@ def build_task_tokenizer(*, vocab_size: int = 384):
     return build_tokenizer(corpus, vocab_size=vocab_size)
 
 
-def pretrain_reference(model, tokenizer, rows: Sequence[dict], *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = False):
+def pretrain_reference(
+    model, tokenizer, rows: Sequence[dict], *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = False
+) -> list[float]:
     """Maximum likelihood on the response tokens of ``rows``: minimise −Σ_t ln π(y_t | s_t) with AdamW.
 
     Trains ``model`` in place (then sets it to eval mode) and returns the list of per-step mean token NLLs.
@@ -215,7 +219,9 @@ def pretrain_reference(model, tokenizer, rows: Sequence[dict], *, steps: int, ba
     return losses
 
 
-def build_reference(out_dir: str | Path | None = None, config: ReferenceConfig = ReferenceConfig(), *, progress: bool = False):
+def build_reference(
+    out_dir: str | Path | None = None, config: ReferenceConfig = ReferenceConfig(), *, progress: bool = False
+):
     """Tokenizer + tiny Llama pre-trained on noisy demonstrations (module docstring); returns ``(model, tokenizer)``.
 
     With ``out_dir``, both are saved there with ``save_pretrained`` so that ``AutoModelForCausalLM`` /
@@ -227,7 +233,8 @@ def build_reference(out_dir: str | Path | None = None, config: ReferenceConfig =
     model = tiny_causal_lm(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=config.seed)
     rows = demonstration_rows(task_prompts("all"), config.demonstrations, noise=config.noise, seed=config.seed)
     pretrain_reference(
-        model, tokenizer, rows, steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed, progress=progress
+        model, tokenizer, rows, steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+        progress=progress,
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -257,7 +264,8 @@ def make_offline_dataset(
 
     prompts = task_prompts("train") if prompts is None else list(prompts)
     samples = generate(
-        model, tokenizer, prompts, num_samples=completions_per_prompt, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
+        model, tokenizer, prompts, num_samples=completions_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size,
     )
     rows = []
     for i, completion in zip(samples.prompt_index.tolist(), samples.completions):

@@ -38,7 +38,8 @@ V = 6  # vocabulary of the enumeration tests: ids 0 = pad, 1 = BOS, 2 = EOS, 3..
 
 
 def _pair(dtype=torch.float64):
-    return tiny_causal_lm(V, hidden_size=16, num_heads=2, seed=0, dtype=dtype), tiny_causal_lm(V, hidden_size=16, num_heads=2, seed=1, dtype=dtype)
+    """(policy, reference): two tiny random Llamas over the V-token vocabulary."""
+    return tuple(tiny_causal_lm(V, hidden_size=16, num_heads=2, seed=seed, dtype=dtype) for seed in (0, 1))
 
 
 def _all_responses(prompt: list[int], length: int):
@@ -168,7 +169,8 @@ def test_encode_prompts_matches_the_data_pipeline(tokenizer):
     chat template, for string and message prompts."""
     plain = build_tokenizer(chat_template=False)
     for tok in (tokenizer, plain):
-        prompts = PROMPTS if tok is plain else PROMPTS + [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]]
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        prompts = PROMPTS if tok is plain else PROMPTS + [messages]
         rows = [{"prompt": p, "completion": " an answer", "reward": 0.0} for p in prompts]
         examples, _ = tokenize_rows(rows, tok)
         for ids, example in zip(encode_prompts(tok, prompts), examples):
@@ -233,6 +235,29 @@ def test_generate_samples_from_the_full_distribution(tokenizer):
     bound = 0.5 * torch.sqrt(pi * (1 - pi) / n).sum()
     assert 0.5 * (freq - pi).abs().sum() < bound + t
     assert 1 - pi.topk(50).values.sum() > bound + t
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_and_kl_forward_see_the_same_distribution(tokenizer, arch):
+    """Under left padding, the next-token distributions transformers samples from (``output_logits``) equal
+    those the KL forward reads at the response positions (position ids from the attention mask)."""
+    from shiq_llm.evaluate import _assemble, _left_pad, _pure_sampling_config, _response_log_probs
+
+    model = tiny_causal_lm(tokenizer, arch=arch, seed=0)
+    encoded = encode_prompts(tokenizer, ["a b", "the quick brown fox jumps over the lazy dog"])
+    ids, mask = _left_pad(encoded, tokenizer.pad_token_id)  # prompts of different lengths
+    config = _pure_sampling_config(tokenizer, 5)
+    config.output_logits, config.return_dict_in_generate = True, True
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    rows = [(torch.tensor(e), out.sequences[b, ids.shape[1]:]) for b, e in enumerate(encoded)]
+    samples = _assemble(rows, [0, 1], tokenizer)
+    with torch.no_grad():
+        logp, _ = _response_log_probs(model, samples.input_ids, samples.attention_mask, samples.response_mask)
+    sampled = torch.log_softmax(torch.stack(out.logits, dim=1), dim=-1)  # (B, T, V)
+    lengths = samples.response_mask.sum(-1).tolist()
+    expected = torch.cat([sampled[b, :n] for b, n in enumerate(lengths)])  # (N, V), row-major like logp
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,9 +326,11 @@ def test_evaluate_cli_on_synthetic_prompts(saved_models, tmp_path):
 def test_evaluate_cli_on_a_prompts_file(saved_models, tmp_path):
     policy, ref = saved_models
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": p, "completion": " 1", "reward": 0.0}) + "\n" for p in ["repeat 5:", "repeat 5:", "repeat 6:"]))
+    prompts = ["repeat 5:", "repeat 5:", "repeat 6:"]  # a reward-labelled file repeats prompts
+    rows.write_text("".join(json.dumps({"prompt": p, "completion": " 1", "reward": 0.0}) + "\n" for p in prompts))
     out = tmp_path / "eval.json"
-    base = ["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(rows), "--num-samples", "2", "--out", str(out)]
+    base = ["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(rows), "--num-samples", "2"]
+    base += ["--out", str(out)]
     assert main(base) == 0
     report = json.loads(out.read_text())
     assert report["num_prompts"] == 2 and report["reward"] == "none" and report["mean_reward"] is None
@@ -316,7 +343,8 @@ def test_evaluate_cli_on_a_prompts_file(saved_models, tmp_path):
 def test_load_prompts_from_text_and_json(tmp_path):
     (tmp_path / "p.txt").write_text("repeat 5:\n\n  count up from 6: \n")
     assert load_prompts(str(tmp_path / "p.txt")) == ["repeat 5:", "count up from 6:"]
-    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "a"}]))
+    rows = [{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "a"}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
     assert load_prompts(str(tmp_path / "p.json")) == ["a", [{"role": "user", "content": "b"}]]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "a"}) + "\n")
     with pytest.raises(ValueError, match="row 0 has no 'prompt'"):

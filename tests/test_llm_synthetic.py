@@ -89,7 +89,8 @@ def test_prompt_split():
     per_family = NUMBER_MAX - NUMBER_MIN + 1
     assert len(every) == len(set(every)) == len(FAMILIES) * per_family
     assert set(train) | set(held_out) == set(every) and not set(train) & set(held_out)
-    assert len(held_out) == sum((n + f) % synthetic.HOLDOUT_MODULUS == 0 for f in range(len(FAMILIES)) for n in range(NUMBER_MIN, NUMBER_MAX + 1))
+    numbers = range(NUMBER_MIN, NUMBER_MAX + 1)
+    assert len(held_out) == sum((n + f) % synthetic.HOLDOUT_MODULUS == 0 for f in range(len(FAMILIES)) for n in numbers)
     # every start number of a held-out prompt is the start number of a training prompt of another family
     start = {p: p.rstrip(":").split()[-1] for p in every}
     for p in held_out:
@@ -146,7 +147,8 @@ def test_reference_is_saved_and_reloads_identically(small_reference):
     directory, model, tokenizer = small_reference
     loaded = AutoModelForCausalLM.from_pretrained(directory).eval()
     loaded_tokenizer = AutoTokenizer.from_pretrained(directory)
-    text = loaded_tokenizer.apply_chat_template([{"role": "user", "content": "repeat 9:"}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": "repeat 9:"}]
+    text = loaded_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = loaded_tokenizer(text + " 9 9", add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert ids.tolist() == tokenizer(text + " 9 9", add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
