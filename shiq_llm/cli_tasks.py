@@ -226,7 +226,8 @@ def _summary(results: Sequence[dict], seconds: float, out: Path, data_dir: Path)
 
 def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
     """Mean reward (± standard error) against KL(π‖π_ref), one line per method through its β values (each point
-    labelled with its β), the reference as a star at KL = 0 and a dashed line at its reward (spec §5)."""
+    labelled with its β), the reference as a star at KL = 0 and a dashed line at its reward (spec §5). The KL
+    axis is symlog (linear below 0.1 nats), so that small and large KLs both read."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,10 +247,11 @@ def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str =
         if r["algo"] == "reference":
             ax.axhline(r["mean_reward"], color="grey", linestyle="--", linewidth=1)
             ax.plot([0.0], [r["mean_reward"]], marker="*", markersize=12, color="black", linestyle="none",
-                    label="reference")
-    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats, exact per token, on π's samples)")
+                    label="reference", clip_on=False, zorder=3)
+    ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)  # linear near the reference's 0, logarithmic beyond 0.1
+    ax.set_xlim(left=-0.02)
+    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats; exact per token, on π's samples; symlog)")
     ax.set_ylabel("mean reward of π's samples")
-    ax.set_xlim(left=-0.05 * max([r["kl"] for r in results] + [1e-3]))
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from shiq_llm.cli import main
-from shiq_llm.cli_tasks import load_prompts, torch_threads
+from shiq_llm.cli_tasks import load_prompts
 from shiq_llm.data import tokenize_rows
 from shiq_llm.evaluate import (
     encode_prompts,
@@ -26,12 +26,6 @@ from shiq_llm.evaluate import (
 )
 from shiq_llm.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.synthetic import build_task_tokenizer, reward, task_prompts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 V = 6  # vocabulary of the enumeration tests: ids 0 = pad, 1 = BOS, 2 = EOS, 3..5 ordinary

@@ -34,13 +34,6 @@ from shiq_llm.synthetic import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model runs fastest on one thread (and does not fight the other xdist worker)."""
-    with torch_threads(1):
-        yield
-
-
 # --------------------------------------------------------------------------------------------------
 # Task definition
 # --------------------------------------------------------------------------------------------------
@@ -240,3 +233,13 @@ def test_demo_rejects_bad_options(tmp_path):
     assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 1
     assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 1
     assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+
+
+def test_torch_threads_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with torch_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        with torch_threads(0):
+            pass
