@@ -152,7 +152,7 @@ def demonstration_rows(prompts: Sequence[str], num_rows: int, *, noise: float, s
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """How the reference model is built (defaults: the ``shiq-llm demo`` reference, ~5 s on one CPU core)."""
+    """How the reference model is built (defaults: the ``shiq-llm demo`` reference, 15–25 s on one CPU core)."""
 
     noise: float = 0.3
     """Probability that a demonstration word is replaced by a random number (the reference's mediocrity)."""
@@ -180,7 +180,7 @@ def build_task_tokenizer(*, vocab_size: int = 384):
 
     prompts = task_prompts("all")
     numbers = [str(k) for k in range(NUMBER_MAX + ANSWER_WORDS + 1)]
-    # Every number as a word of its own, with and without a leading space (a completion starts without one).
+    # Every number as a word of its own, with and without a leading space, so that each is a single token.
     corpus = [p + " " + " ".join(target_words(p)) for p in prompts] + [" ".join(numbers)] * 4 + numbers * 4
     return build_tokenizer(corpus, vocab_size=vocab_size)
 
