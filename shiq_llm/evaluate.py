@@ -8,11 +8,11 @@ policy samples itself (temperature 1, no top-k / top-p: exactly π). The KL has 
     Monte Carlo:          ρ(y)  = Σ_t ρ_t = Σ_t ln π(y_t|s_t) − ln π_ref(y_t|s_t)
 
 over the response positions ``t`` (generated tokens up to and including the first EOS). Both have expectation
-``KL(π ‖ π_ref)`` under ``y ∼ π``; the exact one sums each state's full next-token KL (always ≥ 0, much lower
-variance), the Monte-Carlo one is what the trainers' logs can afford. The exact one reads both models' full
-next-token distributions at the response positions: ``N × V`` floats for N response tokens (fine for the
-small vocabularies of the embedded task; for a 128k vocabulary lower ``batch_size``, or a chunked version as
-in ``shiq_llm.stats`` would be needed).
+``KL(π ‖ π_ref)`` under ``y ∼ π``; the exact one replaces each token's log-ratio by its expectation given the
+prefix (Rao–Blackwell: never negative, usually much lower variance), the Monte-Carlo one is what needs only
+the sampled tokens' log-probabilities. The exact one reads both models' full next-token distributions: each
+forward returns ``(B, L, V)`` logits (fine at the embedded task's V ≈ 350; for a 128k vocabulary lower
+``batch_size``, or a chunked version in the manner of ``shiq_llm.stats`` would be needed).
 
 Notation used for tensor shapes: ``B`` sequences, ``L`` positions (prompt + generated), ``V`` vocabulary.
 """
