@@ -15,7 +15,6 @@ reference) and ``reward_vs_kl.png`` (mean reward against KL, one curve per metho
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import importlib
@@ -27,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from shiq_toy.experiments import num_threads
+
 __all__ = [
     "register",
     "DemoConfig",
     "run_demo",
-    "torch_threads",
     "write_results",
     "plot_reward_vs_kl",
     "load_prompts",
@@ -108,27 +108,12 @@ def _run_name(algo: str, beta: float) -> str:
     return f"{algo}_beta{beta:g}"
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous count afterwards."""
-    import torch
-
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run_demo(config: DemoConfig = DemoConfig(), *, log: Callable[[str], None] = print) -> list[dict]:
     """Run the demo (module docstring); returns the result rows (``RESULT_COLUMNS``), the reference first.
 
     Writes ``OUT/demo_results.csv``, ``OUT/reward_vs_kl.png`` and, unless ``config.data`` is given, ``OUT/data/``.
     """
-    with torch_threads(config.threads):
+    with num_threads(config.threads):
         return _run_demo(config, log)
 
 
@@ -330,7 +315,7 @@ def _make_data(args: argparse.Namespace) -> int:
     if args.completions_per_prompt < 1 or args.max_new_tokens < 1 or args.ref_steps < 1:
         raise ValueError("--completions-per-prompt, --max-new-tokens and --ref-steps must be >= 1")
     reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed)
-    with torch_threads(args.threads):
+    with num_threads(args.threads):
         paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shiq_llm import synthetic
 from shiq_llm.cli import main
-from shiq_llm.cli_tasks import RESULT_COLUMNS, torch_threads
+from shiq_llm.cli_tasks import RESULT_COLUMNS
+from shiq_toy.experiments import num_threads
 from shiq_llm.data import load_rows, tokenize_rows
 from shiq_llm.synthetic import (
     ANSWER_WORDS,
@@ -237,9 +238,9 @@ def test_demo_rejects_bad_options(tmp_path):
 
 def test_torch_threads_restores_the_thread_count():
     before = torch.get_num_threads()
-    with torch_threads(2):
+    with num_threads(2):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
-        with torch_threads(0):
+        with num_threads(0):
             pass

@@ -75,6 +75,8 @@ def num_threads(count: int) -> Iterator[None]:
 
     The toy tensors are tiny: one thread avoids the synchronisation cost of intra-op parallelism.
     """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {count!r}")
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
