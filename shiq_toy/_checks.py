@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 
 
+def check_number(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """``value`` must be a finite real number > 0 (or >= 0 with ``allow_zero``); bools are refused."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+
+
 def check_beta(beta: float) -> None:
     """β must be a finite real number > 0 (the KL coefficient)."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    check_number("beta", beta)
 
 
 def check_gamma(gamma: float, *, allow_one: bool = True) -> None:

@@ -12,12 +12,10 @@ Notation used for tensor shapes: ``B`` sequences, ``T`` positions, ``P`` pairs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from shiq_toy._checks import check_beta
+from shiq_toy._checks import check_beta, check_number
 from shiq_toy.losses import TokenStats, log_ratio
 
 __all__ = [
@@ -120,8 +118,7 @@ def dro_loss(
     i.e. π ∝ π_ref exp(R/β) on the responses the data covers, and V(x) = v*(x).
     """
     check_beta(beta)
-    if isinstance(value_coef, bool) or not isinstance(value_coef, (int, float)) or not (math.isfinite(value_coef) and value_coef > 0):
-        raise ValueError(f"value_coef must be a finite number > 0, got {value_coef!r}")
+    check_number("value_coef", value_coef)
     _check_same_1d(log_ratio=log_ratio, reward=reward, value=value)
     policy_part = 0.5 * (reward - value.detach() - beta * log_ratio).square()
     value_part = 0.5 * (reward.detach() - value - (beta * log_ratio).detach()).square()  # reward counted once

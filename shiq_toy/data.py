@@ -11,12 +11,12 @@ Notation used for tensor shapes: ``C`` copies, ``N`` sequences, ``H`` depth, ``V
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
+from shiq_toy._checks import check_number
 from shiq_toy.mdp import Bandit, TokenTree, all_sequences, prefix_index
 
 __all__ = [
@@ -87,8 +87,7 @@ def path_probability(policy: Sequence[torch.Tensor], tokens: torch.Tensor) -> to
 
 
 def _check_noise(env: Bandit | TokenTree, reward_noise: float) -> None:
-    if isinstance(reward_noise, bool) or not isinstance(reward_noise, (int, float)) or not (math.isfinite(reward_noise) and reward_noise >= 0):
-        raise ValueError(f"reward_noise must be a finite number >= 0, got {reward_noise!r}")
+    check_number("reward_noise", reward_noise, allow_zero=True)
     if isinstance(env, Bandit) and reward_noise:
         raise ValueError("a Bandit's reward noise is its noise_std; leave reward_noise at 0")
 

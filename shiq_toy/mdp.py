@@ -11,11 +11,12 @@ after the ``H``-th token the episode ends and every value is 0.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from shiq_toy._checks import check_number
 
 __all__ = [
     "Bandit",
@@ -67,10 +68,7 @@ class Bandit:
         (num_arms,) = self.ref_logits.shape
         object.__setattr__(self, "ref_logits", _check_table(self.ref_logits, (num_arms,), "ref_logits"))
         object.__setattr__(self, "rewards", _check_table(self.rewards, (num_arms,), "rewards"))
-        if isinstance(self.noise_std, bool) or not isinstance(self.noise_std, (int, float)) or not (
-            math.isfinite(self.noise_std) and self.noise_std >= 0
-        ):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        check_number("noise_std", self.noise_std, allow_zero=True)
 
     @property
     def num_arms(self) -> int:

@@ -20,7 +20,6 @@ Notation used for tensor shapes: ``C`` copies, ``N`` sequences per copy, ``H`` d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shiq_toy import baselines
+from shiq_toy._checks import check_number
 from shiq_toy.data import Dataset
 from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, TokenStats, logit_q_soft_value
 from shiq_toy.tabular import TabularLogits
@@ -171,8 +171,7 @@ def _check_args(model, ref, method, steps, lr, optimizer, eval_every, batch_size
     for name, value in (("steps", steps), ("eval_every", eval_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
             raise ValueError(f"{name} must be an int >= {0 if name == 'steps' else 1}, got {value!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_number("lr", lr)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
     if (data is None) == (sampler is None):
