@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from shiq_llm.data import collate
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, _unwrap_peft, response_token_stats
 
 __all__ = [
     "CACHE_FORMAT",
@@ -81,12 +81,6 @@ _CONFIG_KEYS_IGNORED = ("transformers_version", "dtype", "torch_dtype", "use_cac
 # --------------------------------------------------------------------------------------------------
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
-    """A peft ``PeftModel`` -> the transformers model inside it (adapters stay injected)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def _is_peft(model: nn.Module) -> bool:
     return callable(getattr(model, "disable_adapter", None)) and callable(getattr(model, "get_base_model", None))
 
@@ -109,7 +103,7 @@ def reference_mode(model: nn.Module):
 
 def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str:
     """sha256 hex digest of the reference model (config + strided parameter samples; module docstring)."""
-    hf_model = _hf_model(model)
+    hf_model = _unwrap_peft(model)
     digest = hashlib.sha256()
     config = getattr(hf_model, "config", None)
     if config is not None:
@@ -158,7 +152,7 @@ class _LastHidden:
 
     def __init__(self, model: nn.Module):
         self.value: torch.Tensor | None = None
-        self.handle = _hf_model(model).base_model.register_forward_hook(self._hook)
+        self.handle = _unwrap_peft(model).base_model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
