@@ -193,8 +193,8 @@ def _gather(x: torch.Tensor, compact: _Compact, dtype: torch.dtype) -> torch.Ten
 
 
 def _scatter(y: torch.Tensor, compact: _Compact) -> torch.Tensor:
-    """(B, T) compacted layout -> (B, T) original layout (0 at masked-out positions)."""
-    return y.gather(1, torch.argsort(compact.order, dim=1))
+    """(B, T) compacted layout -> (B, T) original layout, exactly 0 at masked-out positions."""
+    return torch.where(compact.valid, y, 0.0).gather(1, torch.argsort(compact.order, dim=1))
 
 
 def _next(x: torch.Tensor) -> torch.Tensor:
@@ -237,6 +237,11 @@ def _shaped_return(t: _Terms, beta: float, gamma: float) -> torch.Tensor:
     return discounted_reverse_cumsum(beta * rho - t.reward, gamma=gamma)
 
 
+def _shiq_residual(t: _Terms, beta: float, gamma: float) -> torch.Tensor:
+    """β (vℓ_t − vref_t) + β disc_t(ρ) − disc_t(r) on compacted rows (shiq, and shiq_tk's first slot)."""
+    return beta * (t.lse - t.ref_lse) + _shaped_return(t, beta, gamma)
+
+
 # --------------------------------------------------------------------------------------------------
 # The residuals (spec §3). Signature: (policy, ref, rewards, mask, *, beta, gamma=1.0) -> (B, T)
 # --------------------------------------------------------------------------------------------------
@@ -251,8 +256,7 @@ def shiq(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: torch
     Fixed point: ℓ* = ℓ_ref + q*/β (softmax(ℓ*) = π*); 0 with zero gradient at ℓ = ℓ_ref when r ≡ 0.
     """
     t = _terms(policy, ref, rewards, mask, beta, gamma)
-    residual = beta * (t.lse - t.ref_lse) + _shaped_return(t, beta, gamma)
-    return _scatter(torch.where(t.compact.valid, residual, 0.0), t.compact)
+    return _scatter(_shiq_residual(t, beta, gamma), t.compact)
 
 
 def shiq_init(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float, gamma: float = 1.0) -> torch.Tensor:
@@ -262,7 +266,7 @@ def shiq_init(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: 
     """
     t = _terms(policy, ref, rewards, mask, beta, gamma)
     residual = beta * t.lse + _shaped_return(t, beta, gamma)
-    return _scatter(torch.where(t.compact.valid, residual, 0.0), t.compact)
+    return _scatter(residual, t.compact)
 
 
 def shiq_ms(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float, gamma: float = 1.0) -> torch.Tensor:
@@ -274,7 +278,7 @@ def shiq_ms(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: to
     """
     t = _terms(policy, ref, rewards, mask, beta, gamma)
     residual = beta * (t.logit - t.ref_logit) - t.reward - gamma * beta * (_next(t.lse) - _next(t.ref_lse))
-    return _scatter(torch.where(t.compact.valid, residual, 0.0), t.compact)
+    return _scatter(residual, t.compact)
 
 
 def shiq_tk(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float, gamma: float = 1.0) -> torch.Tensor:
@@ -285,7 +289,7 @@ def shiq_tk(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: to
     Shapes as :func:`shiq`. At t = 1 it is the DRO residual β ln π(y|x)/π_ref(y|x) + V(x) − R(x, y).
     """
     t = _terms(policy, ref, rewards, mask, beta, gamma)
-    residual = beta * (t.lse - t.ref_lse) + _shaped_return(t, beta, gamma)
+    residual = _shiq_residual(t, beta, gamma)
     first = torch.zeros_like(t.compact.valid)
     first[:, 0] = True
     return _scatter(torch.where(first, residual, 0.0), t.compact)
@@ -298,7 +302,7 @@ def shifted_q(policy: TokenStats, ref: TokenStats, rewards: torch.Tensor, mask: 
     """
     t = _terms(policy, ref, rewards, mask, beta, gamma)
     residual = beta * (t.logit - t.ref_logit + t.ref_lse) - t.reward - gamma * beta * _next(t.lse)
-    return _scatter(torch.where(t.compact.valid, residual, 0.0), t.compact)
+    return _scatter(residual, t.compact)
 
 
 def logit_q(
@@ -321,7 +325,7 @@ def logit_q(
     t = _terms(policy, ref, rewards, mask, beta, gamma, soft_value=soft_value)
     value = _gather(soft_value, t.compact, t.logit.dtype)
     residual = t.logit - t.reward - gamma * _next(value)
-    return _scatter(torch.where(t.compact.valid, residual, 0.0), t.compact)
+    return _scatter(residual, t.compact)
 
 
 ResidualFn = Callable[..., torch.Tensor]
