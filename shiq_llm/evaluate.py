@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from shiq_llm.models import position_ids_from_mask
+from shiq_llm.stats import _scatter
 
 __all__ = [
     "Samples",
@@ -233,11 +234,7 @@ def token_kl(
         raise ValueError(f"policy and reference vocabularies differ: {logp.shape[-1]} vs {logq.shape[-1]} logits")
     exact = F.kl_div(logq, logp, reduction="none", log_target=True).sum(dim=-1)  # (N,) Σ_a p (ln p − ln q)
     rho = (logp - logq).gather(-1, taken[:, None])[:, 0]  # (N,)
-
-    def scatter(x):
-        return torch.zeros(response_mask.shape, dtype=x.dtype, device=x.device).masked_scatter(response_mask, x)
-
-    return scatter(exact), scatter(rho)
+    return _scatter(exact, response_mask), _scatter(rho, response_mask)
 
 
 @torch.no_grad()
