@@ -73,7 +73,7 @@ def load_model_and_tokenizer(config: TrainConfig, *, out: Path, accelerator=None
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
     return tokenizer, model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from shiq_llm import checkpoint as ckpt
 from shiq_llm.config import ALGOS, PAIR_ALGOS, TOKEN_ALGOS, load_config
 from shiq_llm.data import collate, preference_pairs, sequence_rewards, tokenize_rows
+from shiq_llm.loading import load_model_and_tokenizer
 from shiq_llm.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.stats import naive_response_token_stats
 from shiq_llm.trainer import PolicyStats, algorithm_loss, train
@@ -199,11 +201,16 @@ def test_lora_trains_only_the_adapters_and_saves_a_merged_model(tmp_path):
 
 
 def test_bf16_and_gradient_checkpointing_run(tmp_path):
-    result = train(config(tmp_path, precision="bf16", gradient_checkpointing=True, batch_size=12, max_steps=2))
+    cfg = config(tmp_path, precision="bf16", gradient_checkpointing=True, batch_size=12, max_steps=2)
+    result = train(cfg)
     lines = read_metrics(result.metrics_file)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
     manifest = json.loads((Path(result.out_dir) / "reference" / "manifest.json").read_text())
     assert manifest["settings"] == {"precision": "bf16"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated transformers call
+        _, model = load_model_and_tokenizer(cfg, out=Path(cfg.out))
+    assert model.is_activation_checkpointing and model.training
 
 
 # --------------------------------------------------------------------------------------------------
