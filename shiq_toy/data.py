@@ -93,12 +93,12 @@ def _check_noise(env: Bandit | TokenTree, reward_noise: float) -> None:
 
 
 def _dataset(tokens: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor) -> Dataset:
-    num = tokens.shape[0]
+    """Tree paths from the one root: tokens, rewards (..., N, H), weights (..., N); every token an action."""
     return Dataset(
         tokens=tokens,
         rewards=rewards,
         mask=torch.ones(tokens.shape, dtype=torch.bool),
-        prompt_ids=torch.zeros(num, dtype=torch.int64),
+        prompt_ids=torch.zeros(tokens.shape[:-1], dtype=torch.int64),
         weights=weights,
     )
 
@@ -119,16 +119,22 @@ def _sample_tokens(levels: Sequence[torch.Tensor], uniforms: torch.Tensor) -> to
     return tokens
 
 
-def _sampled(env: Bandit | TokenTree, tree: TokenTree, tokens: torch.Tensor, generator: torch.Generator, reward_noise: float) -> Dataset:
-    """Rewards of sampled tokens (N, H): a Bandit's ``sample_rewards``, or tree means + last-step noise."""
-    num = tokens.shape[0]
+def _draw(
+    env: Bandit | TokenTree, tree: TokenTree, levels: Sequence[torch.Tensor], generators: Sequence[torch.Generator], num: int, reward_noise: float
+) -> Dataset:
+    """``num`` sequences per copy from probabilities levels[h] (C, V**h, V), copy c drawn with ``generators[c]``
+    alone: first uniforms (num, H) for the tokens, then the reward noise (a Bandit's ``sample_rewards``, or
+    ``reward_noise · ε`` on a tree's last step). Returns (C, num, H) fields, weights 1/num."""
+    uniforms = torch.stack([torch.rand(num, tree.horizon, generator=g, dtype=torch.float64) for g in generators])  # (C, N, H)
+    tokens = _sample_tokens(levels, uniforms)  # (C, N, H)
     if isinstance(env, Bandit):
-        rewards = env.sample_rewards(tokens[:, 0], generator=generator)[:, None]  # (N, 1)
+        rewards = torch.stack([env.sample_rewards(tokens[c, :, 0], generator=g) for c, g in enumerate(generators)])[..., None]
     else:
-        rewards = _step_rewards(tree, tokens)
+        rewards = _step_rewards(tree, tokens.flatten(0, 1)).view(tokens.shape)  # (C, N, H)
         if reward_noise:
-            rewards[:, -1] += reward_noise * torch.randn(num, generator=generator, dtype=torch.float64)
-    return _dataset(tokens, rewards, torch.full((num,), 1.0 / num, dtype=torch.float64))
+            noise = torch.stack([torch.randn(num, generator=g, dtype=torch.float64) for g in generators])  # (C, N)
+            rewards[..., -1] += reward_noise * noise
+    return _dataset(tokens, rewards, torch.full(tokens.shape[:-1], 1.0 / num, dtype=torch.float64))
 
 
 def sample_dataset(
@@ -151,9 +157,8 @@ def sample_dataset(
         raise ValueError(f"num must be a positive int, got {num!r}")
     _check_noise(env, reward_noise)
     tree = as_tree(env)
-    levels = _policy_levels(env, tree, policy)
-    uniforms = torch.rand(num, tree.horizon, generator=generator, dtype=torch.float64)
-    return _sampled(env, tree, _sample_tokens(levels, uniforms), generator, reward_noise)
+    levels = [x[None] for x in _policy_levels(env, tree, policy)]  # one copy: (1, V**h, V)
+    return Dataset(*(x[0] for x in _draw(env, tree, levels, [generator], num, reward_noise)))
 
 
 def exhaustive_dataset(env: Bandit | TokenTree, *, policy: Sequence[torch.Tensor] | torch.Tensor | None = None) -> Dataset:
@@ -207,23 +212,7 @@ def on_policy_sampler(
             tables = [x[None] for x in tables]
         if tables[0].dim() != 3 or tables[0].shape[0] != len(gens):
             raise ValueError(f"expected tables stacking {len(gens)} copies (one per generator), got {tuple(tables[0].shape)}")
-        levels = [torch.softmax(x, dim=-1) for x in tables]  # (C, V**h, V)
-        uniforms = torch.stack([torch.rand(num, tree.horizon, generator=g, dtype=torch.float64) for g in gens])  # (C, N, H)
-        tokens = _sample_tokens(levels, uniforms)  # (C, N, H)
-        if isinstance(env, Bandit):  # noise after the uniforms, from each copy's own generator
-            rewards = torch.stack([env.sample_rewards(tokens[c, :, 0], generator=g) for c, g in enumerate(gens)])[..., None]
-        else:
-            rewards = _step_rewards(tree, tokens.flatten(0, 1)).view(tokens.shape)  # (C, N, H)
-            if reward_noise:
-                noise = torch.stack([torch.randn(num, generator=g, dtype=torch.float64) for g in gens])  # (C, N)
-                rewards[..., -1] += reward_noise * noise
-        batch = Dataset(
-            tokens=tokens,
-            rewards=rewards,
-            mask=torch.ones(tokens.shape, dtype=torch.bool),
-            prompt_ids=torch.zeros(tokens.shape[:-1], dtype=torch.int64),
-            weights=torch.full(tokens.shape[:-1], 1.0 / num, dtype=torch.float64),
-        )
+        batch = _draw(env, tree, [torch.softmax(x, dim=-1) for x in tables], gens, num, reward_noise)  # (C, N, H)
         return Dataset(*(x[0] for x in batch)) if single else batch
 
     return sample
