@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-from shiq_toy.losses import RESIDUALS, TokenStats, log_ratio
+from shiq_toy.losses import TokenStats, log_ratio
 
 __all__ = ["batch_metrics", "peak_memory_mib", "MetricsWindow", "JsonlWriter"]
 
@@ -54,15 +54,17 @@ def batch_metrics(
     per_item: torch.Tensor,
     *,
     beta: float,
-    gamma: float,
     extras: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagnostics of one micro-batch (module docstring), as 0-d float32 tensors on the batch's device.
 
-    policy, ref: TokenStats of (B, L); batch: ``input_ids``, ``attention_mask``, ``response_mask``, ``rewards``
-    (B, L); per_item: the unreduced loss, (B,) or (P,) for pairs; extras: tensors logged as their mean
-    (the loss's own diagnostics: ``dpo_margin`` (P,), ``value`` (B,)).
+    policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L); per_item: the unreduced loss, (B,) or
+    (P,) for pairs; extras: the loss's own diagnostics (``shiq_llm.trainer.algorithm_loss``): ``residual``
+    (B, L) of a token algorithm gives ``abs_residual`` (so the residual is not computed twice); every other
+    entry (``dpo_margin`` (P,), ``value`` (B,)) is logged as its mean.
     """
+    extras = dict(extras or {})
+    residual = extras.pop("residual", None)
     policy = TokenStats(*(x.detach().float() for x in policy))
     mask = batch["response_mask"]
     tokens = mask.sum().clamp(min=1)
@@ -73,12 +75,11 @@ def batch_metrics(
         "kl_estimate": rho.sum() / tokens,
         "nll": -logp.sum() / tokens,
     }
-    if algo in RESIDUALS:
-        residual = RESIDUALS[algo](policy, ref, batch["rewards"], mask, beta=beta, gamma=gamma)  # (B, L)
-        out["abs_residual"] = residual.abs().sum() / tokens
+    if residual is not None:  # token algorithms: (B, L), 0 off the response tokens
+        out["abs_residual"] = residual.detach().float().abs().sum() / tokens
     elif algo in ("dro", "copg"):
         out["abs_residual"] = (2.0 * per_item.detach().float()).sqrt().mean()
-    for key, x in (extras or {}).items():
+    for key, x in extras.items():
         out[key] = x.detach().float().mean()
     return out
 

@@ -61,7 +61,7 @@ from shiq_llm.models import check_tokenizer_fits_model
 from shiq_llm.reference import data_fingerprint, model_fingerprint, reference_cache
 from shiq_llm.stats import response_token_stats
 from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, sequence_log_ratio
-from shiq_toy.losses import LOSSES, TokenStats, reduce_loss
+from shiq_toy.losses import RESIDUALS, TokenStats, reduce_loss
 
 __all__ = ["TrainResult", "PolicyStats", "algorithm_loss", "train"]
 
@@ -131,15 +131,17 @@ def algorithm_loss(
     """The training loss of one micro-batch from its statistics: ``(loss, per_item, extras)``.
 
     policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L) bool and ``rewards`` (B, L).
-    Token algorithms: per_item (B,) = ``LOSSES[algo]``, reduced by ``reduce_loss(…, average)``.
+    Token algorithms: per_item (B,) = ``LOSSES[algo]`` = Σ_t residual_t², reduced by ``reduce_loss(…, average)``.
     ``dro``: per_item (B,) = ``dro_loss(Δ, R, value)`` with value (B,) = V_φ(x). ``dpo``/``copg``: the B rows are
     P = B/2 pairs, rows ``[:P]`` chosen and ``[P:]`` rejected; per_item (P,); the ``"token"`` average divides
-    by the response tokens of both members. extras: diagnostics (``dpo_margin`` (P,), ``value`` (B,)).
+    by the response tokens of both members. extras: diagnostics (``residual`` (B, L) of token algorithms,
+    ``dpo_margin`` (P,), ``value`` (B,)), read by ``shiq_llm.metrics.batch_metrics``.
     """
     mask, rewards = batch["response_mask"], batch["rewards"]
     if algo in TOKEN_ALGOS:
-        per_item = LOSSES[algo](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B,)
-        return reduce_loss(per_item, mask, average=average), per_item, {}
+        residual = RESIDUALS[algo](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B, L)
+        per_item = residual.square().sum(dim=1)  # (B,) = LOSSES[algo](…): Σ_t residual_t²
+        return reduce_loss(per_item, mask, average=average), per_item, {"residual": residual}
     delta = sequence_log_ratio(policy, ref, mask)  # (B,) Δ(y) = Σ_t ρ_t
     reward = rewards.sum(dim=1)  # (B,) R(x, y)
     if algo == "dro":
@@ -182,7 +184,7 @@ def _train_micro_batch(policy, batch, *, accelerator, optimizer, scheduler, conf
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    metrics = batch_metrics(config.algo, stats, ref, batch, per_item, beta=config.beta, gamma=config.gamma, extras=extras)
+    metrics = batch_metrics(config.algo, stats, ref, batch, per_item, beta=config.beta, extras=extras)
     return loss.detach(), metrics, grad_norm
 
 

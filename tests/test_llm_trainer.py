@@ -22,11 +22,12 @@ from shiq_llm import checkpoint as ckpt
 from shiq_llm.config import ALGOS, PAIR_ALGOS, TOKEN_ALGOS, load_config
 from shiq_llm.data import collate, preference_pairs, sequence_rewards, tokenize_rows
 from shiq_llm.loading import load_model_and_tokenizer
+from shiq_llm.metrics import batch_metrics
 from shiq_llm.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.stats import naive_response_token_stats
 from shiq_llm.trainer import PolicyStats, algorithm_loss, train
 from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, sequence_log_ratio
-from shiq_toy.losses import LOSSES, discounted_reverse_cumsum, reduce_loss
+from shiq_toy.losses import LOSSES, RESIDUALS, discounted_reverse_cumsum, reduce_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shiq_tiny.yaml"
 #: float32 statistics of O(1) logits; the two paths differ by summation order only.
@@ -122,6 +123,23 @@ def test_step_loss_and_gradients_equal_shiq_toy_on_full_logits(algo, average):
         assert (g is None) == (e is None)
         if g is not None:
             torch.testing.assert_close(g, e, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("algo", TOKEN_ALGOS)
+def test_abs_residual_metric_is_the_mean_absolute_residual_per_response_token(algo):
+    """batch_metrics reads the residual algorithm_loss computed (not logged itself as a mean)."""
+    tokenizer = build_tokenizer()
+    reference, model = (tiny_causal_lm(tokenizer, hidden_size=32, seed=seed) for seed in (0, 1))
+    _, batch = _full_batch(tokenizer, algo)
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        ref, stats = (naive_response_token_stats(m, batch["input_ids"], batch["attention_mask"], mask) for m in (reference, model))
+    _, per_item, extras = algorithm_loss(algo, stats, ref, batch, beta=0.5, gamma=0.9)
+    metrics = batch_metrics(algo, stats, ref, batch, per_item, beta=0.5, extras=extras)
+    expected = RESIDUALS[algo](stats, ref, batch["rewards"], mask, beta=0.5, gamma=0.9)[mask].abs().mean()
+    assert set(metrics) == {"abs_residual", "implicit_value", "kl_estimate", "nll"}
+    torch.testing.assert_close(metrics["abs_residual"], expected, atol=ATOL, rtol=RTOL)
+    assert float(expected) > 0
 
 
 # --------------------------------------------------------------------------------------------------
