@@ -111,24 +111,33 @@ def method_loss(
     return total / norm.clamp(min=torch.finfo(norm.dtype).tiny)
 
 
+def _as_stacked(batch: Dataset, num_copies: int) -> Dataset:
+    """(N, H) fields -> (C, N, H), the same data for every copy; (C, N, H) fields are checked and kept."""
+    if batch.tokens.dim() == 2:
+        return Dataset(*(x.expand(num_copies, *x.shape) for x in batch))
+    if batch.tokens.shape[0] != num_copies:
+        raise ValueError(f"the batch stacks {batch.tokens.shape[0]} copies but the model has {num_copies}")
+    return batch
+
+
+def _model_tokens(model: TabularLogits, tokens: torch.Tensor) -> torch.Tensor:
+    """(C, N, H) tokens as the model reads them: kept with C stacked copies, (C·N, H) for one shared table."""
+    return tokens if model.copies is not None else tokens.flatten(0, 1)
+
+
 def _stats(model: TabularLogits, tokens: torch.Tensor) -> TokenStats:
     """(C, N, H) tokens -> TokenStats of (C, N, H), whether the model stacks C copies or one shared table."""
-    if model.copies is None:
-        return TokenStats(*(x.view(tokens.shape) for x in model.token_stats(tokens.flatten(0, 1))))
-    return model.token_stats(tokens)
+    return TokenStats(*(x.view(tokens.shape) for x in model.token_stats(_model_tokens(model, tokens))))
 
 
 def _soft_value(model: TabularLogits, ref: TabularLogits, tokens: torch.Tensor, *, beta: float) -> torch.Tensor:
     """logit_q's statistic β ln Σ_a π_ref(a|s) exp(ℓ(s,a)/β), once per state, at each token: (C, N, H)."""
     per_state = []
-    for level, ref_level in zip(model.levels, ref.levels):
-        lead = level if model.copies is not None else level[None]  # (C, S, V): states as "positions"
-        ref_lead = (ref_level if ref.copies is not None else ref_level[None]).expand_as(lead)
-        values = logit_q_soft_value(lead, ref_lead, beta=beta)  # (C, S)
-        per_state.append(values if model.copies is not None else values[0])
-    if model.copies is None:
-        return model.gather_states(per_state, tokens.flatten(0, 1)).view(tokens.shape)
-    return model.gather_states(per_state, tokens)
+    for level, ref_level in zip(model.levels, ref.levels):  # (..., S, V); ref may omit the copies dimension
+        lead = level.reshape(-1, *level.shape[-2:])  # (C, S, V), C = 1 for one table: the states as "positions"
+        values = logit_q_soft_value(lead, ref_level.expand_as(level).reshape(lead.shape), beta=beta)  # (C, S)
+        per_state.append(values.view(level.shape[:-1]))  # (..., S)
+    return model.gather_states(per_state, _model_tokens(model, tokens)).view(tokens.shape)
 
 
 def dataset_loss(
@@ -144,8 +153,7 @@ def dataset_loss(
 ) -> torch.Tensor:
     """The loss :func:`train` minimises, of the current model on a whole dataset, without gradients:
     (C,) with copies, else a scalar. data: (N, H) or (C, N, H) fields; ``values`` (C, prompts) for dro."""
-    num_copies = model.copies or 1
-    batch = data if data.tokens.dim() == 3 else Dataset(*(x.expand(num_copies, *x.shape) for x in data))
+    batch = _as_stacked(data, model.copies or 1)
     with torch.no_grad():
         soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if method in NEEDS_SOFT_VALUE else None
         loss = method_loss(
@@ -224,13 +232,6 @@ def train(
     num_copies = model.copies or 1
     stacked = model.copies is not None
 
-    def as_stacked(batch: Dataset) -> Dataset:  # (N, H) -> (C, N, H)
-        if batch.tokens.dim() == 2:
-            return Dataset(*(x.expand(num_copies, *x.shape) for x in batch))
-        if batch.tokens.shape[0] != num_copies:
-            raise ValueError(f"the batch stacks {batch.tokens.shape[0]} copies but the model has {num_copies}")
-        return batch
-
     params = list(model.parameters())
     values = None
     if method == "dro":
@@ -239,7 +240,7 @@ def train(
         params.append(values)
     opt = OPTIMIZERS[optimizer](params, lr=lr)
     if data is not None:
-        fixed = as_stacked(data)
+        fixed = _as_stacked(data, num_copies)
         _check_pairs(method, fixed, pair_mode)
         with torch.no_grad():  # offline: the reference statistics are computed once
             fixed_ref = _stats(ref, fixed.tokens)  # (C, N, H)
@@ -256,7 +257,7 @@ def train(
     record(0)
     for step in tqdm(range(1, steps + 1), disable=not progress, desc=method, leave=False):
         if data is None:
-            batch = as_stacked(sampler(model.tables()))
+            batch = _as_stacked(sampler(model.tables()), num_copies)
             with torch.no_grad():
                 ref_stats = _stats(ref, batch.tokens)  # (C, B, H)
         elif batch_size is None:
