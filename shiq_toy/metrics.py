@@ -129,10 +129,12 @@ def exact_metrics(
     kl_policy    Σ_h E_{s ~ d_π}[KL(π ‖ π*)]       (= regret/β when γ = 1)
     value_error  Σ_h E_{s ~ d_π*} |β(vℓ − vref) − v*|
     """
+    kl = kl_per_state(logits, target_logits)  # what expected_kl computes, once for both distributions
     target_dist = state_distribution([torch.softmax(x, dim=-1) for x in target_logits])
+    policy_dist = state_distribution([torch.softmax(x, dim=-1) for x in logits])
     return {
         "regret": regret(logits, target_logits, ref_logits, rewards, beta=beta, gamma=gamma),
-        "kl_target": expected_kl(logits, target_logits, under="target"),
-        "kl_policy": expected_kl(logits, target_logits, under="policy"),
+        "kl_target": expected(kl, target_dist),
+        "kl_policy": expected(kl, policy_dist),
         "value_error": expected(implicit_value_error(logits, target_logits, beta=beta), target_dist),
     }
