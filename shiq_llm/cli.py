@@ -78,7 +78,7 @@ def cache_reference(config: TrainConfig, *, verify: bool = False) -> Path:
     from accelerate import Accelerator
 
     from shiq_llm.models import check_tokenizer_fits_model
-    from shiq_llm.reference import data_fingerprint, load_reference_cache, model_fingerprint, reference_cache
+    from shiq_llm.reference import expected_manifest, load_reference_cache, reference_cache
     from shiq_llm.loading import load_examples, load_model_and_tokenizer
 
     config.validate()
@@ -92,8 +92,7 @@ def cache_reference(config: TrainConfig, *, verify: bool = False) -> Path:
     if verify:
         if not path.exists():
             raise ValueError(f"reference cache {path} does not exist")
-        expected = {"model_fingerprint": model_fingerprint(model), "data_fingerprint": data_fingerprint(examples),
-                    "settings": settings, "num_examples": len(examples)}
+        expected = expected_manifest(model, examples, settings=settings)
         load_reference_cache(path, expected, need_prompt_state=config.algo == "dro")
         print(f"reference cache {path} matches the model and data")
         return path

@@ -63,6 +63,7 @@ __all__ = [
     "compute_reference_stats",
     "save_reference_cache",
     "load_reference_cache",
+    "expected_manifest",
     "reference_cache",
     "scatter_response_values",
 ]
@@ -295,6 +296,15 @@ def load_reference_cache(path: str | Path, expected: Mapping[str, Any], *, need_
     return stats
 
 
+def expected_manifest(model: nn.Module, examples, *, settings: Mapping[str, Any],
+                      fingerprints: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The manifest entries a cache of ``examples`` under ``model`` must match (:func:`load_reference_cache`):
+    fingerprints (given, or computed here), ``settings`` and the number of examples."""
+    model_fp, data_fp = fingerprints if fingerprints is not None else (model_fingerprint(model), data_fingerprint(examples))
+    return {"model_fingerprint": model_fp, "data_fingerprint": data_fp, "settings": dict(settings),
+            "num_examples": len(examples)}
+
+
 def reference_cache(
     path: str | Path,
     model: nn.Module,
@@ -314,13 +324,7 @@ def reference_cache(
     has them already. ``compute_kwargs`` go to :func:`compute_reference_stats`. Returns the stats Dataset.
     """
     path = Path(path)
-    model_fp, data_fp = fingerprints if fingerprints is not None else (model_fingerprint(model), data_fingerprint(examples))
-    expected = {
-        "model_fingerprint": model_fp,
-        "data_fingerprint": data_fp,
-        "settings": dict(settings),
-        "num_examples": len(examples),
-    }
+    expected = expected_manifest(model, examples, settings=settings, fingerprints=fingerprints)
     if path.exists() and not recompute:
         stats = load_reference_cache(path, expected, need_prompt_state=need_prompt_state)
         log(f"reference statistics: reusing the cache {path}")
