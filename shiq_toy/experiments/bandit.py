@@ -139,7 +139,7 @@ def _bt_regret(bandit: Bandit, data: Dataset, star_logits: torch.Tensor, args: B
     for c in range(data.tokens.shape[0]):
         w, l = make_preference_pairs(data.prompt_ids[c], data.rewards[c, :, 0], mode=args.pair_mode)
         z = bradley_terry_rewards(data.tokens[c, w, 0], data.tokens[c, l, 0], len(args.rewards))
-        out.append(_regret_of([bandit.ref_logits + z / args.beta], star_logits, args.beta))
+        out.append(_regret_of(bandit.ref_logits + z / args.beta, star_logits, args.beta))
     return torch.stack(out)
 
 
@@ -149,14 +149,13 @@ def _empirical_regret(bandit: Bandit, data: Dataset, star_logits: torch.Tensor, 
     arms, observed = data.tokens[..., 0], data.rewards[..., 0]  # (seeds, N)
     onehot = torch.nn.functional.one_hot(arms, len(args.rewards)).double()  # (seeds, N, K)
     means = (onehot * observed[..., None]).sum(1) / onehot.sum(1)  # (seeds, K)
-    return _regret_of([bandit.ref_logits + means / args.beta], star_logits, args.beta)
+    return _regret_of(bandit.ref_logits + means / args.beta, star_logits, args.beta)
 
 
-def _regret_of(tables: list[torch.Tensor], star_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """β KL(π ‖ π*) = J(π*) − J(π) (spec §1; the identity is tested against policy evaluation in
-    tests/test_tabular.py): tables [(..., 1, K)] or [(..., K)] -> (...)."""
-    logits = tables[0] if tables[0].dim() >= 2 and tables[0].shape[-2] == 1 else tables[0].unsqueeze(-2)
-    return beta * expected_kl([logits], [star_logits[None]], under="policy")
+def _regret_of(logits: torch.Tensor, star_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """β KL(π ‖ π*) = J(π*) − J(π) of π = softmax(logits) (spec §1; the identity is tested against policy
+    evaluation in tests/test_tabular.py): logits (..., K), star_logits (K,) -> (...)."""
+    return beta * expected_kl([logits.unsqueeze(-2)], [star_logits[None]], under="policy")  # one state: (..., 1, K)
 
 
 def run(args: BanditArgs) -> dict:
@@ -165,7 +164,7 @@ def run(args: BanditArgs) -> dict:
     bandit = make_bandit(args)
     star = solve_bandit(bandit.ref_logits, bandit.rewards, beta=args.beta)
     ref = TabularLogits.from_bandit(bandit).requires_grad_(False)
-    evaluate = lambda tables: {"regret": _regret_of(tables, star.logits, args.beta)}  # noqa: E731
+    evaluate = lambda tables: {"regret": _regret_of(tables[0][..., 0, :], star.logits, args.beta)}  # noqa: E731  tables [(C, 1, K)]
     data = _offline_data(bandit, args)
     results, steps = {}, None
     for setting in args.settings:
@@ -182,7 +181,7 @@ def run(args: BanditArgs) -> dict:
             )
             results[setting, method] = history.metrics["regret"]  # (steps + 1, seeds)
             steps = history.steps
-    reference_regret = _regret_of([bandit.ref_logits], star.logits, args.beta)
+    reference_regret = _regret_of(bandit.ref_logits, star.logits, args.beta)
     bt = _bt_regret(bandit, data, star.logits, args) if "dpo" in args.methods and "offline" in args.settings else None
     return {
         "steps": steps,
