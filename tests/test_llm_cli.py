@@ -57,7 +57,9 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_example_configs_are_valid():
-    for path in sorted(CONFIGS.glob("*.yaml")):
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert paths, f"no example config in {CONFIGS}"
+    for path in paths:
         load_config(path).validate()
 
 
