@@ -46,9 +46,10 @@ def test_bradley_terry_three_arms_is_a_stationary_point():
 
 
 def _per_arm_means(data) -> torch.Tensor:
+    """r̄(a): each seed's mean observed reward of arm a, by a loop (the library uses one-hot sums): (seeds, K)."""
     arms, observed = data.tokens[..., 0], data.rewards[..., 0]
-    onehot = torch.nn.functional.one_hot(arms, 3).double()
-    return (onehot * observed[..., None]).sum(1) / onehot.sum(1)  # (seeds, K)
+    rows = [[observed[c][arms[c] == a].mean().item() for a in range(3)] for c in range(arms.shape[0])]
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def test_offline_outcomes():
