@@ -4,7 +4,8 @@
 - :mod:`shiq_toy.experiments.tree`: the token-tree ablation of the ShiQ variants.
 
 This module holds what they share: turning an arguments dataclass into ``argparse`` options (the help of an
-option is its field's docstring), a context manager that pins torch to a number of threads, and CSV writing.
+option is its field's docstring), a context manager that pins torch to a number of threads, CSV writing and
+the mean-and-band curve of the figures.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv"]
+__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band"]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -91,3 +93,9 @@ def write_csv(path: Path, header: list[str], rows: Iterable[Iterable]) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def plot_band(ax, steps: np.ndarray, values: np.ndarray, *, color: str, label: str) -> None:
+    """One curve of the figures: the mean over runs and its 10–90% band; steps (K,), values (K, runs)."""
+    ax.plot(steps, values.mean(1), color=color, label=label, lw=1.6)
+    ax.fill_between(steps, np.quantile(values, 0.1, axis=1), np.quantile(values, 0.9, axis=1), color=color, alpha=0.15, lw=0)

@@ -33,7 +33,7 @@ from scipy.optimize import minimize
 
 from shiq_toy.baselines import make_preference_pairs
 from shiq_toy.data import Dataset, on_policy_sampler, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, write_csv
+from shiq_toy.experiments import num_threads, plot_band, write_csv
 from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import Bandit
 from shiq_toy.solvers import solve_bandit
@@ -210,8 +210,7 @@ def plot(results: dict, args: BanditArgs, path: Path) -> None:
             cumulative = np.cumsum(per_seed, axis=0)  # Σ_{s<=t} regret(π_s), one evaluation per step
             label = "shiq_init (= shifted_q on one state)" if method == "shiq_init" else method
             for ax, values in ((top, np.clip(per_seed, floor, None)), (bottom, cumulative)):
-                ax.plot(steps, values.mean(1), color=colors[method], label=label, lw=1.6)
-                ax.fill_between(steps, np.quantile(values, 0.1, axis=1), np.quantile(values, 0.9, axis=1), color=colors[method], alpha=0.15, lw=0)
+                plot_band(ax, steps, values, color=colors[method], label=label)
         top.axhline(results["reference_regret"], color="0.4", ls="--", lw=1, label="π_ref")
         if setting == "offline" and results["bt_regret"] is not None:
             top.axhline(float(results["bt_regret"].mean()), color=colors["dpo"], ls=":", lw=1.4, label="DPO's Bradley–Terry optimum")

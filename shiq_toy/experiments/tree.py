@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from shiq_toy.data import exhaustive_dataset, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, write_csv
+from shiq_toy.experiments import num_threads, plot_band, write_csv
 from shiq_toy.losses import LOSSES
 from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import random_tree
@@ -159,9 +159,7 @@ def plot(results: dict, args: TreeArgs, path: Path) -> None:
     floor = 1e-16  # the log scale cannot show an exact 0
     for method in args.methods:
         for ax, values in ((left, results["kl"][method].numpy()), (right, results["loss"][method].numpy())):
-            values = np.clip(values, floor, None)
-            ax.plot(steps, values.mean(1), color=colors[method], label=method, lw=1.6)
-            ax.fill_between(steps, np.quantile(values, 0.1, axis=1), np.quantile(values, 0.9, axis=1), color=colors[method], alpha=0.15, lw=0)
+            plot_band(ax, steps, np.clip(values, floor, None), color=colors[method], label=method)
     left.set(yscale="log", xlabel="training step", ylabel="Σ_h E_{s∼d_π*} KL(π_t(·|s) ‖ π*(·|s))", title="distance to the exact solution")
     right.set(yscale="log", xlabel="training step", ylabel="loss: mean over sequences of Σ_t residual²", title="training loss (step 0: at ℓ = ℓ_ref)")
     for ax in (left, right):
