@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE
+
 __all__ = [
     "ALGOS",
     "TOKEN_ALGOS",
@@ -106,7 +108,8 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "Learning-rate warm-up steps.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm; 0 turns clipping off (the norm is still logged).")
     seed: int = _opt(0, "Seed of the data order, the tiny model's weights and the value head.")
-    chunk_size: int = _opt(1024, "Response tokens projected onto the vocabulary at once (shiq_llm.stats).")
+    chunk_size: int = _opt(DEFAULT_CHUNK_SIZE, "Response tokens projected onto the vocabulary at once "
+                           "(shiq_llm.stats).")
     # --- reference cache -----------------------------------------------------------------------------
     ref_cache: str | None = _opt(None, "Directory of the reference statistics cache (default OUT/reference). "
                                  "Point several runs on the same data and model at one directory to share it.")
