@@ -313,7 +313,7 @@ def response_token_stats(
     at position 0, never on padding, never right after padding); position_ids: (B, L) or None, in which case
     they count attended tokens only (``position_ids_from_mask``), so left padding is handled.
 
-    Returns TokenStats of (B, L) float32 tensors aligned with ``input_ids``: at a response position p,
+    Returns TokenStats of (B, L) float32 tensors (float64 for a float64 model) aligned with ``input_ids``: at a response position p,
     ``logit_taken = z_{p−1}[input_ids[p]]`` and ``logsumexp = ln Σ_a exp z_{p−1}[a]`` (z_{p−1}: the logits
     emitted at p − 1); exactly 0 where ``response_mask`` is False (rows without response token: all 0).
     Pass ``response_mask`` as the loss's ``mask``. Values and gradients equal those of
