@@ -50,9 +50,12 @@ class History:
     loss: torch.Tensor | None = None
 
 
-def _groups(prompt_ids: torch.Tensor) -> torch.Tensor:
-    """(C, N) prompt ids -> ids unique across copies, so that pairs never mix two copies."""
-    return torch.arange(prompt_ids.shape[0])[:, None] * (int(prompt_ids.max()) + 1) + prompt_ids
+def _pair_keys(batch: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the baselines pair on, from (C, N, H) fields: prompt ids made unique across copies (so that pairs
+    never mix two copies) and sequence rewards R = Σ_t r_t, both flattened to (C·N,)."""
+    ids = batch.prompt_ids
+    groups = torch.arange(ids.shape[0])[:, None] * (int(ids.max()) + 1) + ids  # (C, N)
+    return groups.flatten(), torch.where(batch.mask, batch.rewards, 0.0).sum(-1).flatten()
 
 
 def method_loss(
@@ -90,14 +93,13 @@ def method_loss(
     if gamma != 1.0:
         raise ValueError(f"the baselines are sequence-level: gamma must be 1, got {gamma}")
     delta = baselines.sequence_log_ratio(policy, ref, mask)  # (C·N,)
-    returns = torch.where(mask, rewards, 0.0).sum(-1)  # (C·N,) R = Σ_t r_t
+    groups, returns = _pair_keys(batch)  # (C·N,) each
     if method == "dro":
         if values is None or values.dim() != 2 or values.shape[0] != num_copies:
             raise ValueError(f"dro needs values, the (C, prompts) value table V_φ with C = {num_copies}")
         copy = torch.arange(num_copies).repeat_interleave(num)
         value = values[copy, batch.prompt_ids.flatten()]  # (C·N,)
         return (weights * baselines.dro_loss(delta, returns, value, beta=beta).view(num_copies, num)).sum(-1)
-    groups = _groups(batch.prompt_ids).flatten()  # (C·N,)
     if method == "dpo":
         idx_a, idx_b = baselines.make_preference_pairs(groups, returns, mode=pair_mode, allow_empty=True)  # winner, loser
         per_pair = baselines.dpo_loss(delta[idx_a], delta[idx_b], beta=beta)  # (P,)
@@ -190,8 +192,7 @@ def _check_args(model, ref, method, steps, lr, optimizer, eval_every, batch_size
 
 def _check_pairs(method: str, data: Dataset, pair_mode: str) -> None:
     """Offline DPO/CoPG: refuse data that holds no usable pair at all (a clear error before training)."""
-    returns = torch.where(data.mask, data.rewards, 0.0).sum(-1).flatten()
-    groups = _groups(data.prompt_ids).flatten()
+    groups, returns = _pair_keys(data)
     if method == "dpo":
         baselines.make_preference_pairs(groups, returns, mode=pair_mode)
     elif method == "copg":
