@@ -113,7 +113,7 @@ def preference_pairs(examples, *, mode: str = "all") -> tuple[list[int], list[in
     one prompt; their reward gap enters its loss, a tie would carry no signal). Uses
     ``shiq_toy.baselines.make_preference_pairs`` per prompt. ValueError when no pair exists.
     """
-    from shiq_toy.baselines import PAIR_MODES
+    from shiq_toy.baselines import PAIR_MODES, make_preference_pairs
 
     if mode not in PAIR_MODES:
         raise ValueError(f"mode must be one of {PAIR_MODES}, got {mode!r}")
@@ -126,8 +126,9 @@ def preference_pairs(examples, *, mode: str = "all") -> tuple[list[int], list[in
     rejected: list[int] = []
     for members in groups.values():
         if len(members) > 1:
-            local = torch.tensor(members)
-            idx_w, idx_l = _pairs_of_one_prompt(rewards[local], mode)
+            local = torch.tensor(members)  # (K,) this prompt's responses; empty pairs when all rewards tie
+            same_prompt = torch.zeros(len(members), dtype=torch.int64)
+            idx_w, idx_l = make_preference_pairs(same_prompt, rewards[local], mode=mode, allow_empty=True)
             chosen += local[idx_w].tolist()
             rejected += local[idx_l].tolist()
     if not chosen:
@@ -136,13 +137,3 @@ def preference_pairs(examples, *, mode: str = "all") -> tuple[list[int], list[in
             f"rewards ({sum(len(m) > 1 for m in groups.values())} prompt(s) have several responses)"
         )
     return chosen, rejected
-
-
-def _pairs_of_one_prompt(rewards: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(winner, loser) local indices among the K responses of one prompt; empty when all pairs are tied."""
-    from shiq_toy.baselines import make_preference_pairs
-
-    try:
-        return make_preference_pairs(torch.zeros(len(rewards), dtype=torch.int64), rewards, mode=mode)
-    except ValueError:  # every pair of this prompt is tied (rewards were validated finite)
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
