@@ -6,6 +6,8 @@ its per-token statistics are those of the rows at each position's state (``gathe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -86,9 +88,14 @@ def test_logit_q_fixed_point_does_not_sample_pi_star():
 
 
 def test_fixed_points_cover_every_registered_residual():
+    """Every registered residual has a fixed point in the table above; on a one-state tree with ℓ_ref = 0 and
+    r = 1 (so q* = 1): ℓ* = 0 + 1/β = 1, ln π_ref + q*/β = ln ½ + 1, and q* = 1."""
     tree = TokenTree(ref_logits=[torch.zeros(1, 2)], rewards=[torch.ones(1, 2)])
+    expected = {"shiq": 1.0, "shiq_ms": 1.0, "shiq_tk": 1.0, "shiq_init": 1.0 - math.log(2), "shifted_q": 1.0 - math.log(2), "logit_q": 1.0}
+    assert set(RESIDUALS) == set(expected)
     for name in RESIDUALS:
-        fixed_point(tree, name, beta=1.0, gamma=1.0)  # raises for a residual missing from the table
+        (level,) = fixed_point(tree, name, beta=1.0, gamma=1.0)  # raises for a residual missing from the table
+        torch.testing.assert_close(level, torch.full((1, 2), expected[name], dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------------
