@@ -16,6 +16,7 @@ import contextlib
 import csv
 import dataclasses
 import inspect
+import json
 import textwrap
 import typing
 from collections.abc import Iterable, Iterator
@@ -93,6 +94,13 @@ def write_csv(path: Path, header: list[str], rows: Iterable[Iterable]) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def write_summary(path: Path, args, summary: dict) -> dict:
+    """Write ``{"args": args (a dataclass; paths as strings), **summary}`` as indented JSON; returns it."""
+    record = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()}, **summary}
+    path.write_text(json.dumps(record, indent=2))
+    return record
 
 
 def plot_band(ax, steps: np.ndarray, values: np.ndarray, *, color: str, label: str) -> None:

@@ -21,10 +21,9 @@ its preference pairs (noisy rewards make the preference probabilities Φ(Δr/(σ
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from scipy.optimize import minimize
 
 from shiq_toy.baselines import make_preference_pairs
 from shiq_toy.data import Dataset, on_policy_sampler, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, plot_band, write_csv
+from shiq_toy.experiments import num_threads, plot_band, write_csv, write_summary
 from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import Bandit
 from shiq_toy.solvers import solve_bandit
@@ -252,7 +251,6 @@ def main(args: BanditArgs) -> dict:
         for (setting, method), table in results["regret"].items()
     }
     summary = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "pi_star": results["star"].policy.tolist(),
         "reference_regret": results["reference_regret"],
         "dpo_bradley_terry_regret": None if results["bt_regret"] is None else float(results["bt_regret"].mean()),
@@ -260,8 +258,7 @@ def main(args: BanditArgs) -> dict:
         "final_regret": final,
         "seconds": time.perf_counter() - start,
     }
-    (args.out / "bandit_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(args.out / "bandit_summary.json", args, summary)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

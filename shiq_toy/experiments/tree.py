@@ -32,16 +32,15 @@ gets a full-size step at once.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shiq_toy.data import exhaustive_dataset, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, plot_band, write_csv
+from shiq_toy.experiments import num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import random_tree
@@ -179,28 +178,27 @@ def main(args: TreeArgs) -> dict:
     with num_threads(args.threads):
         results = run(args)
         args.out.mkdir(parents=True, exist_ok=True)
+        mean_kl = {method: results["kl"][method].mean(1) for method in args.methods}  # (steps,) over trees
         rows = []
         for method in args.methods:
-            kl, loss = results["kl"][method].mean(1), results["loss"][method].mean(1)
-            rows += [(method, step, float(k), float(l)) for step, k, l in zip(results["steps"], kl, loss)]
+            loss = results["loss"][method].mean(1)
+            rows += [(method, step, float(k), float(l)) for step, k, l in zip(results["steps"], mean_kl[method], loss)]
         write_csv(args.out / "tree_ablation.csv", CSV_HEADER, rows)
         plot(results, args, args.out / "tree_ablation.png")
     summary = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "methods": {
             method: {
                 "initial_kl": float(results["kl"][method][0].mean()),
                 "final_kl": float(results["kl"][method][-1].mean()),
                 "initial_loss": float(results["loss"][method][0].mean()),
-                "steps_to_10%_of_initial_kl": _steps_to(results["steps"], results["kl"][method].mean(1).numpy(), 1e-1),
-                "steps_to_1%_of_initial_kl": _steps_to(results["steps"], results["kl"][method].mean(1).numpy(), 1e-2),
+                "steps_to_10%_of_initial_kl": _steps_to(results["steps"], mean_kl[method].numpy(), 1e-1),
+                "steps_to_1%_of_initial_kl": _steps_to(results["steps"], mean_kl[method].numpy(), 1e-2),
             }
             for method in args.methods
         },
         "seconds": time.perf_counter() - start,
     }
-    (args.out / "tree_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return write_summary(args.out / "tree_summary.json", args, summary)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
