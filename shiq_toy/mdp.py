@@ -29,6 +29,9 @@ __all__ = [
     "random_tree",
     "finite_mdp_from_gym",
     "finite_mdp_from_tree",
+    "reachable_states",
+    "gridworld",
+    "GRID_ACTIONS",
 ]
 
 
@@ -226,13 +229,16 @@ class FiniteMDP:
 
     next_state: (S, A) int64, ``s' = next_state[s, a]``; rewards: (S, A) float64 ``r(s, a)``;
     terminal: (S,) bool, absorbing states of value 0 (their rows are never used);
-    ref_logits: (S, A) float64, ``π_ref(·|s) = softmax(ref_logits[s])``.
+    ref_logits: (S, A) float64, ``π_ref(·|s) = softmax(ref_logits[s])``;
+    initial: (S,) float64 distribution μ0 of the first state of an episode (on live states), or None when
+    the MDP has none (episodes and ``J(π) = Σ_s μ0(s) V^π(s)`` need it).
     """
 
     next_state: torch.Tensor
     rewards: torch.Tensor
     terminal: torch.Tensor
     ref_logits: torch.Tensor
+    initial: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         nxt = self.next_state
@@ -247,6 +253,13 @@ class FiniteMDP:
         term = self.terminal
         if not isinstance(term, torch.Tensor) or term.dtype != torch.bool or tuple(term.shape) != (num_states,):
             raise ValueError(f"terminal must be a bool tensor of shape ({num_states},), got {term!r}")
+        if self.initial is not None:
+            initial = _check_table(self.initial, (num_states,), "initial")
+            if bool((initial < 0).any()) or abs(float(initial.sum()) - 1.0) > 1e-9:
+                raise ValueError(f"initial must be a probability distribution over the {num_states} states (>= 0, sum 1)")
+            if bool(initial[term].any()):
+                raise ValueError(f"initial puts mass on terminal state(s) {(initial > 0).logical_and(term).nonzero().flatten().tolist()[:10]}")
+            object.__setattr__(self, "initial", initial)
 
     @property
     def num_states(self) -> int:
@@ -261,7 +274,10 @@ def finite_mdp_from_gym(env: Any, *, ref_logits: torch.Tensor | None = None) -> 
     """A :class:`FiniteMDP` from the transition table ``env.unwrapped.P`` of a gymnasium toy-text env.
 
     ``P[s][a] = [(prob, s', r, done)]`` must hold one outcome of probability 1 (FrozenLake with
-    ``is_slippery=False``, CliffWalking); a state is terminal when the transitions into it end the episode.
+    ``is_slippery=False``, CliffWalking, Taxi); a state is terminal when a transition into it ends the
+    episode. ``initial`` is the env's ``initial_state_distrib`` when it has one. Every transition into a
+    terminal state must end the episode — checked on the states reachable from ``initial`` (Taxi's
+    "passenger already delivered" states are entered without ending only from states no episode reaches).
     ref_logits: (S, A), default zeros (uniform ``π_ref``). Raises ValueError on a stochastic table.
     """
     table = getattr(env.unwrapped, "P", None)
@@ -285,12 +301,34 @@ def finite_mdp_from_gym(env: Any, *, ref_logits: torch.Tensor | None = None) -> 
             next_state[s, a], rewards[s, a], done[s, a] = int(s_next), float(r), bool(d)
     terminal = torch.zeros(num_states, dtype=torch.bool)
     terminal[next_state[done]] = True
-    live = ~terminal[:, None].expand(-1, num_actions)
+    distribution = getattr(env.unwrapped, "initial_state_distrib", None)
+    initial = None if distribution is None else torch.as_tensor(distribution, dtype=torch.float64)
+    reachable = _reachable(next_state, terminal, initial)
+    live = (reachable & ~terminal)[:, None].expand(-1, num_actions)
     if bool((done != terminal[next_state])[live].any()):
         raise ValueError("the table ends episodes on some but not all transitions into a state; unsupported")
     if ref_logits is None:
         ref_logits = torch.zeros(num_states, num_actions, dtype=torch.float64)
-    return FiniteMDP(next_state=next_state, rewards=rewards, terminal=terminal, ref_logits=ref_logits)
+    return FiniteMDP(next_state=next_state, rewards=rewards, terminal=terminal, ref_logits=ref_logits, initial=initial)
+
+
+def _reachable(next_state: torch.Tensor, terminal: torch.Tensor, initial: torch.Tensor | None) -> torch.Tensor:
+    """(S,) bool: states an episode can visit from the support of ``initial`` (every state when it is None)."""
+    if initial is None:
+        return torch.ones(next_state.shape[0], dtype=torch.bool)
+    seen = initial > 0
+    while True:  # breadth-first, one sweep per distance: at most S sweeps of an (S, A) gather
+        frontier = torch.zeros_like(seen)
+        frontier[next_state[seen & ~terminal].flatten()] = True
+        grown = seen | frontier
+        if bool((grown == seen).all()):
+            return seen
+        seen = grown
+
+
+def reachable_states(mdp: FiniteMDP) -> torch.Tensor:
+    """(S,) bool: the states an episode can visit, from the support of ``mdp.initial`` (all states if None)."""
+    return _reachable(mdp.next_state, mdp.terminal, mdp.initial)
 
 
 def finite_mdp_from_tree(tree: TokenTree) -> FiniteMDP:
@@ -317,4 +355,63 @@ def finite_mdp_from_tree(tree: TokenTree) -> FiniteMDP:
         rewards=torch.cat(list(tree.rewards) + [zeros]),
         terminal=terminal,
         ref_logits=torch.cat(list(tree.ref_logits) + [zeros]),
+        initial=torch.nn.functional.one_hot(torch.tensor(0), num_live + 1).to(torch.float64),  # the root
     )
+
+
+#: Actions of :func:`gridworld`, in FrozenLake's order: (row step, column step).
+GRID_ACTIONS = ((0, -1), (1, 0), (0, 1), (-1, 0))  # left, down, right, up
+
+
+def gridworld(
+    size: int = 12,
+    *,
+    generator: torch.Generator,
+    wall_fraction: float = 0.15,
+    trap_fraction: float = 0.08,
+    goal_reward: float = 1.0,
+    trap_reward: float = -1.0,
+    step_reward: float = 0.0,
+    max_tries: int = 100,
+) -> FiniteMDP:
+    """A random ``size × size`` maze as a :class:`FiniteMDP`: state ``row·size + col``, 4 actions
+    (:data:`GRID_ACTIONS`: left, down, right, up), uniform ``π_ref``.
+
+    The episode starts in the top-left corner (``initial`` = state 0) and ends on entering the goal
+    (bottom-right, reward ``goal_reward``) or a trap (reward ``trap_reward``); any other step pays
+    ``step_reward``. Moving off the grid or into a wall leaves the agent where it is. Each other cell is a
+    wall with probability ``wall_fraction`` and else a trap with probability ``trap_fraction``; the layout is
+    redrawn (with ``generator``) until the goal is reachable from the start through free cells, at most
+    ``max_tries`` times (then ValueError). Wall cells are states no episode visits (each action stays).
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"size must be an int >= 2, got {size!r}")
+    for name, value in (("wall_fraction", wall_fraction), ("trap_fraction", trap_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    cells = size * size
+    start, goal = 0, cells - 1
+    rows, cols = torch.arange(cells) // size, torch.arange(cells) % size
+    moves = torch.tensor(GRID_ACTIONS)  # (A, 2)
+    target_row, target_col = rows[:, None] + moves[:, 0], cols[:, None] + moves[:, 1]  # (S, A)
+    inside = (target_row >= 0) & (target_row < size) & (target_col >= 0) & (target_col < size)
+    target = torch.where(inside, target_row.clamp(0, size - 1) * size + target_col.clamp(0, size - 1), torch.arange(cells)[:, None])
+    for _ in range(max_tries):
+        draw = torch.rand(2, cells, generator=generator, dtype=torch.float64)
+        wall = draw[0] < wall_fraction
+        trap = ~wall & (draw[1] < trap_fraction)
+        wall[[start, goal]] = False
+        trap[[start, goal]] = False
+        next_state = torch.where(wall[target], torch.arange(cells)[:, None], target)  # a wall is not entered
+        next_state[wall] = torch.arange(cells)[wall, None]
+        terminal = trap.clone()
+        terminal[goal] = True
+        initial = torch.zeros(cells, dtype=torch.float64)
+        initial[start] = 1.0
+        if bool(_reachable(next_state, terminal, initial)[goal]):
+            rewards = torch.full((cells, len(GRID_ACTIONS)), float(step_reward), dtype=torch.float64)
+            rewards[trap[next_state]] = float(trap_reward)
+            rewards[next_state == goal] = float(goal_reward)
+            ref_logits = torch.zeros(cells, len(GRID_ACTIONS), dtype=torch.float64)
+            return FiniteMDP(next_state=next_state, rewards=rewards, terminal=terminal, ref_logits=ref_logits, initial=initial)
+    raise ValueError(f"no maze with a reachable goal in {max_tries} draws (wall_fraction={wall_fraction}, trap_fraction={trap_fraction})")

@@ -12,7 +12,11 @@ the tree, no sampling:
 For γ = 1 the regret equals β Σ_h E_{s ~ d_π}[KL_s] = β KL(π(y) ‖ π*(y)) over whole sequences (spec §1,
 regularised regret identity); for a bandit it is β KL(π ‖ π*).
 
-Notation used for tensor shapes: ``V`` vocabulary, ``H`` depth, ``(...)`` leading batch dimensions.
+A :class:`~shiq_toy.mdp.FiniteMDP` (γ < 1, episodes of any length) is evaluated by linear solves instead
+(:func:`mdp_policy_values`, :func:`mdp_occupancy`, :func:`mdp_regret`), with ``J(π) = Σ_s μ0(s) V^π(s)``.
+
+Notation used for tensor shapes: ``V`` vocabulary, ``H`` depth, ``S`` states, ``A`` actions, ``(...)`` leading
+batch dimensions.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from shiq_toy._checks import check_beta, check_gamma
+from shiq_toy.mdp import FiniteMDP
 
 __all__ = [
     "state_distribution",
@@ -30,6 +37,9 @@ __all__ = [
     "regret",
     "implicit_value_error",
     "exact_metrics",
+    "mdp_policy_values",
+    "mdp_occupancy",
+    "mdp_regret",
 ]
 
 Levels = Sequence[torch.Tensor]
@@ -138,3 +148,73 @@ def exact_metrics(
         "kl_policy": expected(kl, policy_dist),
         "value_error": expected(implicit_value_error(logits, target_logits, beta=beta), target_dist),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Finite MDPs: exact policy evaluation by linear solves
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_mdp_logits(mdp: FiniteMDP, logits: torch.Tensor) -> None:
+    if not isinstance(mdp, FiniteMDP):
+        raise ValueError(f"mdp must be a shiq_toy.mdp.FiniteMDP, got {type(mdp).__name__}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or tuple(logits.shape[-2:]) != tuple(mdp.next_state.shape):
+        raise ValueError(f"logits must have shape (..., S, A) = (..., {mdp.num_states}, {mdp.num_actions}), got {tuple(getattr(logits, 'shape', ()))}")
+
+
+def _transition(mdp: FiniteMDP, policy: torch.Tensor) -> torch.Tensor:
+    """P_π[s, s'] = Σ_a π(a|s) [next(s, a) = s'] on live states, 0 in the rows of terminal states and the
+    columns into them (their value is 0): (..., S, A) -> (..., S, S)."""
+    num_states = mdp.num_states
+    index = mdp.next_state.expand_as(policy)
+    transition = torch.zeros((*policy.shape[:-1], num_states), dtype=policy.dtype).scatter_add_(-1, index, policy)
+    live = (~mdp.terminal).to(policy.dtype)
+    return transition * live[:, None] * live[None, :]
+
+
+def mdp_policy_values(mdp: FiniteMDP, logits: torch.Tensor, *, beta: float, gamma: float) -> torch.Tensor:
+    """Regularised value V^π of π = softmax(logits) at every state, by one linear solve:
+
+        V^π(s) = Σ_a π(a|s) [ r(s, a) − β ln(π(a|s)/π_ref(a|s)) + γ V^π(s') ],  V^π = 0 at terminal states
+        i.e. (I − γ P_π) V^π = r_π − β KL_π.
+
+    logits: (..., S, A) -> (..., S). γ = 1 needs every policy to end its episodes (e.g. a tree as a
+    FiniteMDP); otherwise the system is singular and torch raises.
+    """
+    _check_mdp_logits(mdp, logits)
+    check_beta(beta)
+    check_gamma(gamma)
+    log_p = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    log_ref = torch.log_softmax(mdp.ref_logits, dim=-1)
+    policy = log_p.exp()
+    reward = (policy * (mdp.rewards - beta * (log_p - log_ref))).sum(-1) * (~mdp.terminal)  # (..., S)
+    system = torch.eye(mdp.num_states, dtype=torch.float64) - gamma * _transition(mdp, policy)
+    return torch.linalg.solve(system, reward)
+
+
+def mdp_occupancy(mdp: FiniteMDP, logits: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """Discounted state-action occupancy d(s, a) = Σ_t γ^t P_π(s_t = s, a_t = a) from s_0 ~ μ0 (``mdp.initial``),
+    over live states (an episode ends on entering a terminal state): (..., S, A) -> (..., S, A).
+
+    d_S = μ0 + γ P_πᵀ d_S solved for the state part, then d(s, a) = d_S(s) π(a|s). Σ_{s,a} d(s, a) is the
+    expected discounted number of steps, and J(π) = Σ_{s,a} d(s, a) (r(s, a) − β ln π(a|s)/π_ref(a|s)).
+    """
+    _check_mdp_logits(mdp, logits)
+    check_gamma(gamma)
+    if mdp.initial is None:
+        raise ValueError("mdp has no initial state distribution (FiniteMDP.initial is None)")
+    policy = torch.softmax(logits.to(torch.float64), dim=-1)
+    system = torch.eye(mdp.num_states, dtype=torch.float64) - gamma * _transition(mdp, policy)
+    states = torch.linalg.solve(system.transpose(-1, -2), mdp.initial.expand(policy.shape[:-1]))  # (..., S)
+    return states[..., None] * policy
+
+
+def mdp_regret(mdp: FiniteMDP, logits: torch.Tensor, optimal_values: torch.Tensor, *, beta: float, gamma: float) -> torch.Tensor:
+    """J(π*) − J(π) = Σ_s μ0(s) (v*(s) − V^π(s)) with ``optimal_values`` v* (S,) from
+    :func:`shiq_toy.solvers.soft_value_iteration` and V^π from :func:`mdp_policy_values`. (..., S, A) -> (...)."""
+    if mdp.initial is None:
+        raise ValueError("mdp has no initial state distribution (FiniteMDP.initial is None)")
+    if not isinstance(optimal_values, torch.Tensor) or tuple(optimal_values.shape) != (mdp.num_states,):
+        raise ValueError(f"optimal_values must be v* of shape ({mdp.num_states},), got {tuple(getattr(optimal_values, 'shape', ()))}")
+    values = mdp_policy_values(mdp, logits, beta=beta, gamma=gamma)
+    return ((optimal_values - values) * mdp.initial).sum(-1)
