@@ -42,11 +42,14 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[str, Iterable[str]] | None = None) -> None:
     """One ``--option`` per dataclass field (``_`` -> ``-``), typed from the annotation, with the field's
-    docstring and default as help. Tuples become ``nargs='+'`` options."""
+    docstring and default as help. Tuples become ``nargs='+'`` options, bools ``store_true`` flags."""
     docs, hints, choices = field_docs(cls), typing.get_type_hints(cls), choices or {}
     for f in dataclasses.fields(cls):
         hint, default = hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict = {"default": default, "dest": f.name}
+        if hint is bool:  # a flag: --name sets it (the default is False)
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", dest=f.name, help=f"{docs.get(f.name, '')} (default: {default})")
+            continue
         if typing.get_origin(hint) is tuple:
             kwargs.update(nargs="+", type=typing.get_args(hint)[0])
             shown = " ".join(str(x) for x in default)
