@@ -2,6 +2,9 @@
 
     shiq-toy bandit --out figures/        # three-armed bandit regret figure (seconds on a CPU)
     shiq-toy tree --out figures/          # token-tree ablation of the ShiQ variants
+    shiq-toy gym --out figures/           # Q1: offline ShiQ on deterministic gymnasium MDPs (--quick: < 3 min)
+    shiq-toy online --out figures/        # Q2: offline data mixed with fresh samples of the current policy
+    shiq-toy misspecified --out figures/  # Q3: over-optimisation of a flawed (proxy) reward
     shiq-toy solve-tree --vocab-size 2 --horizon 3 --beta 0.5   # print the exact solution of a random tree
 
 Every option of every command is listed, with its default, by ``shiq-toy COMMAND --help``.
@@ -32,8 +35,8 @@ def _add_solve_tree(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``shiq-toy`` parser with its three subcommands."""
-    from shiq_toy.experiments import bandit, tree
+    """The ``shiq-toy`` parser with its subcommands."""
+    from shiq_toy.experiments import bandit, gym, misspecified, online, tree
 
     parser = argparse.ArgumentParser(prog="shiq-toy", description="ShiQ toy experiments and the exact solver (shiq_toy).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("bandit", help="three-armed bandit regret figure (offline and online)", description=bandit.__doc__, formatter_class=raw)
     )
     tree.build_parser(commands.add_parser("tree", help="token-tree ablation of the ShiQ variants", description=tree.__doc__, formatter_class=raw))
+    gym.build_parser(commands.add_parser("gym", help="Q1: offline ShiQ on deterministic gymnasium MDPs", description=gym.__doc__, formatter_class=raw))
+    online.build_parser(commands.add_parser("online", help="Q2: offline data mixed with fresh on-policy samples", description=online.__doc__, formatter_class=raw))
+    misspecified.build_parser(
+        commands.add_parser("misspecified", help="Q3: over-optimisation of a flawed reward", description=misspecified.__doc__, formatter_class=raw)
+    )
     _add_solve_tree(
         commands.add_parser(
             "solve-tree",
@@ -90,9 +98,14 @@ def _solve_tree(ns: argparse.Namespace) -> None:
             rows += 1
 
 
+def _report(name: str, out, summary: dict) -> None:
+    """The files an experiment wrote (``NAME.csv``, ``NAME.png``, ``NAME_summary.json``) and its run time."""
+    print(f"wrote {out / (name + '.csv')}, {out / (name + '.png')}, {out / (name + '_summary.json')} in {summary['seconds']:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``shiq-toy``; returns the exit code (0 success, 2 bad arguments or input)."""
-    from shiq_toy.experiments import bandit, tree
+    from shiq_toy.experiments import bandit, gym, misspecified, online, tree
 
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -110,6 +123,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out / 'tree_ablation.png'}, {out / 'tree_ablation.csv'}, {out / 'tree_summary.json'} in {summary['seconds']:.1f} s")
             for name, result in summary["methods"].items():
                 print(f"  {name:<10} KL {result['initial_kl']:.3e} -> {result['final_kl']:.3e}   initial loss {result['initial_loss']:.3g}")
+        elif ns.command == "gym":
+            summary = gym.main(args_from_namespace(gym.GymArgs, ns))
+            _report("gym", ns.out, summary)
+            for key, ratio in summary["final_regret_ratio"].items():
+                print(f"  {key:<45} regret / regret of π_ref {ratio:.3f}")
+        elif ns.command == "online":
+            summary = online.main(args_from_namespace(online.OnlineArgs, ns))
+            _report("online", ns.out, summary)
+            print(f"π* mass on the offline paths: {summary['offline_coverage_of_pi_star']:.3f}")
+            for key, result in summary["settings"].items():
+                print(f"  {key:<20} regret {result['initial_regret']:.3g} -> {result['final_regret']:.3g} with {result['reward_queries']} reward queries")
+        elif ns.command == "misspecified":
+            summary = misspecified.main(args_from_namespace(misspecified.MisspecifiedArgs, ns))
+            _report("misspecified", ns.out, summary)
+            for key, result in summary["runs"].items():
+                print(f"  {key:<28} KL {result['final_kl']:.3f}  true reward {result['final_true_reward']:.3f} (peak {result['peak_true_reward']:.3f} at KL {result['kl_at_peak']:.3f})")
         else:
             with num_threads(1):
                 _solve_tree(ns)

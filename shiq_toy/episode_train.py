@@ -112,8 +112,9 @@ def train_episodes(
             return
         history.steps.append(step)
         with torch.no_grad():
-            logits = policy_logits(method, model(), ref_logits)
-        for name, value in evaluate(logits).items():
+            logits = policy_logits(method, model(), ref_logits).detach()  # a table model returns its parameter itself
+            metrics = evaluate(logits)
+        for name, value in metrics.items():
             history.metrics.setdefault(name, []).append(torch.as_tensor(value, dtype=torch.float64))
 
     record(0)

@@ -16,6 +16,9 @@ import torch
 from shiq_toy.cli import build_parser, main
 from shiq_toy.experiments import field_docs
 from shiq_toy.experiments.bandit import BanditArgs
+from shiq_toy.experiments.gym import GymArgs
+from shiq_toy.experiments.misspecified import MisspecifiedArgs
+from shiq_toy.experiments.online import OnlineArgs
 from shiq_toy.experiments.tree import TreeArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +94,9 @@ def test_bad_input_exit_codes(tmp_path, capsys):
         main([])
 
 
-@pytest.mark.parametrize("command, cls", [("bandit", BanditArgs), ("tree", TreeArgs)])
+@pytest.mark.parametrize(
+    "command, cls", [("bandit", BanditArgs), ("tree", TreeArgs), ("gym", GymArgs), ("online", OnlineArgs), ("misspecified", MisspecifiedArgs)]
+)
 def test_help_documents_every_option_with_its_default(command, cls):
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices[command]  # the subcommand's parser
