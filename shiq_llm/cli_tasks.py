@@ -5,7 +5,7 @@
     shiq-llm demo --out demo/                          # reference, data, ShiQ and baselines over β, the figure
 
 The demo is spec §5's LLM-scale experiment on the embedded task: it builds the reference and the offline data
-(:func:`shiq_llm.synthetic.make_data`), trains every ``(algo, β)`` of the grid with ``shiq_llm.trainer.train``,
+(:func:`shiq_llm.synthetic.make_data`), trains every ``(algo, β)`` of the grid with ``shiq_llm.run.train_run`` (``ShiQTrainer``),
 evaluates each final policy on the held-out prompts (:func:`shiq_llm.evaluate.evaluate_policy`: mean reward of
 its own samples and the exact KL to the reference) and writes ``demo_results.csv`` (one row per run, plus the
 reference) and ``reward_vs_kl.png`` (mean reward against KL, one curve per method across β).
@@ -58,7 +58,7 @@ class DemoConfig:
     out: str = "demo"
     """Output directory: data/ (reference, rows), runs/<algo>_beta<β>/ (trainer outputs), the CSV and figure."""
     algos: tuple[str, ...] = ("shiq", "dpo", "copg", "dro")
-    """Methods trained (``shiq_llm.config.ALGOS``)."""
+    """Methods trained (``shiq_llm.config.LLM_METHODS``)."""
     betas: tuple[float, ...] = (0.1, 0.3, 1.0)
     """β of every method."""
     steps: int = 150
@@ -122,13 +122,14 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shiq_llm import synthetic
-    from shiq_llm.config import ALGOS, PAIR_ALGOS, TrainConfig
+    from shiq_llm.config import LLM_METHODS, DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.evaluate import evaluate_policy
-    from shiq_llm.trainer import train
+    from shiq_llm.run import train_run
+    from shiq_toy.methods import METHODS
 
-    unknown = [a for a in config.algos if a not in ALGOS]
+    unknown = [a for a in config.algos if a not in LLM_METHODS]
     if unknown or not config.algos:
-        raise ValueError(f"algos must be a non-empty subset of {list(ALGOS)}, got {list(config.algos)}")
+        raise ValueError(f"algos must be a non-empty subset of {list(LLM_METHODS)}, got {list(config.algos)}")
     if not config.betas or not all(b > 0 and math.isfinite(b) for b in config.betas):
         raise ValueError(f"betas must be finite numbers > 0, got {list(config.betas)}")
     if config.batch_size < 2:
@@ -169,14 +170,16 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     bar = tqdm(grid, desc="demo runs", disable=not config.progress)
     for algo, beta in bar:
         bar.set_postfix_str(_run_name(algo, beta))
-        pairs = algo in PAIR_ALGOS
+        pairs = METHODS[algo].consumes == "pairs"
         tick = time.perf_counter()
-        run = train(TrainConfig(
-            data=str(paths["train"]), model=str(paths["reference"]), out=str(out / "runs" / _run_name(algo, beta)),
-            algo=algo, beta=beta, lr=config.lr, max_steps=config.steps,
-            batch_size=config.batch_size // 2 if pairs else config.batch_size, seed=config.seed,
-            overwrite=True, progress_bar=False, tensorboard=False, save_total_limit=1,
-        ))
+        args = ShiQConfig(
+            output_dir=str(out / "runs" / _run_name(algo, beta)), loss_type=algo, beta=beta,
+            learning_rate=config.lr, lr_scheduler_type="linear", max_steps=config.steps, max_grad_norm=1.0,
+            per_device_train_batch_size=config.batch_size // 2 if pairs else config.batch_size, seed=config.seed,
+            overwrite_output_dir=True, disable_tqdm=True, report_to="none", save_strategy="no", logging_steps=10,
+        )
+        run = train_run(ModelArguments(model_name_or_path=str(paths["reference"])),
+                        DataArguments(dataset_name=str(paths["train"])), args)
         seconds = time.perf_counter() - tick
         policy = AutoModelForCausalLM.from_pretrained(run.final_dir).eval()
         results.append({"algo": algo, "beta": beta, **evaluate(policy), "train_seconds": seconds})
