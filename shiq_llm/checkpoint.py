@@ -45,6 +45,7 @@ __all__ = [
     "check_resumable",
     "truncate_metrics_log",
     "atomic_directory",
+    "normalise_modes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,9 +127,21 @@ def clear_for_save(path: str | Path) -> None:
     os.replace(path, path.with_name(f"{path.name}.replaced-{n}"))
 
 
+def normalise_modes(directory: str | Path) -> None:
+    """Give every file of ``directory`` the mode the umask gives a new file (0644 under the usual umask 022):
+    safetensors writes its files 0600 through a temporary file, unlike every other file of a model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in Path(directory).rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
+
+
 def finish_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Complete a checkpoint transformers has written: ``shiq_state.json`` (``state``), then the manifest."""
+    """Complete a checkpoint transformers has written: ``shiq_state.json`` (``state``), file modes, then the
+    manifest."""
     path = Path(path)
+    normalise_modes(path)
     (path / STATE_FILE).write_text(json.dumps(dict(state), indent=2, sort_keys=True, default=str))
     step = json.loads((path / "trainer_state.json").read_text())["global_step"]
     write_manifest(path, step=step)

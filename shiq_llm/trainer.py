@@ -424,5 +424,4 @@ def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> 
     finally:
         if head is not None:
             setattr(hf_model, VALUE_HEAD, head)
-    for file in directory.glob("*.safetensors"):
-        file.chmod(0o644)
+    ckpt.normalise_modes(directory)

@@ -359,8 +359,9 @@ def test_kill_while_writing_the_final_model_is_completed_by_resume(tmp_path):
     assert resumed.steps == 6 and not (straight.out_dir / "final.tmp").exists()
     for key, value in reference.items():
         torch.testing.assert_close(weights(resumed.final_dir)[key], value, atol=0, rtol=0)
-    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in resumed.final_dir.iterdir() if p.is_file()}
-    assert set(modes.values()) == {"0o644"}, modes
+    for directory in (resumed.final_dir, resumed.out_dir / "checkpoint-6"):  # safetensors alone would write 0600
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in directory.iterdir() if p.is_file()}
+        assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, caplog):
