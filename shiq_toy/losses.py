@@ -150,6 +150,13 @@ def _first_bad(x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     return row, pos
 
 
+def _check_rows_not_empty(mask: torch.Tensor) -> None:
+    """ValueError naming the rows of ``mask`` (B, T) that have no masked-in (response) position."""
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequence(s) {empty[:10]} have no masked-in (response) token; drop them or fix the mask")
+
+
 def _validate(fields: dict[str, torch.Tensor], mask: torch.Tensor, beta: float, gamma: float) -> None:
     check_beta(beta)
     check_gamma(gamma)
@@ -166,9 +173,7 @@ def _validate(fields: dict[str, torch.Tensor], mask: torch.Tensor, beta: float, 
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.device != mask.device:
             raise ValueError(f"{name} is on {x.device} but mask is on {mask.device}")
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"sequence(s) {empty[:10]} have no masked-in (response) token; drop them or fix the mask")
+    _check_rows_not_empty(mask)
     for name, x in fields.items():
         if not bool(torch.isfinite(x[mask]).all()):
             row, pos = _first_bad(x, mask)
