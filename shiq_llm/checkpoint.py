@@ -19,7 +19,6 @@ on disk). With LoRA only trainable parameters are saved (the frozen base is relo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from shiq_llm.integrity import sha256_file
 
 __all__ = [
     "STATE_FILE",
@@ -62,14 +63,6 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
@@ -93,7 +86,7 @@ def save_checkpoint(accelerator, root: str | Path, step: int, state: Mapping[str
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(dict(state), indent=2, sort_keys=True))
-        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(tmp)}
         manifest_tmp = tmp / (MANIFEST_FILE + ".partial")
         manifest_tmp.write_text(json.dumps({"step": step, "files": manifest}, indent=2, sort_keys=True))
         os.replace(manifest_tmp, tmp / MANIFEST_FILE)
@@ -125,7 +118,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise ValueError(f"checkpoint {path} is corrupt: {file} has {size} bytes, the manifest says {expected['bytes']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             raise ValueError(f"checkpoint {path} is corrupt: {file} does not match its sha256 in {manifest_file}")
     if STATE_FILE not in files:
         raise ValueError(f"checkpoint {path} is corrupt: {STATE_FILE} is not listed in {manifest_file}")
