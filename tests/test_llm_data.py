@@ -175,6 +175,10 @@ GOOD = {"prompt": "p", "completion": "c", "reward": 1.0}
         ({"prompt": [{"role": "user"}]}, r"row 1: field 'prompt'\[0\] \(user\) content is missing"),
         ({"prompt": [{"content": "x"}]}, r"row 1: field 'prompt'\[0\]: 'role' must be a non-empty string"),
         ({"prompt": []}, r"row 1: field 'prompt' must be a non-empty list"),
+        ({"prompt": ""}, r"row 1: field 'prompt' is empty"),
+        ({"prompt": " \n"}, r"row 1: field 'prompt' is empty"),
+        ({"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": " "}]},
+         r"row 1: field 'prompt' is empty \(every message's content is blank\)"),
     ],
 )
 def test_single_turn_bad_rows(bad, message):
@@ -214,6 +218,8 @@ U, A, T = "user", "assistant", "tool"
         (_multi([{"role": A, "content": "a"}, {"role": U, "content": "q"}], [1.0]),
          r"row 1: field 'messages' starts with an assistant message"),
         (_multi("not a list", [1.0]), r"row 1: field 'messages' must be a non-empty list"),
+        (_multi([{"role": U, "content": ""}, {"role": A, "content": "a"}, {"role": U, "content": "q"}, {"role": A, "content": "b"}], [1.0, 2.0]),
+         r"row 1: field 'messages' has an empty prompt \(the messages before the first assistant turn are blank\)"),
         (_multi([{"role": U, "content": "q"}, {"role": A, "content": "a"}], 1.0), r"row 1: field 'rewards' must be a list"),
         ([{"messages": [{"role": U, "content": "q", "reward": 1.0}, {"role": A, "content": "a", "reward": 1.0}]}],
          r"row 0: messages\[0\] \(user\) has a reward, but only assistant turns are actions"),
@@ -231,6 +237,51 @@ def test_bad_reward_in_a_jsonl_file_names_the_row(tmp_path):
     path.write_text('{"prompt": "a", "completion": "b", "reward": 1.0}\n{"prompt": "a", "completion": "c", "reward": NaN}\n')
     with pytest.raises(ValueError, match=r"row 1: field 'reward' must be finite"):
         load_rows(path, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_string_reward_in_a_file_is_refused_not_converted(tmp_path, name):
+    """The json loader of ``datasets`` casts "0.5" to 0.5 when another row has a number; the rows are checked
+    as the file states them first."""
+    records = [GOOD, {**GOOD, "reward": "0.5"}]
+    text = "\n".join(json.dumps(r) for r in records) + "\n" if name.endswith("l") else json.dumps(records)
+    (tmp_path / name).write_text(text)
+    where = r"rows.jsonl: line 2: " if name.endswith("l") else r"rows.json: "
+    with pytest.raises(ValueError, match=where + r"row 1: field 'reward' must be a real number, got str '0.5'"):
+        load_rows(tmp_path / name, cache_dir=str(tmp_path / "cache"))
+
+
+GOOD_LINE = json.dumps(GOOD).encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("rows.jsonl", b"", r"rows.jsonl: the file is empty \(no rows\)"),
+        ("rows.jsonl", b"\n  \n", r"rows.jsonl: the file is empty \(no rows\)"),
+        ("rows.json", b"", r"rows.json: the file is empty \(no rows\)"),
+        ("rows.json", b"[]", r"rows.json: the file is empty \(no rows\)"),
+        ("rows.jsonl", GOOD_LINE + b"not json\n", r"rows.jsonl: line 2: not valid JSON \(Expecting value at column 1\)"),
+        ("rows.jsonl", GOOD_LINE + b"\n" + GOOD_LINE[:-3] + b"\n",
+         r"rows.jsonl: line 3: not valid JSON \(Expecting ',' delimiter at column \d+\)"),
+        ("rows.jsonl", GOOD_LINE * 2 + b'{"prompt": "\xff\xfe", "completion": "c", "reward": 1.0}\n',
+         r"rows.jsonl: line 3: not UTF-8 text \(byte 0xff at column 13\)"),
+        ("rows.jsonl", GOOD_LINE + b"[1, 2]\n", r"rows.jsonl: line 2: expected a JSON object \(one row\), got list"),
+        ("rows.json", b'[\n  {"prompt": "a",\n   "completion": }\n]',
+         r"rows.json: line 3: not valid JSON \(Expecting value at column 18\)"),
+        ("rows.json", b"[" + GOOD_LINE + b", 3]", r"rows.json: row 1: expected a JSON object \(one row\), got int"),
+        ("rows.json", GOOD_LINE + b"{oops}\n", r"rows.json: line 2: not valid JSON \(Expecting property name"),
+    ],
+)
+def test_unreadable_json_files_name_the_file_line_and_problem(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_rows(tmp_path / name, cache_dir=str(tmp_path / "cache"))
+
+
+def test_json_file_in_json_lines_form_still_loads(tmp_path):
+    (tmp_path / "rows.json").write_bytes(GOOD_LINE * 2)
+    assert load_rows(tmp_path / "rows.json", cache_dir=str(tmp_path / "cache")).to_list() == [GOOD, GOOD]
 
 
 # --------------------------------------------------------------------------------------------------
