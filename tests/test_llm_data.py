@@ -318,6 +318,59 @@ def test_plain_concatenation_without_template(plain_tok):
     assert out[0]["input_ids"] == ex["input_ids"]
 
 
+#: A template that writes only the contents (no BOS, no role headers): an empty user message renders to "".
+BARE_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def bos_prepending_tokenizer(chat_template=None):
+    """The tiny tokenizer with a post-processor that prepends BOS (as Llama's ``add_bos_token``)."""
+    from tokenizers import processors
+
+    tokenizer = build_tokenizer(chat_template=False)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = chat_template
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("prompt", ["", " ", "a", "<|bos|>", "hi there"])
+@pytest.mark.parametrize("template", [None, BARE_TEMPLATE, "tiny"])
+def test_encode_conversation_with_a_bos_prepending_tokenizer_aligns_the_mask(prompt, template):
+    """encode_conversation called directly (rows refuse empty prompts, this function does not): one BOS,
+    then the prompt's tokens (state), then exactly the completion's tokens + EOS (action). Compared token by
+    token and by decoding, so a mask shifted by one position fails."""
+    from shiq_llm.models import CHAT_TEMPLATE
+    from shiq_llm.tokenization import encode_conversation
+
+    tok = bos_prepending_tokenizer(CHAT_TEMPLATE if template == "tiny" else template)
+    completion = " yes 12"
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    ex = encode_conversation(messages, [1.5], 1, tok, use_chat_template=template is not None)
+    ids, mask = ex.input_ids, ex.response_mask
+    action = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(action)
+    assert ids[-n:] == action and mask == [False] * (len(ids) - n) + [True] * n
+    assert ex.rewards == [0.0] * (len(ids) - 1) + [1.5]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == completion + tok.eos_token
+    # the state: without a template BOS + prompt (BOS not doubled); with one, what the template writes (as
+    # transformers' apply_chat_template tokenises it: the post-processor's BOS is not added), and a BOS to
+    # stand for a prompt that renders to nothing
+    expected_state = {
+        None: "<|bos|>" + prompt.removeprefix("<|bos|>"),
+        BARE_TEMPLATE: prompt or "<|bos|>",
+        "tiny": "<|bos|><|user|>" + prompt + "<|assistant|>",
+    }[template]
+    assert tok.decode([i for i, m in zip(ids, mask) if not m]) == expected_state
+    if template is not None:
+        rendered = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert ids == rendered or (not prompt and ids == [tok.bos_token_id] + rendered)
+
+
 def test_plain_tokenizer_refuses_conversations_and_missing_eos(plain_tok):
     with pytest.raises(ValueError, match="row 0: .*needs a tokenizer with a chat template"):
         tokenize_rows(MULTI, plain_tok)
@@ -517,23 +570,45 @@ def test_tokenize_rows_truncation_counts_and_log(tok, caplog):
         {"prompt": "hi", "completion": "fine", "reward": 0.0},  # untouched
     ]
     with caplog.at_level("WARNING", logger="shiq_llm.tokenization"):
-        out, report = tokenize_rows(rows, tok, max_length=24)
+        out, report = tokenize_rows(rows, tok, max_length=24, max_truncated_fraction=1.0)
     assert report == TokenizeReport(rows=3, kept=3, prompt_truncated=1, response_truncated=1)
-    assert "prompt_truncated=1" in caplog.text
+    assert "prompt_truncated=1" in caplog.text and "2 of 3 rows (67%) were cut by max_length=24" in caplog.text
     assert all(len(ids) <= 24 for ids in out["input_ids"])
     assert out[0]["input_ids"][0] == tok.bos_token_id
     assert tok.decode([i for i, m in zip(out[0]["input_ids"], out[0]["response_mask"]) if m]) == "ok<|eos|>"
     assert sum(out[1]["rewards"]) == 2.0 and out[1]["rewards"][-1] == 2.0 and out[1]["response_mask"][-1]
-    out, report = tokenize_rows(rows, tok, max_length=24, long_response="drop")
+    out, report = tokenize_rows(rows, tok, max_length=24, long_response="drop", max_truncated_fraction=1.0)
     assert report == TokenizeReport(rows=3, kept=2, prompt_truncated=1, dropped_long_response=1)
     assert out["row_index"] == [0, 2]
     with pytest.raises(ValueError, match="every row was dropped"):
         tokenize_rows(rows[1:2], tok, max_length=24, long_response="drop")
 
 
+def test_tokenize_rows_refuses_a_max_length_that_cuts_most_rows(tok, caplog):
+    from shiq_llm.tokenization import MAX_TRUNCATED_FRACTION
+
+    assert MAX_TRUNCATED_FRACTION == 0.5
+    rows = [{"prompt": f"question {i} is here", "completion": "the answer is " + "yes " * i, "reward": 1.0} for i in range(4)]
+    longest = max(len(ex) for ex in tokenize_rows(rows, tok)[0]["input_ids"])
+    with pytest.raises(ValueError, match=rf"4 of 4 rows \(100%\) were cut by max_length=8, more than "
+                                         rf"MAX_TRUNCATED_FRACTION = 50%: .*raise max_length \(the longest example has "
+                                         rf"{longest} tokens\)"):
+        tokenize_rows(rows, tok, max_length=8)
+    cut_two = sorted(len(ex) for ex in tokenize_rows(rows, tok)[0]["input_ids"])[1]  # 2 of 4 rows are longer
+    with caplog.at_level("WARNING", logger="shiq_llm.tokenization"):
+        _, report = tokenize_rows(rows, tok, max_length=cut_two)  # 2 of 4 = 50%: allowed, with a warning
+    assert report.kept == 4 and report.response_truncated == 2
+    assert f"2 of 4 rows (50%) were cut by max_length={cut_two}" in caplog.text
+    with pytest.raises(ValueError, match=r"3 of 4 rows \(75%\) were cut .* more than MAX_TRUNCATED_FRACTION = 25%"):
+        tokenize_rows(rows, tok, max_length=cut_two - 1, max_truncated_fraction=0.25)
+    _, report = tokenize_rows(rows, tok, max_length=8, max_truncated_fraction=1.0)  # accepted when asked for
+    assert report.kept == 4
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(max_truncated_fraction=1.5), r"max_truncated_fraction must be in \[0, 1\], got 1.5"),
         (dict(max_length=1), "max_length must be >= 2"),
         (dict(max_length=10, max_prompt_length=10), r"max_prompt_length must be in \[1, max_length\)"),
         (dict(max_length=10, max_prompt_length=0), r"max_prompt_length must be in"),
