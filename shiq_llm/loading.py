@@ -49,10 +49,14 @@ def build_tiny_model(name: str, directory: Path, *, seed: int) -> None:
 def load_model_and_tokenizer(config: TrainConfig, *, out: Path, accelerator=None):
     """(tokenizer, model) from ``config.model`` / ``config.tokenizer``; tiny models are built in ``OUT/base_model``.
 
-    The tokenizer gets a pad token (its EOS) when it has none. Returns the model in train mode, dropout off
-    when ``config.disable_dropout``, gradient checkpointing on when asked, on the CPU.
+    Both sources are checked first (``shiq_llm.models.resolve_model_source``: a missing or model-less
+    directory, a broken config, a hub name while offline is a one-line ValueError). The tokenizer gets a pad
+    token (its EOS) when it has none. Returns the model in train mode, dropout off when
+    ``config.disable_dropout``, gradient checkpointing on when asked, on the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shiq_llm.models import resolve_model_source
 
     source = config.model
     if source in TINY_MODELS:
@@ -62,10 +66,12 @@ def load_model_and_tokenizer(config: TrainConfig, *, out: Path, accelerator=None
         if accelerator is not None:
             accelerator.wait_for_everyone()
         source = str(directory)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
+    source = resolve_model_source(source)
+    tokenizer_source = resolve_model_source(config.tokenizer or source, kind="tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {config.tokenizer or source} has neither a pad nor an EOS token")
+            raise ValueError(f"tokenizer {tokenizer_source} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[config.model_dtype])
     if config.disable_dropout:
