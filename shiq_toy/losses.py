@@ -367,11 +367,16 @@ LOSSES: dict[str, ResidualFn] = {name: _squared_loss(fn) for name, fn in RESIDUA
 def reduce_loss(per_sequence: torch.Tensor, mask: torch.Tensor, *, average: str = "sequence") -> torch.Tensor:
     """Batch reduction of a (B,) per-sequence loss: ``"sequence"`` (default) averages over the B sequences,
     ``"token"`` divides the sum by the number of masked-in tokens of the batch. Returns a scalar.
+
+    mask: (B, T). A row with no masked-in token is a ValueError naming it, as in the residuals (it would
+    count as a sequence of loss 0, or shrink the token divisor).
     """
-    if per_sequence.dim() != 1 or per_sequence.shape[0] != mask.shape[0]:
-        raise ValueError(f"per_sequence must have shape (B,) = ({mask.shape[0]},), got {tuple(per_sequence.shape)}")
+    if per_sequence.dim() != 1 or mask.dim() != 2 or per_sequence.shape[0] != mask.shape[0]:
+        raise ValueError(f"per_sequence must have shape (B,) and mask (B, T), got {tuple(per_sequence.shape)} and "
+                         f"{tuple(mask.shape)}")
+    _check_rows_not_empty(mask)
     if average == "sequence":
         return per_sequence.mean()
     if average == "token":
-        return per_sequence.sum() / mask.sum().clamp(min=1)
+        return per_sequence.sum() / mask.sum()
     raise ValueError(f"average must be 'sequence' or 'token', got {average!r}")
