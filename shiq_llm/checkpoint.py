@@ -20,7 +20,6 @@ mechanism (the final model, checkpoints' manifests).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,11 +28,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from shiq_llm.integrity import file_manifest, verify_file_manifest
+
 __all__ = [
     "STATE_FILE",
     "MANIFEST_FILE",
     "list_checkpoints",
-    "sha256_file",
     "write_manifest",
     "verify_manifest",
     "clear_for_save",
@@ -65,23 +65,13 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: str | Path, **extra: Any) -> Path:
     """Write ``directory/manifest.json``: size and sha256 of every other file (recursively), plus ``extra``.
 
     Written to a temporary name and renamed, so a manifest is either absent or complete."""
     directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and not p.name.endswith(".partial"))
-    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     partial = directory / (MANIFEST_FILE + ".partial")
+    manifest = file_manifest(directory, exclude=(MANIFEST_FILE, partial.name))
     partial.write_text(json.dumps({**extra, "files": manifest}, indent=2, sort_keys=True))
     os.replace(partial, directory / MANIFEST_FILE)
     return directory / MANIFEST_FILE
@@ -101,15 +91,7 @@ def verify_manifest(directory: str | Path, *, what: str = "checkpoint") -> dict[
         raise ValueError(f"{what} {directory} is incomplete: {manifest_file} is missing") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{what} {directory} is corrupt: cannot read {manifest_file}: {error}") from error
-    for name, expected in files.items():
-        file = directory / name
-        if not file.is_file():
-            raise ValueError(f"{what} {directory} is corrupt: {file} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise ValueError(f"{what} {directory} is corrupt: {file} has {size} bytes, the manifest says {expected['bytes']} (truncated?)")
-        if sha256_file(file) != expected["sha256"]:
-            raise ValueError(f"{what} {directory} is corrupt: {file} does not match its sha256 in {manifest_file}")
+    verify_file_manifest(directory, files, what=f"{what} {directory} is corrupt", manifest_file=manifest_file)
     return manifest
 
 

@@ -241,15 +241,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.models import check_tokenizer_fits_model, resolve_model_source
 
     reward_spec = getattr(args, "reward", "synthetic" if args.prompts == "synthetic" else "none")
     reward_fn = load_reward_fn(reward_spec)
     prompts = load_prompts(args.prompts, split=args.split)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model_source, ref_source = resolve_model_source(args.model), resolve_model_source(args.ref)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_source, kind="tokenizer"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    ref = AutoModelForCausalLM.from_pretrained(args.ref).eval()
+    policy = AutoModelForCausalLM.from_pretrained(model_source).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_source).eval()
+    for name, model in (("--model", policy), ("--ref", ref)):  # one tokenizer serves both
+        try:
+            check_tokenizer_fits_model(tokenizer, model)
+        except ValueError as error:
+            raise ValueError(f"{name} {getattr(args, name[2:])}: {error}") from None
     metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, num_samples=args.num_samples,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}  # JSON null

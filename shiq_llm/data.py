@@ -26,7 +26,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from shiq_llm.rows import load_rows, row_conversation, validate_rows
-from shiq_llm.tokenization import LONG_RESPONSE, TokenizeReport, encode_conversation, tokenize_rows
+from shiq_llm.tokenization import (
+    LONG_RESPONSE,
+    MAX_TRUNCATED_FRACTION,
+    TokenizeReport,
+    encode_conversation,
+    tokenize_rows,
+)
 
 __all__ = [
     "load_rows",
@@ -36,6 +42,7 @@ __all__ = [
     "encode_conversation",
     "TokenizeReport",
     "LONG_RESPONSE",
+    "MAX_TRUNCATED_FRACTION",
     "collate",
     "sequence_rewards",
     "preference_pairs",

@@ -49,9 +49,13 @@ def load_model_and_tokenizer(model_args, *, out: Path, seed: int = 0, main_proce
     """(tokenizer, model) from ``ModelArguments`` (``model_name_or_path``, ``tokenizer_name_or_path``,
     ``dtype``); tiny models are built in ``OUT/base_model`` (by the main process; ``barrier()`` then waits).
 
-    The tokenizer gets a pad token (its EOS) when it has none. Returns the model in train mode, on the CPU.
+    Both sources are checked first (``shiq_llm.models.resolve_model_source``: a missing or model-less
+    directory, a broken config, a hub name while offline is a one-line ValueError). The tokenizer gets a pad
+    token (its EOS) when it has none. Returns the model in train mode, on the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shiq_llm.models import resolve_model_source
 
     source = model_args.model_name_or_path
     if source in TINY_MODELS:
@@ -61,10 +65,12 @@ def load_model_and_tokenizer(model_args, *, out: Path, seed: int = 0, main_proce
         if barrier is not None:
             barrier()
         source = str(directory)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or source)
+    source = resolve_model_source(source)
+    tokenizer_source = resolve_model_source(model_args.tokenizer_name_or_path or source, kind="tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {model_args.tokenizer_name_or_path or source} has neither a pad nor an EOS token")
+            raise ValueError(f"tokenizer {tokenizer_source} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[model_args.dtype])
     model.train()

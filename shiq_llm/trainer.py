@@ -183,7 +183,7 @@ class ShiQTrainer(Trainer):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
-            from shiq_llm.loading import resolve_model_source
+            from shiq_llm.models import resolve_model_source
 
             model = AutoModelForCausalLM.from_pretrained(resolve_model_source(model))
         if processing_class is None:

@@ -154,6 +154,21 @@ def test_train_then_cache_ref_reuse_and_verify(tmp_path, capsys, caplog):
     again = parse_train_args(["--config", str(tmp_path / "run" / "run_args.yaml")])  # the run's options, read back
     assert again[2].max_steps == 3 and again[1].dataset_name == str(data) and again[0].model_name_or_path == "tiny-llama"
 
+    import struct
+
+    import datasets
+
+    value = datasets.load_from_disk(str(cache / "data"))[0]["ref_logsumexp"][0]
+    (arrow,) = (cache / "data").glob("*.arrow")  # one cached statistic altered in its last bit: --verify says so
+    data_bytes = bytearray(arrow.read_bytes())
+    at = data_bytes.find(struct.pack("<f", value))
+    assert at >= 0
+    data_bytes[at] ^= 0x01
+    arrow.write_bytes(bytes(data_bytes))
+    status, _, err = run(capsys, "cache-ref", "--config", TINY, "--data", data, "--out", tmp_path / "run",
+                         "--ref-cache", cache, "--verify")
+    assert status == 1 and f"{arrow} does not match its sha256" in err, err
+
 
 # --------------------------------------------------------------------------------------------------
 # Bad input: one clear line on stderr, exit status 1

@@ -140,6 +140,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     from shiq_llm.cli_tasks import load_prompts, load_reward_fn
     from shiq_llm.config import DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.models import resolve_model_source
     from shiq_llm.run import train_run
     from shiq_toy.methods import METHODS
 
@@ -149,10 +150,11 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     started = time.perf_counter()
     reward_fn = load_reward_fn(config.reward)
     prompts = load_prompts(config.eval_prompts, split=config.eval_split)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    source = resolve_model_source(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source, kind="tokenizer"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ref = AutoModelForCausalLM.from_pretrained(config.model).eval()
+    ref = AutoModelForCausalLM.from_pretrained(source).eval()
     eval_options = {"num_samples": 16, "max_new_tokens": 16, "seed": 1, **config.evaluation}
 
     def evaluate(policy) -> dict:
