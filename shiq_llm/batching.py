@@ -1,8 +1,8 @@
-"""Training items, their seeded order, and their collation into batches with the cached reference statistics.
+"""Training items and their collation into batches with the cached reference statistics.
 
-Items are examples (token algorithms, ``dro``) or pairs ``(chosen, rejected)`` of examples (``dpo``, ``copg``).
-Their order in epoch ``e`` is a permutation drawn from ``(seed, e)`` alone (:class:`EpochPermutation`), so a
-resumed run that skips the micro-batches already consumed sees exactly the batches of an uninterrupted run.
+Items are examples (methods on sequences) or pairs ``(chosen, rejected)`` of examples (pair methods). Their
+order is the Trainer's seeded sampler, so a resumed run that skips the micro-batches already consumed sees
+exactly the batches of an uninterrupted run.
 
 Notation used for tensor shapes: ``B`` sequences, ``L`` padded length, ``H`` hidden size.
 """
@@ -15,29 +15,11 @@ import torch
 from shiq_llm.data import collate
 from shiq_llm.reference import scatter_response_values
 
-__all__ = ["EpochPermutation", "TrainingItems", "collate_items"]
-
-
-class EpochPermutation(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)`` alone (a resumed run sees the same order)."""
-
-    def __init__(self, n: int, *, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+__all__ = ["TrainingItems", "collate_items"]
 
 
 class TrainingItems(torch.utils.data.Dataset):
-    """Training items: example ``i`` (token algorithms, dro) or pair ``k`` = (chosen[k], rejected[k])."""
+    """Training items: example ``i`` (methods on sequences) or pair ``k`` = (chosen[k], rejected[k])."""
 
     def __init__(self, examples, pairs: tuple[list[int], list[int]] | None):
         self.examples, self.pairs = examples, pairs

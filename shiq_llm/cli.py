@@ -1,13 +1,15 @@
 """``shiq-llm``: train causal LMs with ShiQ (and baselines) from the command line.
 
-    shiq-llm train --data rows.jsonl --model tiny-llama --out runs/tiny        # every option: --help
-    shiq-llm train --config configs/shiq_tiny.yaml --beta 0.5                  # YAML + overrides
-    shiq-llm cache-ref --config configs/shiq_tiny.yaml                        # reference statistics only
-    accelerate launch -m shiq_llm.cli train --config configs/shiq_llama_lora.yaml   # several GPUs
+    shiq-llm train --dataset_name rows.jsonl --model_name_or_path tiny-llama --output_dir runs/tiny   # --help
+    shiq-llm train --config configs/shiq_tiny.yaml --beta 0.5               # YAML + overrides (TRL's style)
+    shiq-llm cache-ref --config configs/shiq_tiny.yaml [--verify]           # reference statistics only
+    accelerate launch -m shiq_llm.cli train --config configs/shiq_llama_lora.yaml   # several GPUs, FSDP, …
 
-Subcommands ``demo``, ``make-data`` and ``evaluate`` come from ``shiq_llm.cli_tasks`` when it is installed.
-Bad input (a ValueError from the data, the config, a checkpoint or the reference cache) is printed as one
-``shiq-llm: error: …`` line and exits with status 1; a bad command line exits with status 2.
+``train`` and ``cache-ref`` are parsed by ``transformers.HfArgumentParser`` over ``ModelArguments``,
+``DataArguments`` and ``ShiQConfig`` (``shiq_llm.config``): every ``TrainingArguments`` option, both
+``--learning_rate`` and ``--learning-rate`` spellings, a YAML ``--config``. Other subcommands come from
+``shiq_llm.cli_tasks``. Bad input (a ValueError from the data, the options, a checkpoint or the reference cache)
+is printed as one ``shiq-llm: error: …`` line and exits with status 1; a bad command line exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,28 +20,22 @@ import logging
 import sys
 from pathlib import Path
 
-from shiq_llm.config import TrainConfig, add_config_arguments, config_from_namespace
-
 __all__ = ["build_parser", "main", "cache_reference"]
+
+#: Subcommands parsed by HfArgumentParser (``shiq_llm.config.train_parser``).
+HF_COMMANDS = {
+    "train": "train a model with ShiQTrainer (every TrainingArguments option; YAML with --config)",
+    "cache-ref": "compute (or --verify) the reference statistics cache only, with train's options",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shiq-llm", description="Train causal LMs with ShiQ, DPO, CoPG or DRO on "
+    parser = argparse.ArgumentParser(prog="shiq-llm", description="Train causal LMs with ShiQ, DPO, IPO, CoPG or DRO on "
                                      "reward-labelled rows {prompt, completion, reward}.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = subparsers.add_parser("train", help="train a model (every option also reads from --config YAML)",
-                                  description="Train a causal LM on rows {prompt, completion, reward}. Options "
-                                  "given here override the --config YAML file, which overrides the defaults shown.", formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(train)
-    train.set_defaults(handler=_run_train)
-    cache = subparsers.add_parser("cache-ref", help="compute (or verify) the reference statistics cache only",
-                                  description="Compute the reference model's statistics on the tokenised data and "
-                                  "store them in the cache (OUT/reference or --ref-cache), or check an existing one.",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(cache)
-    cache.add_argument("--verify", action="store_true", help="only check the existing cache (error if it is missing "
-                       "or does not match); compute nothing")
-    cache.set_defaults(handler=_run_cache_ref)
+    for name, help_text in HF_COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
     try:
         cli_tasks = importlib.import_module("shiq_llm.cli_tasks")
     except ModuleNotFoundError as error:
@@ -50,9 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(config: TrainConfig) -> None:
-    """``--no-progress-bar`` also silences the progress bars of transformers and datasets."""
-    if not config.progress_bar:
+def hf_parser(command: str):
+    """The HfArgumentParser of ``train`` / ``cache-ref``."""
+    from shiq_llm.config import train_parser
+
+    parser = train_parser(prog=f"shiq-llm {command}", description=HF_COMMANDS[command] + ". Options given here override "
+                          "the --config YAML file, which overrides the defaults shown.")
+    if command == "cache-ref":
+        parser.add_argument("--verify", action="store_true", help="only check the existing cache (error if it is "
+                            "missing or does not match); compute nothing")
+    return parser
+
+
+def _quiet_libraries(args) -> None:
+    """``--disable_tqdm`` also silences the progress bars of transformers and datasets."""
+    if args.disable_tqdm:
         import datasets
         import transformers
 
@@ -60,64 +68,73 @@ def _quiet_libraries(config: TrainConfig) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from shiq_llm.trainer import train
-
-    config = config_from_namespace(args)
-    _quiet_libraries(config)
-    result = train(config)
+def _run_train(argv: list[str]) -> int:
     from accelerate import PartialState
 
+    from shiq_llm.config import parse_train_args
+    from shiq_llm.run import train_run
+
+    model_args, data_args, args = parse_train_args(argv, parser=hf_parser("train"))
+    _quiet_libraries(args)
+    result = train_run(model_args, data_args, args)
     if PartialState().is_main_process:
         print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: {result.metrics_file}")
     return 0
 
 
-def cache_reference(config: TrainConfig, *, verify: bool = False) -> Path:
-    """Compute (or, with ``verify``, only check) the reference cache of ``config``; returns its directory."""
-    from accelerate import Accelerator
-
+def cache_reference(model_args, data_args, args, *, verify: bool = False) -> Path:
+    """Compute (or, with ``verify``, only check) the reference cache of a training run; returns its directory."""
+    from shiq_llm.data import load_rows, tokenize_rows
+    from shiq_llm.loading import load_model_and_tokenizer
     from shiq_llm.models import check_tokenizer_fits_model
-    from shiq_llm.reference import expected_manifest, load_reference_cache, reference_cache
-    from shiq_llm.loading import load_examples, load_model_and_tokenizer
+    from shiq_llm.reference import expected_manifest, load_reference_cache
+    from shiq_llm.trainer import ShiQTrainer
+    from shiq_toy.methods import METHODS
 
-    config.validate()
-    out = Path(config.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = Path(config.ref_cache) if config.ref_cache else out / "reference"
-    tokenizer, model = load_model_and_tokenizer(config, out=out)
+    path = Path(args.ref_cache) if args.ref_cache else out / "reference"
+    if not data_args.dataset_name:
+        raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
+    tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed)
     check_tokenizer_fits_model(tokenizer, model)
-    examples, _, _ = load_examples(config, tokenizer)
-    settings = {"precision": config.precision}
+    rows = load_rows(data_args.dataset_name, format=data_args.data_format, split=data_args.dataset_train_split)
     if verify:
         if not path.exists():
             raise ValueError(f"reference cache {path} does not exist")
-        expected = expected_manifest(model, examples, settings=settings)
-        load_reference_cache(path, expected, need_prompt_state=config.algo == "dro")
+        examples, _ = tokenize_rows(rows, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                    long_response=args.long_response)
+        expected = expected_manifest(model, examples, settings={"precision": args.precision})
+        load_reference_cache(path, expected, need_prompt_state=METHODS[args.loss_type].needs_value)
         print(f"reference cache {path} matches the model and data")
         return path
-    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")  # as in training
-    reference_cache(path, model.to(accelerator.device), examples, settings=settings, recompute=config.recompute_ref,
-                    need_prompt_state=config.algo == "dro", log=print, pad_token_id=tokenizer.pad_token_id,
-                    batch_size=config.ref_batch_size or 2 * config.batch_size, padding_side=config.padding_side,
-                    chunk_size=config.chunk_size, autocast=accelerator.autocast, progress=config.progress_bar)
+    ShiQTrainer(model, args, train_dataset=rows, processing_class=tokenizer)  # computes (or reuses) the cache
     return path
 
 
-def _run_cache_ref(args: argparse.Namespace) -> int:
-    config = config_from_namespace(args)
-    _quiet_libraries(config)
-    path = cache_reference(config, verify=args.verify)
+def _run_cache_ref(argv: list[str]) -> int:
+    from shiq_llm.config import parse_train_args
+
+    parser = hf_parser("cache-ref")
+    verify = "--verify" in argv
+    model_args, data_args, args = parse_train_args([a for a in argv if a != "--verify"], parser=parser)
+    _quiet_libraries(args)
+    path = cache_reference(model_args, data_args, args, verify=verify)
     print(f"reference cache: {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shiq-llm``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if argv and argv[0] in HF_COMMANDS:
+            if "-h" in argv[1:] or "--help" in argv[1:]:
+                hf_parser(argv[0]).print_help()
+                return 0
+            return _run_train(argv[1:]) if argv[0] == "train" else _run_cache_ref(argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError) as error:
         print(f"shiq-llm: error: {error}", file=sys.stderr)

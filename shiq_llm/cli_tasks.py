@@ -1,30 +1,27 @@
-"""``shiq-llm make-data``, ``shiq-llm evaluate`` and ``shiq-llm demo``: the embedded task and its experiment.
+"""``shiq-llm make-data``, ``evaluate``, ``demo`` and ``sweep``: the embedded task and the reward-vs-KL experiment.
 
     shiq-llm make-data --out data/                    # tiny reference + offline rows (shiq_llm.synthetic)
     shiq-llm evaluate --model runs/shiq/final --ref data/reference --prompts synthetic
-    shiq-llm demo --out demo/                          # reference, data, ShiQ and baselines over β, the figure
+    shiq-llm sweep --config SWEEP.yaml                 # methods × β × seeds: train, evaluate, results.csv, figure
+    shiq-llm demo --out demo/                          # make-data, then the sweep of the embedded task
 
 The demo is spec §5's LLM-scale experiment on the embedded task: it builds the reference and the offline data
-(:func:`shiq_llm.synthetic.make_data`), trains every ``(algo, β)`` of the grid with ``shiq_llm.trainer.train``,
-evaluates each final policy on the held-out prompts (:func:`shiq_llm.evaluate.evaluate_policy`: mean reward of
-its own samples and the exact KL to the reference) and writes ``demo_results.csv`` (one row per run, plus the
-reference) and ``reward_vs_kl.png`` (mean reward against KL, one curve per method across β).
-:func:`register` adds the three subcommands to the ``shiq-llm`` parser of ``shiq_llm.cli``.
+(:func:`shiq_llm.synthetic.make_data`) and runs the sweep ``shiq_llm/experiments/embedded_sweep.yaml``
+(:mod:`shiq_llm.experiments.sweep`: every ``(algo, β)`` trained with ``ShiQTrainer``, evaluated on the held-out
+prompts, ``results.csv`` and ``reward_vs_kl.png``). :func:`register` adds the subcommands to ``shiq-llm``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from shiq_toy.experiments import num_threads
 
@@ -32,19 +29,11 @@ __all__ = [
     "register",
     "DemoConfig",
     "run_demo",
-    "write_results",
-    "plot_reward_vs_kl",
+    "demo_sweep_config",
+    "EMBEDDED_SWEEP",
     "load_prompts",
     "load_reward_fn",
-    "RESULT_COLUMNS",
 ]
-
-#: Columns of ``demo_results.csv``.
-RESULT_COLUMNS = (
-    "algo", "beta", "mean_reward", "reward_sem", "kl", "kl_sem", "kl_mc", "mean_length", "finished", "num_samples",
-    "train_seconds",
-)
-
 
 # --------------------------------------------------------------------------------------------------
 # The demo
@@ -58,7 +47,7 @@ class DemoConfig:
     out: str = "demo"
     """Output directory: data/ (reference, rows), runs/<algo>_beta<β>/ (trainer outputs), the CSV and figure."""
     algos: tuple[str, ...] = ("shiq", "dpo", "copg", "dro")
-    """Methods trained (``shiq_llm.config.ALGOS``)."""
+    """Methods trained (``shiq_llm.config.LLM_METHODS``)."""
     betas: tuple[float, ...] = (0.1, 0.3, 1.0)
     """β of every method."""
     steps: int = 150
@@ -109,142 +98,63 @@ def _run_name(algo: str, beta: float) -> str:
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, log: Callable[[str], None] = print) -> list[dict]:
-    """Run the demo (module docstring); returns the result rows (``RESULT_COLUMNS``), the reference first.
+    """Run the demo (module docstring): the embedded task's data, then the sweep of
+    ``shiq_llm/experiments/embedded_sweep.yaml`` with this config's overrides; returns the result rows.
 
-    Writes ``OUT/demo_results.csv``, ``OUT/reward_vs_kl.png`` and, unless ``config.data`` is given, ``OUT/data/``.
+    Writes ``OUT/results.csv``, ``OUT/reward_vs_kl.png`` and, unless ``config.data`` is given, ``OUT/data/``.
     """
     with num_threads(config.threads):
         return _run_demo(config, log)
 
 
+#: The sweep file of the embedded task that ``shiq-llm demo`` runs.
+EMBEDDED_SWEEP = Path(__file__).resolve().parent / "experiments" / "embedded_sweep.yaml"
+
+
+def demo_sweep_config(config: DemoConfig, data_dir: Path):
+    """The SweepConfig of the demo: :data:`EMBEDDED_SWEEP` with the demo's options."""
+    from shiq_llm.experiments.sweep import load_sweep_config
+
+    base = load_sweep_config(EMBEDDED_SWEEP)
+    train = {**base.train, "learning_rate": config.lr, "max_steps": config.steps,
+             "per_device_train_batch_size": config.batch_size}
+    evaluation = {**base.evaluation, "num_samples": config.eval_samples, "max_new_tokens": config.max_new_tokens,
+                  "seed": config.seed + 1}
+    return dataclasses.replace(base, out=str(config.out), model=str(data_dir / "reference"),
+                               train_data=str(data_dir / "train.jsonl"), algos=list(config.algos),
+                               betas=list(config.betas), seeds=[config.seed], train=train, evaluation=evaluation)
+
+
 def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from shiq_llm import synthetic
-    from shiq_llm.config import ALGOS, PAIR_ALGOS, TrainConfig
-    from shiq_llm.evaluate import evaluate_policy
-    from shiq_llm.trainer import train
+    from shiq_llm.config import LLM_METHODS
+    from shiq_llm.experiments.sweep import run_sweep
 
-    unknown = [a for a in config.algos if a not in ALGOS]
+    unknown = [a for a in config.algos if a not in LLM_METHODS]
     if unknown or not config.algos:
-        raise ValueError(f"algos must be a non-empty subset of {list(ALGOS)}, got {list(config.algos)}")
+        raise ValueError(f"algos must be a non-empty subset of {list(LLM_METHODS)}, got {list(config.algos)}")
     if not config.betas or not all(b > 0 and math.isfinite(b) for b in config.betas):
         raise ValueError(f"betas must be finite numbers > 0, got {list(config.betas)}")
     if config.batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 (dpo/copg train on batch_size // 2 pairs), got {config.batch_size}")
+        raise ValueError(f"batch_size must be >= 2 (pair methods train on batch_size // 2 pairs), got {config.batch_size}")
     _quiet_libraries()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
     if config.data is None:
-        log("building the reference and the offline data …")
-        reference = synthetic.ReferenceConfig(steps=config.ref_steps, seed=config.seed)
-        paths = synthetic.make_data(
-            out / "data", reference=reference, completions_per_prompt=config.completions_per_prompt,
-            max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress,
-        )
         data_dir = out / "data"
+        if not (data_dir / "train.jsonl").is_file():
+            log("building the reference and the offline data …")
+            reference = synthetic.ReferenceConfig(steps=config.ref_steps, seed=config.seed)
+            synthetic.make_data(data_dir, reference=reference, completions_per_prompt=config.completions_per_prompt,
+                                max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
     else:
         data_dir = Path(config.data)
-        paths = {"reference": data_dir / "reference", "train": data_dir / "train.jsonl"}
-        for name, path in paths.items():
+        for path in (data_dir / "reference", data_dir / "train.jsonl"):
             if not path.exists():
                 raise ValueError(
                     f"--data {data_dir}: missing {path.name} (make it with `shiq-llm make-data --out {data_dir}`)"
                 )
-    tokenizer = AutoTokenizer.from_pretrained(paths["reference"])
-    ref = AutoModelForCausalLM.from_pretrained(paths["reference"]).eval()
-    prompts = synthetic.task_prompts("eval")
-
-    def evaluate(policy) -> dict:
-        return evaluate_policy(
-            policy, ref, tokenizer, prompts, reward_fn=synthetic.reward, num_samples=config.eval_samples,
-            max_new_tokens=config.max_new_tokens, seed=config.seed + 1,
-        )
-
-    results = [{"algo": "reference", "beta": math.nan, **evaluate(ref), "train_seconds": 0.0}]
-    grid = [(algo, beta) for algo in config.algos for beta in config.betas]
-    bar = tqdm(grid, desc="demo runs", disable=not config.progress)
-    for algo, beta in bar:
-        bar.set_postfix_str(_run_name(algo, beta))
-        pairs = algo in PAIR_ALGOS
-        tick = time.perf_counter()
-        run = train(TrainConfig(
-            data=str(paths["train"]), model=str(paths["reference"]), out=str(out / "runs" / _run_name(algo, beta)),
-            algo=algo, beta=beta, lr=config.lr, max_steps=config.steps,
-            batch_size=config.batch_size // 2 if pairs else config.batch_size, seed=config.seed,
-            overwrite=True, progress_bar=False, tensorboard=False, save_total_limit=1,
-        ))
-        seconds = time.perf_counter() - tick
-        policy = AutoModelForCausalLM.from_pretrained(run.final_dir).eval()
-        results.append({"algo": algo, "beta": beta, **evaluate(policy), "train_seconds": seconds})
-    bar.close()
-
-    write_results(results, out / "demo_results.csv")
-    title = f"Held-out prompts of the embedded task ({len(prompts)} prompts × {config.eval_samples} samples)"
-    plot_reward_vs_kl(results, out / "reward_vs_kl.png", title=title)
-    log(_summary(results, time.perf_counter() - started, out, data_dir))
-    return results
-
-
-def write_results(results: Sequence[dict], path: Path) -> Path:
-    """Write result rows as CSV with the columns ``RESULT_COLUMNS`` (the reference's β is empty)."""
-    with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in results:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return Path(path)
-
-
-def _summary(results: Sequence[dict], seconds: float, out: Path, data_dir: Path) -> str:
-    lines = [f"{'algo':<10} {'beta':>5} {'mean_reward':>12} {'kl':>7} {'kl_mc':>7}"]
-    for r in results:
-        beta = "" if math.isnan(r["beta"]) else f"{r['beta']:g}"
-        reward = f"{r['mean_reward']:.3f} ±{r['reward_sem']:.3f}"
-        lines.append(f"{r['algo']:<10} {beta:>5} {reward:>12} {r['kl']:>7.3f} {r['kl_mc']:>7.3f}")
-    lines.append(f"data: {data_dir}; results: {out / 'demo_results.csv'}, {out / 'reward_vs_kl.png'}; {seconds:.0f} s")
-    return "\n".join(lines)
-
-
-def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
-    """Mean reward (± standard error) against KL(π‖π_ref), one line per method through its β values (each point
-    labelled with its β), the reference as a star at KL = 0 and a dashed line at its reward (spec §5). The KL
-    axis is symlog (linear below 0.1 nats), so that small and large KLs both read."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    methods = [a for a in dict.fromkeys(r["algo"] for r in results) if a != "reference"]
-    for k, algo in enumerate(methods):
-        rows = sorted((r for r in results if r["algo"] == algo), key=lambda r: -r["beta"])
-        color = f"C{k}"
-        ax.errorbar([r["kl"] for r in rows], [r["mean_reward"] for r in rows], xerr=[r["kl_sem"] for r in rows],
-                    yerr=[r["reward_sem"] for r in rows], marker="o", color=color, capsize=2, label=algo)
-        for r in rows:
-            ax.annotate(f"β={r['beta']:g}", (r["kl"], r["mean_reward"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color=color)
-    for r in results:
-        if r["algo"] == "reference":
-            ax.axhline(r["mean_reward"], color="grey", linestyle="--", linewidth=1)
-            ax.plot([0.0], [r["mean_reward"]], marker="*", markersize=12, color="black", linestyle="none",
-                    label="reference", clip_on=False, zorder=3)
-    ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)  # linear near the reference's 0, logarithmic beyond 0.1
-    ax.set_xlim(left=-0.02)
-    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats; exact per token, on π's samples; symlog)")
-    ax.set_ylabel("mean reward of π's samples")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return run_sweep(demo_sweep_config(config, data_dir), log=log, progress=config.progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,15 +241,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.models import check_tokenizer_fits_model, resolve_model_source
 
     reward_spec = getattr(args, "reward", "synthetic" if args.prompts == "synthetic" else "none")
     reward_fn = load_reward_fn(reward_spec)
     prompts = load_prompts(args.prompts, split=args.split)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model_source, ref_source = resolve_model_source(args.model), resolve_model_source(args.ref)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_source, kind="tokenizer"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    ref = AutoModelForCausalLM.from_pretrained(args.ref).eval()
+    policy = AutoModelForCausalLM.from_pretrained(model_source).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_source).eval()
+    for name, model in (("--model", policy), ("--ref", ref)):  # one tokenizer serves both
+        try:
+            check_tokenizer_fits_model(tokenizer, model)
+        except ValueError as error:
+            raise ValueError(f"{name} {getattr(args, name[2:])}: {error}") from None
     metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, num_samples=args.num_samples,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}  # JSON null
@@ -373,13 +290,47 @@ def _parse_betas(text: str) -> list[float]:
 
 
 def register(subparsers) -> None:
-    """Add ``make-data``, ``evaluate`` and ``demo`` to the ``shiq-llm`` subparsers (``shiq_llm.cli``).
+    """Add ``make-data``, ``evaluate``, ``demo`` and ``sweep`` to the ``shiq-llm`` subparsers (``shiq_llm.cli``).
 
     Each sets ``handler`` (the name ``shiq_llm.cli.main`` calls) to a function ``(args) -> int``.
     """
     _register_make_data(subparsers)
     _register_evaluate(subparsers)
     _register_demo(subparsers)
+    _register_sweep(subparsers)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from shiq_llm.experiments.sweep import load_sweep_config, run_sweep
+
+    config = load_sweep_config(args.config, out=getattr(args, "out", None))
+    _quiet_libraries()
+    with num_threads(args.threads):
+        try:
+            run_sweep(config, progress=not args.no_progress)
+        except RuntimeError as error:  # some cells failed: every output is written, the failures named
+            print(f"shiq-llm sweep: {error}")
+            return 1
+    return 0
+
+
+def _register_sweep(subparsers) -> None:
+    from shiq_llm.experiments.sweep import RESULT_COLUMNS
+
+    sweep = subparsers.add_parser(
+        "sweep", formatter_class=_FORMATTER, help="train and evaluate a grid of methods × β × seeds; results.csv "
+        "and the reward-vs-KL figure",
+        description="Train every (algo, beta, seed) of a sweep file with ShiQTrainer (the reference statistics "
+        "computed once and shared), evaluate each on the held-out prompts (mean reward of its samples, exact and "
+        "Monte-Carlo KL to the reference), and write OUT/results.csv (columns " + ",".join(RESULT_COLUMNS) +
+        ", plus the reference) and OUT/reward_vs_kl.png (mean over seeds with error bars, one curve per method). "
+        "Re-running skips finished cells; a failed cell is reported and the others go on. The file's keys are "
+        "documented in shiq_llm.experiments.sweep (example: shiq_llm/experiments/embedded_sweep.yaml).")
+    sweep.add_argument("--config", required=True, default=argparse.SUPPRESS, help="the sweep file (YAML)")
+    sweep.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: the file's 'out')")
+    sweep.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
+    sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sweep.set_defaults(handler=_sweep)
 
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -434,14 +385,17 @@ def _register_evaluate(subparsers) -> None:
 
 
 def _register_demo(subparsers) -> None:
+    from shiq_llm.experiments.sweep import RESULT_COLUMNS
+
     d = DemoConfig()
     demo = subparsers.add_parser(
         "demo", formatter_class=_FORMATTER,
         help="the LLM main job: reference, data, ShiQ and baselines over β, reward-vs-KL figure",
         description="Spec §5 on the embedded task, on the CPU in about 2 minutes: build the reference and offline "
         "data (as make-data), train each method at each β with the trainer's API, evaluate each policy on the "
-        "held-out prompts (mean reward of its samples, exact KL to the reference) and write OUT/demo_results.csv "
-        "(columns " + ",".join(RESULT_COLUMNS) + ") and OUT/reward_vs_kl.png.")
+        "held-out prompts (mean reward of its samples, exact KL to the reference) and write OUT/results.csv "
+        "(columns " + ",".join(RESULT_COLUMNS) + ") and OUT/reward_vs_kl.png. It is the sweep of "
+        "shiq_llm/experiments/embedded_sweep.yaml with these options.")
     demo.add_argument("--out", default=d.out, help="output directory")
     demo.add_argument("--algos", default=argparse.SUPPRESS,
                       help=f"comma-separated methods (default: {','.join(d.algos)}; --quick: shiq,dpo)")

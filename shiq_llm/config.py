@@ -1,271 +1,258 @@
-"""The training configuration: one dataclass, loadable from YAML, every field a command-line option.
+"""The training configuration, in TRL's shape: ``ShiQConfig`` (a ``transformers.TrainingArguments``) plus the
+model and data arguments of a training script, parsed from YAML and the command line.
 
-    config = TrainConfig(data="data.jsonl", out="runs/shiq", model="tiny-llama")
-    config = load_config("configs/shiq_tiny.yaml", overrides={"beta": 0.5})   # YAML, then overrides
-    parser = argparse.ArgumentParser(); add_config_arguments(parser)         # --data, --beta, … (one per field)
+    args = ShiQConfig(output_dir="runs/shiq", beta=0.1, loss_type="shiq", learning_rate=1e-5)
+    model_args, data_args, args = parse_train_args(["--config", "configs/shiq_tiny.yaml", "--beta", "0.5"])
 
-Each field's help text is its ``metadata["help"]``; ``--help`` prints it with the default. YAML keys are the
-field names (``max_length``; the dashed CLI spelling ``max-length`` is accepted too). An unknown key or a value
-of the wrong type is a ValueError naming the key and the file. :meth:`TrainConfig.validate` checks the values
-(the trainer calls it first); errors name the field.
+Every inherited ``TrainingArguments`` name keeps its meaning (``learning_rate``, ``per_device_train_batch_size``,
+``gradient_accumulation_steps``, ``num_train_epochs``, ``max_steps``, ``output_dir``, ``report_to``, ``bf16``,
+``logging_steps``, ``save_steps``, ``save_total_limit``, ``eval_strategy``, ``resume_from_checkpoint``,
+``push_to_hub``, …). The ShiQ fields are below; a DPO config of TRL becomes a ShiQ run by changing the trainer
+class and ``loss_type``. ``ModelArguments`` and ``DataArguments`` use the names of TRL's ``ModelConfig`` and
+``ScriptArguments`` (``model_name_or_path``, ``dtype``, ``use_peft``, ``lora_r``…; ``dataset_name``,
+``dataset_train_split``…).
+
+YAML keys are field names; the command line overrides the file; both ``--learning_rate`` and
+``--learning-rate`` spellings work (``transformers.HfArgumentParser``); an unknown key is a ValueError naming it.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
 
 from shiq_llm.stats import DEFAULT_CHUNK_SIZE
+from shiq_toy.methods import METHODS
 
 __all__ = [
-    "ALGOS",
-    "TOKEN_ALGOS",
-    "PAIR_ALGOS",
-    "PRECISIONS",
-    "MODEL_DTYPES",
+    "LLM_METHODS",
     "TINY_MODELS",
-    "TrainConfig",
-    "load_config",
-    "add_config_arguments",
-    "config_from_namespace",
+    "MODEL_DTYPES",
+    "ShiQConfig",
+    "ModelArguments",
+    "DataArguments",
+    "TRAIN_ARGUMENT_CLASSES",
+    "train_parser",
+    "parse_train_args",
+    "RESUME_INVARIANT",
 ]
 
-#: Token-level residual losses of ``shiq_toy.losses.LOSSES`` the trainer offers.
-TOKEN_ALGOS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk")
-#: Baselines on pairs of responses of one prompt (``shiq_toy.baselines``).
-PAIR_ALGOS = ("dpo", "copg")
-ALGOS = TOKEN_ALGOS + PAIR_ALGOS + ("dro",)
-PRECISIONS = ("fp32", "bf16")
-#: ``transformers.get_scheduler`` names that need nothing but the warm-up and the number of steps.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-MODEL_DTYPES = ("float32", "bfloat16", "auto")
-#: ``--model`` names built locally by ``shiq_llm.models`` (no download): the architecture they use.
+#: Methods of :data:`shiq_toy.methods.METHODS` the LLM trainer offers: all but those that need the soft
+#: value of the logits over the whole vocabulary (``logit_q``), which the chunked statistics never hold.
+LLM_METHODS = tuple(name for name, row in METHODS.items() if not row.needs_soft_value)
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: ``model_name_or_path`` values built locally by ``shiq_llm.models`` (no download): the architecture they use.
 TINY_MODELS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
 
+#: ShiQConfig fields that must not change when a run is resumed (they change the trajectory). The data and
+#: the base model are compared by fingerprint, not by path, so either may move.
+RESUME_INVARIANT = (
+    "loss_type", "beta", "gamma", "average", "pair_mode", "value_coef", "max_length", "max_prompt_length",
+    "long_response", "padding_side", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "bf16",
+)
 
-def _opt(default, help: str, **choices):
-    return field(default=default, metadata={"help": help, **choices})
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``shiq-llm train`` needs. Defaults suit a small GPU run; see ``configs/`` for examples."""
+class ShiQConfig(TrainingArguments):
+    """``transformers.TrainingArguments`` plus the ShiQ fields (each with its help text; ``--help`` lists all)."""
 
-    # --- data ----------------------------------------------------------------------------------------
-    data: str | None = _opt(None, "Training rows: a .jsonl/.json/.parquet file of {prompt, completion, reward} "
-                            "or {messages, rewards} rows, or a hub dataset name (needs the network). Required.")
-    data_format: str | None = _opt(None, "Adapter applied to the rows first (shiq_llm.adapters.ADAPTERS: paired, "
-                                   "ultrafeedback, hh, bfcl); none when the rows are already canonical.")
+    # --- objective -----------------------------------------------------------------------------------
+    loss_type: str = _opt("shiq", "Method (shiq_toy.methods.METHODS): shiq, shiq_init, shiq_ms, shiq_tk, shifted_q "
+                          "(token residuals), dpo, ipo, copg (pairs of responses of one prompt), dro (single "
+                          "responses + a value head).", choices=LLM_METHODS)
+    beta: float = _opt(0.1, "KL regularisation strength beta > 0.")
+    gamma: float = _opt(1.0, "Discount gamma in (0, 1] of the token residuals (sequence-level methods need 1).")
+    average: str = _opt("sequence", "Batch reduction: mean over sequences (pairs for pair methods), or 'token': sum "
+                        "divided by the number of response tokens.", choices=("sequence", "token"))
+    pair_mode: str = _opt("all", "Pairs per prompt for pair methods: 'all' pairs, or 'disjoint' (1st with 2nd, "
+                          "3rd with 4th, ...).", choices=("all", "disjoint"))
+    value_coef: float = _opt(1.0, "dro: weight of the value head's gradient (1 = the joint squared loss).")
+    chunk_size: int = _opt(DEFAULT_CHUNK_SIZE, "Response tokens projected onto the vocabulary at once "
+                           "(shiq_llm.stats): peak extra memory is one chunk_size x V float32 buffer.")
+    # --- tokenisation --------------------------------------------------------------------------------
     max_length: int = _opt(1024, "Maximum tokens per example; longer ones are truncated (prompt from the left, "
-                           "response from the right; counts are logged). See shiq_llm.tokenization.")
+                           "response from the right; counts are logged).")
     max_prompt_length: int | None = _opt(None, "Tokens the prompt may keep when an example is too long "
                                          "(default max_length // 2).")
     long_response: str = _opt("truncate", "A response longer than its budget: 'truncate' it or 'drop' the row.",
                               choices=("truncate", "drop"))
     padding_side: str = _opt("right", "Padding side of the batches.", choices=("right", "left"))
-    # --- model ---------------------------------------------------------------------------------------
-    model: str = _opt("tiny-llama", "Hugging Face model name or local path; or 'tiny-llama' / 'tiny-gpt2': a small "
-                      "random-weight model and BPE tokenizer built locally (no download), saved to OUT/base_model.")
-    tokenizer: str | None = _opt(None, "Tokenizer name or path (default: the model's).")
-    model_dtype: str = _opt("float32", "dtype the weights are loaded in: float32, bfloat16 (halves the memory of a "
-                            "frozen LoRA base), or auto (the checkpoint's).", choices=MODEL_DTYPES)
-    precision: str = _opt("fp32", "Compute precision: fp32, or bf16 autocast (accelerate mixed precision). Token "
-                          "statistics and the loss stay float32 either way.", choices=PRECISIONS)
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (less memory, ~30% slower).")
     disable_dropout: bool = _opt(True, "Set every dropout probability to 0 (as TRL does), so the policy's statistics "
                                  "are deterministic like the cached reference's.")
-    lora_r: int = _opt(0, "LoRA rank through peft; 0 trains all weights. With LoRA the reference is the base "
-                       "model with the adapters disabled.")
-    lora_alpha: float = _opt(16.0, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
-    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
-    lora_target_modules: str = _opt("all-linear", "Modules to adapt: 'all-linear' (every linear layer but the "
-                                    "output head) or a comma-separated list of module names (q_proj,v_proj).")
-    # --- objective -----------------------------------------------------------------------------------
-    algo: str = _opt("shiq", "Loss: shiq, shiq_init, shiq_ms, shiq_tk (token residuals of shiq_toy.losses), "
-                     "dpo, copg (pairs of responses of one prompt), dro (single responses + a value head).",
-                     choices=ALGOS)
-    beta: float = _opt(0.1, "KL regularisation strength β > 0.")
-    gamma: float = _opt(1.0, "Discount γ in (0, 1] of the token-level losses (sequence-level losses ignore it).")
-    average: str = _opt("sequence", "Batch reduction: mean over sequences (pairs for dpo/copg), or 'token': sum "
-                        "divided by the number of response tokens.", choices=("sequence", "token"))
-    pair_mode: str = _opt("all", "dpo/copg pairs per prompt: 'all' pairs with different rewards, or 'disjoint' "
-                          "(1st with 2nd, 3rd with 4th, …).", choices=("all", "disjoint"))
-    value_coef: float = _opt(1.0, "dro: weight of the value head's gradient (1 = the joint squared loss).")
-    # --- optimisation --------------------------------------------------------------------------------
-    batch_size: int = _opt(8, "Micro-batch per device: sequences (pairs for dpo/copg).")
-    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int = _opt(100, "Optimizer steps to train (epochs repeat the data in a new seeded order).")
-    lr: float = _opt(1e-5, "AdamW learning rate.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    lr_scheduler: str = _opt("linear", "Learning-rate schedule (transformers.get_scheduler) over max_steps.",
-                             choices=SCHEDULERS)
-    warmup_steps: int = _opt(0, "Learning-rate warm-up steps.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm; 0 turns clipping off (the norm is still logged).")
-    seed: int = _opt(0, "Seed of the data order, the tiny model's weights and the value head.")
-    chunk_size: int = _opt(DEFAULT_CHUNK_SIZE, "Response tokens projected onto the vocabulary at once "
-                           "(shiq_llm.stats).")
     # --- reference cache -----------------------------------------------------------------------------
-    ref_cache: str | None = _opt(None, "Directory of the reference statistics cache (default OUT/reference). "
+    ref_cache: str | None = _opt(None, "Directory of the reference statistics cache (default OUTPUT_DIR/reference). "
                                  "Point several runs on the same data and model at one directory to share it.")
     recompute_ref: bool = _opt(False, "Recompute the reference cache and overwrite a mismatching one.")
-    ref_batch_size: int | None = _opt(None, "Sequences per forward pass of the reference (default 2 × batch_size).")
-    # --- outputs, logging, checkpoints ---------------------------------------------------------------
-    out: str | None = _opt(None, "Output directory (metrics.jsonl, checkpoints/, final/). Required.")
-    overwrite: bool = _opt(False, "Start afresh in an OUT that holds an earlier run (its metrics, checkpoints "
-                           "and final model are deleted).")
-    resume: bool = _opt(False, "Resume from the newest complete checkpoint in OUT/checkpoints.")
-    resume_from: str | None = _opt(None, "Resume from this checkpoint directory.")
-    logging_steps: int = _opt(1, "Write a metrics line every this many optimizer steps.")
-    save_steps: int = _opt(0, "Checkpoint every this many optimizer steps (0: only at the end).")
-    save_total_limit: int = _opt(2, "Checkpoints kept (the newest ones); older complete ones are deleted.")
-    tensorboard: bool = _opt(True, "Also log to TensorBoard (OUT/tensorboard) when tensorboard is installed.")
-    progress_bar: bool = _opt(True, "Show a tqdm progress bar.")
+    ref_batch_size: int | None = _opt(None, "Sequences per forward pass of the reference "
+                                      "(default 2 x per_device_train_batch_size).")
+    # --- outputs -------------------------------------------------------------------------------------
+    overwrite_output_dir: bool = _opt(False, "Start afresh in an OUTPUT_DIR that holds an earlier run (its "
+                                      "checkpoints, metrics and final model are deleted).")
+    # --- TrainingArguments defaults changed to TRL's / ours -------------------------------------------
+    learning_rate: float = _opt(1e-6, "The initial learning rate for AdamW (TRL's DPO default).")
+    logging_steps: float = _opt(10, "Log every X update steps (a float in (0, 1) is a fraction of the run).")
+    remove_unused_columns: bool = _opt(False, "Kept False: the trainer builds its own batches.")
 
-    # ------------------------------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
-        """ValueError naming the first field with a bad value; returns self."""
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_cpu or not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin to (silences torch's warning)
+        self.check_shiq_fields()
+
+    def check_shiq_fields(self) -> None:
+        """ValueError naming the first ShiQ field with a bad value."""
+        own = {f.name for f in fields(ShiQConfig)} - {f.name for f in fields(TrainingArguments)}
+        for f in fields(ShiQConfig):
+            choices = f.metadata.get("choices") if f.name in own else None
             if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"config field {f.name!r} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
-        if not self.data:
-            raise ValueError("config field 'data' is required (a JSONL/JSON/parquet file or a hub dataset name)")
-        if not self.out:
-            raise ValueError("config field 'out' is required (the output directory)")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"config field 'beta' must be a finite number > 0, got {self.beta!r}")
+                raise ValueError(f"option {f.name!r} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"option 'beta' must be a finite number > 0, got {self.beta!r}")
         if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"config field 'gamma' must lie in (0, 1], got {self.gamma!r}")
-        positive = ["batch_size", "grad_accum", "max_steps", "logging_steps", "chunk_size", "max_length", "save_total_limit"]
-        for name in positive + ["ref_batch_size"] * (self.ref_batch_size is not None):
+            raise ValueError(f"option 'gamma' must lie in (0, 1], got {self.gamma!r}")
+        if METHODS[self.loss_type].sequence_level and self.gamma != 1.0:
+            raise ValueError(f"option 'gamma' must be 1 for the sequence-level method {self.loss_type!r}, got {self.gamma!r}")
+        for name in ("chunk_size", "max_length") + ("ref_batch_size",) * (self.ref_batch_size is not None):
             if getattr(self, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("save_steps", "warmup_steps", "lora_r", "weight_decay", "max_grad_norm", "lora_dropout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"config field 'lr' must be a finite number > 0, got {self.lr!r}")
-        if not self.value_coef > 0:
-            raise ValueError(f"config field 'value_coef' must be > 0, got {self.value_coef!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("config fields 'resume' and 'overwrite' exclude each other")
-        return self
+                raise ValueError(f"option {name!r} must be >= 1, got {getattr(self, name)!r}")
+        if not (self.value_coef > 0 and math.isfinite(self.value_coef)):
+            raise ValueError(f"option 'value_coef' must be a finite number > 0, got {self.value_coef!r}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"option 'learning_rate' must be a finite number > 0, got {self.learning_rate!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def precision(self) -> str:
+        """Compute precision, as recorded in the reference cache's key: ``bf16``, ``fp16`` or ``fp32``."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
 
-# --------------------------------------------------------------------------------------------------
-# Types of the fields: parse and check a value from YAML or the command line
-# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    """The model of a training run (names of TRL's ``ModelConfig``)."""
 
-_HINTS = typing.get_type_hints(TrainConfig)
+    model_name_or_path: str = _opt("tiny-llama", "Hugging Face model name or local path; or 'tiny-llama' / "
+                                   "'tiny-gpt2': a small random-weight model and BPE tokenizer built locally (no "
+                                   "download), saved to OUTPUT_DIR/base_model.")
+    tokenizer_name_or_path: str | None = _opt(None, "Tokenizer name or path (default: the model's).")
+    dtype: str = _opt("float32", "dtype the weights are loaded in: float32, bfloat16 (halves the memory of a frozen "
+                      "LoRA base), float16, or auto (the checkpoint's).", choices=MODEL_DTYPES)
+    use_peft: bool = _opt(False, "Train LoRA adapters (peft) instead of all weights; the reference is then the base "
+                          "model with the adapters disabled.")
+    lora_r: int = _opt(16, "LoRA rank.")
+    lora_alpha: int = _opt(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: str = _opt("all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output "
+                                    "head) or a comma-separated list of module names (q_proj,v_proj).")
 
-
-def _base_type(name: str) -> tuple[type, bool]:
-    """(scalar type, optional) of a field: ``int | None`` -> (int, True)."""
-    hint = _HINTS[name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def _coerce(name: str, value: Any, where: str) -> Any:
-    """Check (and widen int -> float) a YAML value for field ``name``; ValueError naming key and file."""
-    kind, optional = _base_type(name)
-    if value is None:
-        if optional:
+    def peft_config(self):
+        """The ``peft.LoraConfig`` of these arguments, or None without ``use_peft``."""
+        if not self.use_peft:
             return None
-        raise ValueError(f"{where}: key {name!r} cannot be null (expected {kind.__name__})")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: key {name!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
+        from peft import LoraConfig
+
+        if self.lora_r < 1:
+            raise ValueError(f"option 'lora_r' must be >= 1 with use_peft, got {self.lora_r}")
+        targets: Any = self.lora_target_modules
+        if targets != "all-linear":
+            targets = [name.strip() for name in targets.split(",") if name.strip()]
+        return LoraConfig(task_type="CAUSAL_LM", r=self.lora_r, lora_alpha=self.lora_alpha,
+                          lora_dropout=self.lora_dropout, target_modules=targets)
 
 
-def load_config(path: str | Path | None = None, *, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from a YAML mapping of field names (optional), then ``overrides`` (field name -> value).
+@dataclass
+class DataArguments:
+    """The data of a training run (names of TRL's ``ScriptArguments``)."""
 
-    ValueError for an unreadable file, a top level that is not a mapping, an unknown key, or a wrong type.
-    """
+    dataset_name: str | None = _opt(None, "Training rows: a .jsonl/.json/.parquet file of {prompt, completion, reward} "
+                                    "or {messages, rewards} rows, or a hub dataset name (needs the network). Required.")
+    dataset_config: str | None = _opt(None, "Configuration name of a hub dataset.")
+    dataset_train_split: str = _opt("train", "Split to train on.")
+    dataset_test_split: str = _opt("test", "Split to evaluate on when eval_dataset_name names a hub dataset.")
+    eval_dataset_name: str | None = _opt(None, "Evaluation rows (file or hub dataset) for eval_strategy != 'no'.")
+    data_format: str | None = _opt(None, "Adapter applied to the rows first (shiq_llm.adapters.ADAPTERS: paired, "
+                                   "ultrafeedback, hh, bfcl); none when the rows are already canonical.")
+
+
+TRAIN_ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShiQConfig)
+
+
+def train_parser(**kwargs) -> HfArgumentParser:
+    """An ``HfArgumentParser`` over (ModelArguments, DataArguments, ShiQConfig) with ``--config FILE`` (YAML)."""
+    parser = HfArgumentParser(TRAIN_ARGUMENT_CLASSES, **kwargs)
+    parser.add_argument("--config", metavar="FILE", default=None, help="YAML file of options (field names as keys); "
+                        "options given on the command line override it.")
+    return parser
+
+
+def _yaml_values(path: str | Path, known: set[str]) -> dict[str, Any]:
+    """The mapping of a YAML config file; ValueError naming the file, or an unknown key."""
     import yaml
 
-    values: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"cannot read config file {path}: {error}") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of option names to values, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in names:
-                raise ValueError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
-            values[name] = _coerce(name, value, f"config file {path}")
-    for name, value in (overrides or {}).items():
-        if name not in names:
-            raise ValueError(f"unknown config option {name!r}")
-        values[name] = _coerce(name, value, "override")
-    return TrainConfig(**values)
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"cannot read config file {path}: {error}") from error
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values, got {type(loaded).__name__}")
+    values = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"config file {path}: unknown key {key!r} (see `shiq-llm train --help` for the options)")
+        values[name] = value
+    return values
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line: one option per field
-# --------------------------------------------------------------------------------------------------
+def parse_train_args(argv: Sequence[str] | None = None, *, parser: HfArgumentParser | None = None):
+    """(ModelArguments, DataArguments, ShiQConfig) from ``--config`` YAML, then the command line.
 
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config FILE`` and one ``--field-name`` option per TrainConfig field (default: not given).
-
-    Options left out keep the YAML value or the field's default; ``--help`` shows that default.
+    ValueError naming an unknown key (file or command line) or a bad value. YAML values go through the same
+    conversion as command-line strings (so ``1e-5`` and ``true`` read as they would on the command line).
     """
-    parser.add_argument("--config", metavar="FILE", help="YAML file of options (field names as keys); "
-                        "options given on the command line override it.")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        kind, optional = _base_type(f.name)
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default!r})"
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-            continue
-        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-            kwargs.pop("metavar")
-        kwargs["type"] = _none_or(kind) if optional else kind
-        parser.add_argument(flag, **kwargs)
+    import argparse
 
+    parser = parser or train_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=None)
+    known_args, _ = config_parser.parse_known_args(argv)
+    known = {f.name for cls in TRAIN_ARGUMENT_CLASSES for f in fields(cls) if f.init}
+    if known_args.config is not None:
+        yaml_args = []
+        for name, value in _yaml_values(known_args.config, known).items():
+            if isinstance(value, bool):
+                yaml_args += [f"--{name}", str(value)]
+            elif isinstance(value, list):
+                yaml_args += [f"--{name}", *map(str, value)]
+            elif value is None:
+                continue
+            elif isinstance(value, dict):
+                import json
 
-def _none_or(kind: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def config_from_namespace(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from a namespace parsed with :func:`add_config_arguments`: ``--config`` then the options given."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    return load_config(getattr(args, "config", None), overrides=overrides)
+                yaml_args += [f"--{name}", json.dumps(value)]
+            else:
+                yaml_args += [f"--{name}", str(value)]
+        argv = yaml_args + argv  # the command line comes last, so it wins
+    *outputs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ValueError(f"unknown option {remaining[0]!r} (see `shiq-llm train --help` for the options)")
+    return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))

@@ -26,7 +26,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from shiq_llm.rows import load_rows, row_conversation, validate_rows
-from shiq_llm.tokenization import LONG_RESPONSE, TokenizeReport, encode_conversation, tokenize_rows
+from shiq_llm.tokenization import (
+    LONG_RESPONSE,
+    MAX_TRUNCATED_FRACTION,
+    TokenizeReport,
+    encode_conversation,
+    tokenize_rows,
+)
 
 __all__ = [
     "load_rows",
@@ -36,6 +42,7 @@ __all__ = [
     "encode_conversation",
     "TokenizeReport",
     "LONG_RESPONSE",
+    "MAX_TRUNCATED_FRACTION",
     "collate",
     "sequence_rewards",
     "preference_pairs",
@@ -101,22 +108,25 @@ def sequence_rewards(examples) -> torch.Tensor:
     return torch.tensor([sum(r) for r in examples["rewards"]], dtype=torch.float64)
 
 
-def preference_pairs(examples, *, mode: str = "all") -> tuple[list[int], list[int]]:
-    """Pairs of examples with the same prompt and different rewards, for DPO and CoPG (spec §4).
+def preference_pairs(examples, *, mode: str = "all", pairing: str = "preference") -> tuple[list[int], list[int]]:
+    """Pairs of examples with the same prompt for the pair methods (spec §4), by the method's ``pairing``.
 
     examples: the dataset returned by ``tokenize_rows`` (columns ``prompt_id`` and ``rewards``).
     Returns ``(chosen, rejected)``, two equal-length lists of indices into ``examples``: for every pair,
     same ``prompt_id`` and ``sequence_rewards[chosen] > sequence_rewards[rejected]``; pairs with equal
     rewards are dropped. ``mode="all"``: every such pair of each prompt (K responses give up to K(K−1)/2
     pairs); ``mode="disjoint"``: responses paired 1st with 2nd, 3rd with 4th … in dataset order, each used
-    at most once. DPO reads the pair as (winner, loser); CoPG uses the same pairs (it needs two responses of
-    one prompt; their reward gap enters its loss, a tie would carry no signal). Uses
-    ``shiq_toy.baselines.make_preference_pairs`` per prompt. ValueError when no pair exists.
+    at most once. ``pairing="preference"`` (DPO, IPO): the pair is (winner, loser), ties dropped
+    (``shiq_toy.baselines.make_preference_pairs`` per prompt); ``pairing="any"`` (CoPG): any two responses of
+    the prompt, ties included, in dataset order (``shiq_toy.baselines.make_pairs``); see
+    ``shiq_toy.methods.Method.pairing``. ValueError when no pair exists.
     """
-    from shiq_toy.baselines import PAIR_MODES, make_preference_pairs
+    from shiq_toy.baselines import PAIR_MODES, make_pairs, make_preference_pairs
 
     if mode not in PAIR_MODES:
         raise ValueError(f"mode must be one of {PAIR_MODES}, got {mode!r}")
+    if pairing not in ("preference", "any"):
+        raise ValueError(f"pairing must be 'preference' or 'any', got {pairing!r}")
     prompt_ids = torch.as_tensor(examples["prompt_id"], dtype=torch.int64)  # (N,)
     rewards = sequence_rewards(examples)  # (N,)
     groups: dict[int, list[int]] = {}
@@ -128,12 +138,15 @@ def preference_pairs(examples, *, mode: str = "all") -> tuple[list[int], list[in
         if len(members) > 1:
             local = torch.tensor(members)  # (K,) this prompt's responses; empty pairs when all rewards tie
             same_prompt = torch.zeros(len(members), dtype=torch.int64)
-            idx_w, idx_l = make_preference_pairs(same_prompt, rewards[local], mode=mode, allow_empty=True)
+            if pairing == "preference":
+                idx_w, idx_l = make_preference_pairs(same_prompt, rewards[local], mode=mode, allow_empty=True)
+            else:
+                idx_w, idx_l = make_pairs(same_prompt, mode=mode)
             chosen += local[idx_w].tolist()
             rejected += local[idx_l].tolist()
     if not chosen:
         raise ValueError(
-            f"no usable pair for DPO/CoPG: none of the {len(groups)} prompts has two responses with different "
+            f"no usable pair for the pair methods: none of the {len(groups)} prompts has two responses with different "
             f"rewards ({sum(len(m) > 1 for m in groups.values())} prompt(s) have several responses)"
         )
     return chosen, rejected

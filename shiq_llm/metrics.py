@@ -1,14 +1,16 @@
 """Training metrics: what is logged, computed from the statistics the loss already has, and where it goes.
 
-One JSONL line per logging step (``OUT/metrics.jsonl``, flushed at once), the same values to TensorBoard
-(``OUT/tensorboard``, through accelerate's tracker, when ``tensorboard`` is installed). Keys of a line:
+``ShiQTrainer`` logs these every ``logging_steps`` (means over the micro-batches since the last record, over
+all processes) to ``trainer.state.log_history``, the ``report_to`` trackers (TensorBoard, W&B, …) and
+``OUTPUT_DIR/metrics.jsonl`` (:class:`MetricsFileCallback`); evaluation records carry the same names with
+``eval_``. Keys of a record:
 
-- ``step``: optimizer steps done. ``epoch``: passes over the training items (micro-batches consumed / per epoch).
-- ``loss``: mean training loss of the micro-batches since the last line.
-- ``abs_residual``: token algorithms: mean over response tokens of ``|residual_t|``
-  (``shiq_toy.losses.RESIDUALS[algo]``); ``dro``, ``copg``: mean over sequences/pairs of ``|e|`` where the loss
-  is ``½ e²`` (so ``|e| = √(2·loss)``); not logged for ``dpo``.
-- ``dpo_margin`` (dpo only): mean of ``β(Δ(y_w) − Δ(y_l))``. ``value`` (dro only): mean ``V_φ(x)``.
+- ``step``: optimizer steps done (the JSONL file). ``epoch``: passes over the training items.
+- ``loss``: mean training loss (transformers' own).
+- ``abs_residual``: token methods: mean over response tokens of ``|residual_t|``
+  (``shiq_toy.losses.RESIDUALS[name]``); sequence and pair methods whose loss is the square of one residual
+  (``Method.abs_residual``: dro, copg, ipo): mean of ``|e|``; not logged for ``dpo``.
+- ``dpo_margin`` (pair methods): mean of ``β(Δ(y_a) − Δ(y_b))``. ``value`` (dro): mean ``V_φ(x)``.
 - ``implicit_value``: mean over sequences of ``β (vℓ − vref)`` at the first response token (state s_1): the
   value ShiQ implies for the prompt (spec §3, fact 6).
 - ``kl_estimate``: mean over response tokens of ``ρ_t = ln π(a_t|s_t) − ln π_ref(a_t|s_t)`` on the data's own
@@ -18,8 +20,8 @@ One JSONL line per logging step (``OUT/metrics.jsonl``, flushed at once), the sa
 - ``nll``: mean over response tokens of ``−ln π(a_t|s_t)``: the data's cross-entropy under π, logged as a
   proxy of the policy's entropy (equal in expectation when the data comes from π). The per-token entropy
   itself needs the full distribution, which the chunked statistics never hold.
-- ``grad_norm``: total L2 norm of the gradient before clipping, mean over the optimizer steps of the window.
-- ``lr``: learning rate after the step.
+- ``grad_norm``: total L2 norm of the gradient before clipping (transformers' own).
+- ``learning_rate``: learning rate (transformers' own).
 - ``tokens_per_s``: attended (non-padding) tokens processed per second of wall time, all processes together.
 - ``peak_memory_mib``: GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set
   (``ru_maxrss``).
@@ -33,10 +35,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from transformers import TrainerCallback
 
 from shiq_toy.losses import TokenStats, log_ratio
+from shiq_toy.methods import METHODS
 
-__all__ = ["batch_metrics", "peak_memory_mib", "MetricsWindow", "JsonlWriter"]
+__all__ = ["batch_metrics", "peak_memory_mib", "MetricsFileCallback"]
 
 
 def _first_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,8 +81,8 @@ def batch_metrics(
     }
     if residual is not None:  # token algorithms: (B, L), 0 off the response tokens
         out["abs_residual"] = residual.detach().float().abs().sum() / tokens
-    elif algo in ("dro", "copg"):
-        out["abs_residual"] = (2.0 * per_item.detach().float()).sqrt().mean()
+    elif METHODS[algo].abs_residual is not None:  # a square of one residual per sequence / pair
+        out["abs_residual"] = METHODS[algo].abs_residual(per_item.detach().float()).mean()
     for key, x in extras.items():
         out[key] = x.detach().float().mean()
     return out
@@ -91,37 +95,17 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class MetricsWindow:
-    """Running sums of per-micro-batch tensors between two logging steps (kept on device: no sync per step)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, values: Mapping[str, torch.Tensor | float]) -> None:
-        for key, value in values.items():
-            value = torch.as_tensor(value, dtype=torch.float32).detach()
-            self.sums[key] = self.sums[key] + value.to(self.sums[key].device) if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, torch.Tensor]:
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
-
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-
-
-class JsonlWriter:
-    """Append one JSON object per line to ``path``; each line is flushed as it is written."""
+class MetricsFileCallback(TrainerCallback):
+    """Append each log record of the main process to a JSONL file (``{"step": global_step, **logs}``), one
+    line per record, flushed at once; a resumed run first cuts the file back to its checkpoint
+    (``shiq_llm.checkpoint.truncate_metrics_log``), so the file of a resumed run equals an uninterrupted one's."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.file = open(self.path, "a", encoding="utf-8")
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        self.file.write(json.dumps(dict(record), sort_keys=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")

@@ -1,4 +1,9 @@
-"""Models and tokenizers: loading real ones, and building tiny ones locally (no downloads).
+"""Models and tokenizers: checking where real ones come from and that they fit, and building tiny ones locally.
+
+:func:`resolve_model_source` checks a user-given model or tokenizer (a local directory or a hub name) before
+``from_pretrained``, so that a missing directory, one without a model, a broken ``config.json`` or a hub name
+while offline is one line naming the path, not a Hugging Face traceback. :func:`check_tokenizer_fits_model`
+refuses a tokenizer whose ids would mean other tokens to the model.
 
 The tiny builders exist for tests, benchmarks and the embedded default job: a byte-level BPE tokenizer
 trained in memory on a small corpus, and GPT-2 / Llama models constructed from a config with random weights,
@@ -7,9 +12,24 @@ dropout off, and BOS/EOS/pad ids taken from the tokenizer (GPT-2's config defaul
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+
+#: Files of which one marks a directory as a model (a full model, or a peft adapter) / as a tokenizer.
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+#: Embeddings are often rounded up for speed: rows beyond ``len(tokenizer)`` up to the next multiple of this
+#: (which covers rounding to 8, 16, 32 or 64 too) are padding, never looked up.
+EMBEDDING_PAD_MULTIPLE = 128
+#: Some models also reserve rows for tokens not (yet) in their tokenizer: Qwen2 has 151,646 tokens and 151,936
+#: rows (0.2 % unused), DeepSeek-LLM 100,015 and 102,400 (2.3 %). Unused rows up to this fraction of the
+#: embedding are accepted too; more means the tokenizer most likely belongs to another model.
+MAX_UNUSED_EMBEDDING_FRACTION = 1 / 32
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 
@@ -132,13 +152,115 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
+def _model_ids(model, key: str) -> list[int]:
+    """The ids ``model.config`` and ``model.generation_config`` give for ``key`` (e.g. ``"eos_token_id"``)."""
+    ids: list[int] = []
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        value = getattr(config, key, None)
+        ids += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int)]
+    return ids
+
+
 def check_tokenizer_fits_model(tokenizer, model, *, token_ids: Sequence[int] | None = None) -> None:
-    """Raise a ValueError when the tokenizer can emit ids the model's embedding cannot look up."""
+    """Raise a ValueError when the tokenizer's ids would not mean the model's tokens (both numbers named).
+
+    Refused: ``len(tokenizer)`` > the embedding's rows (ids it cannot look up); fewer tokens than rows beyond
+    padding (more unused rows than rounding ``len(tokenizer)`` up to a multiple of ``EMBEDDING_PAD_MULTIPLE``
+    or ``MAX_UNUSED_EMBEDDING_FRACTION`` of the embedding: another model's vocabulary); a BOS or EOS id that
+    the model's config (or generation config) sets to something else (a list of EOS ids must contain the
+    tokenizer's); a special id (pad included) outside the embedding; any of ``token_ids`` outside it. The pad
+    id is only range-checked: padded positions are never attended nor scored, and a tokenizer without a pad
+    token gets its EOS as pad (``shiq_llm.loading``).
+    """
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    n = len(tokenizer)
+    if n > rows:
         raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            f"tokenizer has {n} tokens but the model's embedding has {rows} rows: "
             "this tokenizer does not belong to this model (resize the embeddings or pick the matching tokenizer)"
         )
+    padded = -(-n // EMBEDDING_PAD_MULTIPLE) * EMBEDDING_PAD_MULTIPLE
+    if rows > padded and rows - n > MAX_UNUSED_EMBEDDING_FRACTION * rows:
+        raise ValueError(
+            f"tokenizer has {n} tokens but the model's embedding has {rows} rows: {rows - n} unused rows is more "
+            f"than padding (to {padded}, a multiple of {EMBEDDING_PAD_MULTIPLE}, or {MAX_UNUSED_EMBEDDING_FRACTION:.1%} "
+            "of the embedding), so this tokenizer's ids are most likely another model's tokens (pick the model's own tokenizer)"
+        )
+    for kind in ("bos", "eos"):
+        token_id, expected = getattr(tokenizer, f"{kind}_token_id", None), _model_ids(model, f"{kind}_token_id")
+        if token_id is not None and expected and token_id not in expected:
+            said = getattr(getattr(model, "config", None), f"{kind}_token_id", None)
+            raise ValueError(
+                f"the tokenizer's {kind} token id is {token_id} but the model's config says {said if said is not None else expected}: "
+                "this tokenizer does not belong to this model (pick the model's own tokenizer)"
+            )
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if i is not None]
+    if special and max(special) >= rows:
+        raise ValueError(f"the tokenizer's special token id {max(special)} is outside the model's embedding of {rows} rows")
     if token_ids is not None and len(token_ids) and max(token_ids) >= rows:
         raise ValueError(f"token id {max(token_ids)} is outside the model's vocabulary of {rows}")
+
+
+def _is_hub_name(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _broken_json(file: Path, *, need_model_type: bool = False) -> str | None:
+    """Why ``file`` is not a usable JSON config, or None."""
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        return f"cannot read it ({error})"
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    if not isinstance(content, dict):
+        return f"expected a JSON object, got {type(content).__name__}"
+    if need_model_type and "model_type" not in content:
+        return "no 'model_type' key (transformers cannot tell which model class to build)"
+    return None
+
+
+def resolve_model_source(name: str | os.PathLike[str], *, kind: str = "model") -> str:
+    """Check a model (``kind="model"``) or tokenizer (``kind="tokenizer"``) source; return it for ``from_pretrained``.
+
+    A local directory (``~`` expanded) must hold a model (``MODEL_FILES``, with a readable ``config.json``
+    that names its ``model_type``) or a tokenizer (``TOKENIZER_FILES``, its JSON files readable). A name that
+    is no directory is a hub name when it has the hub's form (``name`` or ``org/name``), else a path that
+    does not exist. A hub name is returned as is, except when ``HF_HUB_OFFLINE`` is set and the Hugging Face
+    cache does not hold it. Each failure is a one-line ValueError naming the path and the problem.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if kind not in ("model", "tokenizer"):
+        raise ValueError(f"kind must be 'model' or 'tokenizer', got {kind!r}")
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        markers = MODEL_FILES if kind == "model" else TOKENIZER_FILES
+        present = [m for m in markers if (path / m).is_file()]
+        if not present:
+            raise ValueError(f"{kind} path {text} holds no {kind} (no {' / '.join(markers)}; expected a directory "
+                             "written by save_pretrained)")
+        checked = [m for m in present if m.endswith(".json")]
+        for marker in checked:
+            problem = _broken_json(path / marker, need_model_type=marker == "config.json")
+            if problem is not None:
+                raise ValueError(f"{kind} path {text} has a broken {marker}: {problem}")
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{kind} path {text} is a file, not a directory (from_pretrained needs the directory it was "
+                         "saved to)")
+    if not _is_hub_name(text):
+        raise ValueError(f"{kind} path {text} does not exist")
+    if constants.HF_HUB_OFFLINE:
+        wanted = ("config.json", "adapter_config.json") if kind == "model" else ("tokenizer_config.json", "tokenizer.json")
+        if not any(isinstance(try_to_load_from_cache(text, file), str) for file in wanted):
+            raise ValueError(f"{kind} {text}: no such local directory, and not in the Hugging Face cache; HF_HUB_OFFLINE "
+                             "is set, so hub names need the network (unset it to download, or give a local path)")
+    return text

@@ -7,7 +7,8 @@ disabled (``with model.disable_adapter():``, :func:`reference_mode`), never a co
 
 **Cache layout** (a directory, written to ``DIR.tmp`` and moved into place with ``os.replace``)::
 
-    DIR/manifest.json      format, fingerprints (model, data), settings, counts, has_prompt_state
+    DIR/manifest.json      format, fingerprints (model, data), settings, counts, has_prompt_state, and
+                           files: size and sha256 of every file under DIR/data (shiq_llm.integrity)
     DIR/data/…             datasets.Dataset.save_to_disk, one row per example, same order as the examples:
         ref_logit_taken  list[float32]   ℓref at the example's response positions, in order (length = number
         ref_logsumexp    list[float32]   vref     of True entries of its response_mask; not full length)
@@ -20,13 +21,15 @@ disabled (``with model.disable_adapter():``, :func:`reference_mode`), never a co
 tensors). It reads at most ``SAMPLE_ELEMENTS`` numbers per tensor, so it costs seconds even for a 70B model; a
 change that touches no sampled element would go unseen (fine-tuning changes essentially all elements). LoRA
 parameters (``lora_*``) are skipped and peft's ``.base_layer`` is removed from names, so a peft-wrapped model
-has its base model's fingerprint. ``data``: sha256 over the ``input_ids`` and ``response_mask`` of every
-example, in order (rewards do not enter the reference). ``settings``: the compute precision (statistics of a
+has its base model's fingerprint. ``data``: sha256 over the number of examples, then per column
+(``input_ids``, ``response_mask``) every example's length and the concatenated values, in the dataset's row order
+(an index mapping left by ``select``/``shuffle`` is followed); rewards do not enter the reference. ``settings``: the compute precision (statistics of a
 bf16-autocast forward differ from fp32 ones by bf16 rounding; the cache is made with the training precision so
 that the policy starts exactly at ``ℓ = ℓ_ref``).
 
 **Checks.** A cache whose manifest differs from the current model, data or settings, or whose files are
-missing or unreadable, is refused with a ValueError naming the file and what differs (never silently used);
+missing, unreadable or altered (a size or sha256 that differs from the manifest: hashing reads the whole cache,
+about a second per GB), is refused with a ValueError naming the file and what differs (never silently used);
 ``recompute=True`` overwrites it (``--recompute-ref``).
 
 **DRO's value.** DRO-V needs a value ``V_φ(x)`` of the prompt. Our choice: a separate linear head
@@ -51,7 +54,8 @@ import torch
 from torch import nn
 
 from shiq_llm.data import collate
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, _unwrap_peft, response_token_stats
+from shiq_llm.integrity import file_manifest, verify_file_manifest
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats, unwrap_peft
 
 __all__ = [
     "CACHE_FORMAT",
@@ -68,7 +72,7 @@ __all__ = [
     "scatter_response_values",
 ]
 
-CACHE_FORMAT = "shiq-reference-cache/1"
+CACHE_FORMAT = "shiq-reference-cache/2"  # /2: the manifest lists the sha256 of every data file
 #: Elements of each parameter read by :func:`model_fingerprint`.
 SAMPLE_ELEMENTS = 65_536
 #: Columns of the cache (``ref_prompt_state`` only when asked for).
@@ -104,7 +108,7 @@ def reference_mode(model: nn.Module):
 
 def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str:
     """sha256 hex digest of the reference model (config + strided parameter samples; module docstring)."""
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_peft(model)
     digest = hashlib.sha256()
     config = getattr(hf_model, "config", None)
     if config is not None:
@@ -128,8 +132,10 @@ def data_fingerprint(examples) -> str:
 
     digest = hashlib.sha256()
     digest.update(f"examples={len(examples)}|".encode())
-    table = examples.data if hasattr(examples, "data") else None
-    for column in ("input_ids", "response_mask"):
+    columns = ["input_ids", "response_mask"]
+    # a Dataset as an Arrow table in its row order (``.data`` would ignore the index mapping of select/shuffle)
+    table = examples.with_format("arrow", columns=columns)[:] if hasattr(examples, "with_format") else None
+    for column in columns:
         if table is not None:
             col = table.column(column).combine_chunks()
             lengths = np.asarray(pc.list_value_length(col), dtype=np.int64)
@@ -153,7 +159,7 @@ class _LastHidden:
 
     def __init__(self, model: nn.Module):
         self.value: torch.Tensor | None = None
-        self.handle = _unwrap_peft(model).base_model.register_forward_hook(self._hook)
+        self.handle = unwrap_peft(model).base_model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
@@ -236,7 +242,9 @@ def save_reference_cache(path: str | Path, stats, manifest: Mapping[str, Any]) -
     if tmp.exists():
         shutil.rmtree(tmp)
     stats.save_to_disk(str(tmp / "data"))
-    (tmp / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, **manifest}, indent=2, sort_keys=True))
+    files = file_manifest(tmp / "data")
+    (tmp / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, **manifest, "files": files}, indent=2,
+                                                  sort_keys=True))
     old = None
     if path.exists():
         old = path.with_name(f"{path.name}.old")
@@ -268,7 +276,8 @@ def load_reference_cache(path: str | Path, expected: Mapping[str, Any], *, need_
     """Load a cache and check it against ``expected`` (manifest entries: fingerprints, settings, counts).
 
     Returns the statistics Dataset. ValueError naming the file and the first entry that differs, a missing
-    file, or a missing ``ref_prompt_state`` column when ``need_prompt_state``.
+    or altered file (size and sha256 against the manifest), or a missing ``ref_prompt_state`` column when
+    ``need_prompt_state``.
     """
     import datasets
 
@@ -286,6 +295,14 @@ def load_reference_cache(path: str | Path, expected: Mapping[str, Any], *, need_
     if need_prompt_state and not manifest.get("has_prompt_state"):
         raise ValueError(f"reference cache {path} has no ref_prompt_state column (it was made for an algorithm other "
                          "than dro); use --recompute-ref to rebuild it with the prompt states dro needs")
+    if not (path / "data").is_dir():
+        raise ValueError(f"reference cache {path}: cannot load {path / 'data'}: the directory is missing; "
+                         "use --recompute-ref")
+    try:
+        verify_file_manifest(path / "data", manifest.get("files"), what=f"reference cache {path} is corrupt",
+                             manifest_file=path / "manifest.json")
+    except ValueError as error:
+        raise ValueError(f"{error}; use --recompute-ref to rebuild it") from None
     try:
         stats = datasets.load_from_disk(str(path / "data"))
     except Exception as error:  # missing/corrupt arrow files: say which cache

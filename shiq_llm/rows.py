@@ -4,18 +4,24 @@ A dataset for ``shiq_llm`` is a ``datasets.Dataset`` whose rows take one of two 
 
 * **single-turn** ``{"prompt", "completion", "reward"}`` — ``prompt`` is a string or a list of
   ``{"role", "content"}`` messages (all of them state, even assistant messages of an earlier history),
-  ``completion`` a non-empty string (the one action turn), ``reward`` a finite number;
+  ``completion`` a non-empty string (the one action turn), ``reward`` a finite number (a string such as
+  ``"0.5"`` is refused, never converted); the prompt must not be blank;
 * **multi-turn** ``{"messages", "rewards"}`` — every ``assistant`` message is an action turn and gets one
   reward, in order (``len(rewards) == number of assistant messages``); user, system and tool messages are
-  state. Accepted too: no ``rewards`` column and a ``reward`` field on every assistant message.
+  state (the messages before the first assistant turn must not all be blank). Accepted too: no ``rewards``
+  column and a ``reward`` field on every assistant message.
 
 :func:`load_rows` reads JSONL / JSON / parquet files, a hub dataset, a list of dicts or a ``Dataset``, runs an
-optional adapter (``shiq_llm.adapters.ADAPTERS``) and validates every row. :func:`row_conversation` turns one
+optional adapter (``shiq_llm.adapters.ADAPTERS``) and validates every row. JSON files are first parsed with the
+standard ``json`` module (:func:`read_json_records`), so an empty file, bytes that are not UTF-8 or a line that
+is not JSON is named with its file and line, and canonical rows are validated as the file states them (the
+Arrow loader of ``datasets`` would silently cast a ``"0.5"`` reward to a number). :func:`row_conversation` turns one
 row into ``(messages, turn_rewards)`` — the single representation the tokeniser works on.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from pathlib import Path
@@ -28,6 +34,7 @@ __all__ = [
     "row_conversation",
     "prompt_key",
     "validate_rows",
+    "read_json_records",
     "load_rows",
 ]
 
@@ -86,6 +93,10 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
+def _blank(messages: Sequence[Mapping[str, str]]) -> bool:
+    return not any(m["content"].strip() for m in messages)
+
+
 def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str, str]], list[float], int]:
     """One canonical row as ``(messages, turn_rewards, n_prompt)``; ValueError naming the row and field.
 
@@ -102,6 +113,9 @@ def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str,
             raise ValueError(f"{at}: field 'messages' has no assistant message (nothing to learn from)")
         if assistant[0] == 0:
             raise ValueError(f"{at}: field 'messages' starts with an assistant message; a prompt message must come first")
+        if _blank(messages[: assistant[0]]):
+            raise ValueError(f"{at}: field 'messages' has an empty prompt (the messages before the first assistant "
+                             "turn are blank)")
         rewards = row.get("rewards")
         if rewards is not None:
             if not isinstance(rewards, (list, tuple)):
@@ -126,9 +140,11 @@ def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str,
             raise ValueError(f"{at}: missing field {column!r}")
     prompt = row["prompt"]
     if isinstance(prompt, str):
-        prompt_messages = [{"role": "user", "content": prompt}]
+        prompt_messages = [{"role": "user", "content": _text(prompt, f"{at}: field 'prompt'", allow_empty=False)}]
     elif isinstance(prompt, (list, tuple)):
         prompt_messages = _messages(prompt, f"{at}: field 'prompt'")
+        if _blank(prompt_messages):
+            raise ValueError(f"{at}: field 'prompt' is empty (every message's content is blank)")
     else:
         raise ValueError(f"{at}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
     completion = _text(row["completion"], f"{at}: field 'completion'", allow_empty=False)
@@ -146,17 +162,23 @@ def prompt_key(messages: Sequence[Mapping[str, str]], n_prompt: int) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages[:first]], ensure_ascii=False)
 
 
-def validate_rows(rows) -> None:
+def validate_rows(rows, *, where: Sequence[str] | None = None) -> None:
     """Check every row of a canonical dataset (``Dataset`` or list of dicts); ValueError at the first bad row.
 
-    Checked: the columns of one of the two forms; prompt/completion/message types; empty completions (also
-    empty assistant messages); rewards finite real numbers; one reward per assistant turn.
+    Checked: the columns of one of the two forms; prompt/completion/message types; empty prompts and
+    completions (also empty assistant messages); rewards finite real numbers (not strings); one reward per
+    assistant turn. ``where[i]`` (e.g. ``"line 5"``), when given, is put before the error of row ``i``.
     """
     if len(rows) == 0:
         raise ValueError("the dataset has no rows")
     row_form(rows.column_names if hasattr(rows, "column_names") else _list_columns(rows))
     for i, row in enumerate(rows):
-        row_conversation(row, i)
+        try:
+            row_conversation(row, i)
+        except ValueError as error:
+            if where is None:
+                raise
+            raise ValueError(f"{where[i]}: {error}") from None
 
 
 def _list_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -168,17 +190,83 @@ def _list_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
     return columns
 
 
-def _read(source, *, split: str, load_kwargs: dict):
+def _utf8_text(data: bytes, path: Path) -> str:
+    """``data`` decoded as UTF-8 (a leading byte-order mark dropped); ValueError naming the line and column."""
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
+                         "save the file as UTF-8") from None
+
+
+def _json_lines(text: str, path: Path) -> tuple[list[Any], list[str]]:
+    records, where = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        where.append(f"line {number}")
+    return records, where
+
+
+def read_json_records(path: str | Path, *, field: str | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """The rows of a ``.jsonl`` / ``.json`` file parsed with the standard ``json`` module, and where each one is.
+
+    ``.jsonl``: one JSON object per line (blank lines skipped); ``where[i] = "line N"``. ``.json``: a list of
+    objects (``where`` is None: errors name the row), a single object, the list under key ``field`` of an
+    object, or JSON Lines. ValueError naming the file, and the line or row: an empty file, bytes that are not
+    UTF-8, text that is not JSON, a row that is not a JSON object.
+    """
+    path = Path(path)
+    text = _utf8_text(path.read_bytes(), path)
+    where: list[str] | None = None
+    if path.suffix.lower() == ".jsonl":
+        records, where = _json_lines(text, path)
+    elif not text.strip():
+        records = []
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":
+                raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
+            records, where = _json_lines(text, path)  # JSON Lines in a .json file
+        else:
+            if field is not None:
+                if not isinstance(records, dict) or field not in records:
+                    raise ValueError(f"{path}: field={field!r} needs a JSON object with that key at the top level")
+                records = records[field]
+            if isinstance(records, dict):
+                records = [records]
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: expected a list of JSON objects (one per row), got {type(records).__name__}")
+    if not records:
+        raise ValueError(f"{path}: the file is empty (no rows)")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            at = where[i] if where is not None else f"row {i}"
+            raise ValueError(f"{path}: {at}: expected a JSON object (one row), got {type(record).__name__}")
+    return records, where
+
+
+def _read(source, *, split: str, load_kwargs: dict, check_canonical: bool):
+    """The rows of ``source`` and whether they were validated already (canonical rows of a JSON file)."""
     import datasets
 
     if isinstance(source, datasets.Dataset):
-        return source
+        return source, False
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise ValueError(f"split {split!r} not in the DatasetDict (splits: {list(source)})")
-        return source[split]
+        return source[split], False
     if isinstance(source, (list, tuple)):
-        return list(source)
+        return list(source), False
     if not isinstance(source, (str, Path)):
         raise ValueError(f"source must be a path, a hub dataset name, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
     path = Path(source)
@@ -186,13 +274,21 @@ def _read(source, *, split: str, load_kwargs: dict):
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"cannot read {path}: the extension must be one of {sorted(_FILE_BUILDERS)}")
+        if builder == "json":  # named errors first; canonical rows checked as written (not as Arrow cast them)
+            records, where = read_json_records(path, field=load_kwargs.get("field"))
+            if check_canonical:
+                try:
+                    validate_rows(records, where=where)
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}") from None
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train", **load_kwargs)
-        except Exception as error:  # arrow/json parse errors: say which file
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", **load_kwargs)
+        except Exception as error:  # arrow/parquet errors: say which file
             raise ValueError(f"cannot read {path} as {builder}: {error}") from error
+        return rows, builder == "json" and check_canonical
     if path.suffix.lower() in _FILE_BUILDERS:
         raise ValueError(f"file not found: {path}")
-    return datasets.load_dataset(str(source), split=split, **load_kwargs)  # a hub dataset (needs the network)
+    return datasets.load_dataset(str(source), split=split, **load_kwargs), False  # a hub dataset (needs the network)
 
 
 def load_rows(
@@ -207,7 +303,9 @@ def load_rows(
     """Load reward-labelled rows as a ``datasets.Dataset`` in a canonical form (see the module docstring).
 
     source: a ``.jsonl`` / ``.json`` / ``.parquet`` path, a hub dataset name (``datasets.load_dataset(source,
-    split=split, **load_kwargs)``), a list of dicts, or a ``Dataset`` / ``DatasetDict``.
+    split=split, **load_kwargs)``), a list of dicts, or a ``Dataset`` / ``DatasetDict``. A JSON file is parsed
+    by :func:`read_json_records` first (errors name the file and line; canonical rows are validated there, as
+    written), then loaded by ``datasets`` (``load_kwargs`` such as ``cache_dir`` or ``field`` go to it).
     format: ``None`` when the rows are already canonical, else the name of an adapter in
     ``shiq_llm.adapters.ADAPTERS`` (``"paired"``, ``"ultrafeedback"``, ``"hh"``, ``"bfcl"``) applied first,
     with the keyword arguments ``format_options`` (e.g. ``{"rejected_reward": -1.0}``).
@@ -217,7 +315,7 @@ def load_rows(
 
     if format is None and format_options:
         raise ValueError("format_options needs a format")
-    rows = _read(source, split=split, load_kwargs=load_kwargs)
+    rows, validated = _read(source, split=split, load_kwargs=load_kwargs, check_canonical=validate and format is None)
     if format is not None:
         from shiq_llm.adapters import ADAPTERS
 
@@ -225,7 +323,7 @@ def load_rows(
             raise ValueError(f"unknown format {format!r}; known: {sorted(ADAPTERS)}")
         rows = ADAPTERS[format](rows, **dict(format_options or {}))
     if isinstance(rows, datasets.Dataset):
-        if validate:
+        if validate and not validated:
             validate_rows(rows)
         return rows
     rows = list(rows)

@@ -47,6 +47,7 @@ __all__ = [
     "naive_response_token_stats",
     "linear_head_token_stats",
     "exact_path_reason",
+    "unwrap_peft",
 ]
 
 #: Rows of hidden states projected at once. Each pass holds one float32 ``chunk_size × V`` buffer
@@ -213,7 +214,7 @@ def linear_head_token_stats(
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """A peft ``PeftModel`` -> the transformers model inside it (adapters stay injected and active)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
@@ -227,7 +228,7 @@ def exact_path_reason(model: nn.Module) -> str | None:
     ``final_logits_bias`` buffer; a config attribute of :data:`LOGIT_TRANSFORM_ATTRIBUTES` set to a value
     that transforms the logits. Anything a model's ``forward`` does to the logits beyond these is not seen.
     """
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_peft(model)
     get_head = getattr(hf_model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if type(head) is not nn.Linear:
@@ -328,7 +329,7 @@ def response_token_stats(
         return naive_response_token_stats(model, input_ids, attention_mask, response_mask, position_ids=position_ids)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_peft(model)
     head = hf_model.get_output_embeddings()
     outputs = hf_model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

@@ -26,7 +26,9 @@ A response that still does not fit is cut from the right (``response_truncated``
 the last kept action are dropped, and the rewards of the cut tokens are added to the last kept action token,
 so the undiscounted return-to-go of every kept token is unchanged) or, with ``long_response="drop"``, the row
 is dropped (``dropped_long_response``). The response always keeps at least one action token, so no row
-becomes empty. The counts are returned in a :class:`TokenizeReport` and logged.
+becomes empty. The counts are returned in a :class:`TokenizeReport` and logged, as a warning when any row
+was cut. A ``max_length`` that cuts more than :data:`MAX_TRUNCATED_FRACTION` of the rows is a ValueError
+naming the counts and the longest example (pass ``max_truncated_fraction`` to accept more).
 """
 
 from __future__ import annotations
@@ -37,12 +39,25 @@ from typing import Any, Mapping, Sequence
 
 from shiq_llm.rows import prompt_key, row_conversation
 
-__all__ = ["Encoded", "TokenizeReport", "encode_conversation", "truncate_encoded", "tokenize_rows", "LONG_RESPONSE"]
+__all__ = [
+    "Encoded",
+    "TokenizeReport",
+    "encode_conversation",
+    "truncate_encoded",
+    "tokenize_rows",
+    "LONG_RESPONSE",
+    "MAX_TRUNCATED_FRACTION",
+]
 
 logger = logging.getLogger(__name__)
 
 #: What :func:`truncate_encoded` does with a response that does not fit in ``max_length``.
 LONG_RESPONSE = ("truncate", "drop")
+
+#: Largest fraction of rows :func:`tokenize_rows` may cut (prompt or response truncated, or dropped) before it
+#: refuses the ``max_length``: beyond it the data trained on is mostly not the data given (a 16-token budget
+#: on paragraphs is a typo, not a policy). Override per call with ``max_truncated_fraction``.
+MAX_TRUNCATED_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,7 @@ def tokenize_rows(
     max_prompt_length: int | None = None,
     long_response: str = "truncate",
     use_chat_template: bool | None = None,
+    max_truncated_fraction: float = MAX_TRUNCATED_FRACTION,
 ):
     """Tokenise canonical rows into a ``datasets.Dataset`` of training examples, with a :class:`TokenizeReport`.
 
@@ -213,12 +229,16 @@ def tokenize_rows(
     equal for rows with the same prompt) and ``row_index`` (int, the row's index in ``rows``).
     use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
     max_length / max_prompt_length / long_response: the truncation policy of the module docstring
-    (``long_response`` ∈ ``LONG_RESPONSE``). ValueError names the row and field of any bad row.
+    (``long_response`` ∈ ``LONG_RESPONSE``). ValueError names the row and field of any bad row, and the
+    counts when more than ``max_truncated_fraction`` (default :data:`MAX_TRUNCATED_FRACTION`) of the rows are
+    cut; cutting fewer is logged as a warning.
     """
     import datasets
 
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
+    if not 0.0 <= max_truncated_fraction <= 1.0:
+        raise ValueError(f"max_truncated_fraction must be in [0, 1], got {max_truncated_fraction!r}")
     if long_response not in LONG_RESPONSE:
         raise ValueError(f"long_response must be one of {LONG_RESPONSE}, got {long_response!r}")
     if max_length is not None:
@@ -231,6 +251,7 @@ def tokenize_rows(
         raise ValueError("max_prompt_length needs max_length")
 
     report = TokenizeReport()
+    cut_rows, longest = 0, 0
     prompt_ids: dict[str, int] = {}
     columns: dict[str, list[Any]] = {k: [] for k in ("input_ids", "response_mask", "rewards", "prompt_id", "row_index")}
     for index, row in enumerate(rows):
@@ -239,6 +260,7 @@ def tokenize_rows(
         example = encode_conversation(
             messages, turn_rewards, n_prompt, tokenizer, use_chat_template=use_chat_template, where=f"row {index}"
         )
+        longest = max(longest, len(example.input_ids))
         if max_length is not None:
             example, prompt_cut, response_cut = truncate_encoded(
                 example,
@@ -248,6 +270,7 @@ def tokenize_rows(
                 bos_token_id=tokenizer.bos_token_id,
             )
             report.prompt_truncated += prompt_cut
+            cut_rows += prompt_cut or response_cut
             if example is None:
                 report.dropped_long_response += 1
                 continue
@@ -263,8 +286,16 @@ def tokenize_rows(
         raise ValueError("the dataset has no rows")
     if report.kept == 0:
         raise ValueError(f"every row was dropped by truncation ({report}); raise max_length or use long_response='truncate'")
-    truncated = report.prompt_truncated + report.response_truncated + report.dropped_long_response
-    (logger.warning if truncated else logger.info)("tokenized %s (max_length=%s)", report, max_length)
+    if cut_rows:
+        cut = (f"{cut_rows} of {report.rows} rows ({cut_rows / report.rows:.0%}) were cut by max_length={max_length}")
+        if cut_rows > max_truncated_fraction * report.rows:
+            raise ValueError(
+                f"{cut}, more than MAX_TRUNCATED_FRACTION = {max_truncated_fraction:.0%}: {report}; raise max_length "
+                f"(the longest example has {longest} tokens), or pass max_truncated_fraction to accept it"
+            )
+        logger.warning("%s: %s", cut, report)
+    else:
+        logger.info("tokenized %s (max_length=%s)", report, max_length)
     features = datasets.Features(
         {
             "input_ids": datasets.List(datasets.Value("int64")),

@@ -1,123 +1,120 @@
-"""Train a causal LM with ShiQ (or DPO, CoPG, DRO) on reward-labelled rows: ``train(TrainConfig) -> TrainResult``.
+"""``ShiQTrainer``: ShiQ (and DPO, IPO, CoPG, DRO) on ``transformers.Trainer``, used like TRL's trainers.
 
-transformers loads the model and tokenizer and makes the schedule, peft adds LoRA, accelerate places devices,
-runs bf16 autocast, accumulates gradients, launches distributed runs and saves states, datasets holds the
-data. Our code is the batching and the loss call::
+    from shiq_llm import ShiQConfig, ShiQTrainer
+    args = ShiQConfig(output_dir="runs/shiq", loss_type="shiq", beta=0.1, learning_rate=1e-5)
+    trainer = ShiQTrainer(model, args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+    trainer.train()
 
-    stats = response_token_stats(model, input_ids, attention_mask, response_mask)      # (B, L) ℓ, vℓ
-    ref = TokenStats(cached ℓref, cached vref)                                         # shiq_llm.reference
-    loss = reduce_loss(LOSSES[algo](stats, ref, rewards, response_mask, beta=β, gamma=γ), response_mask)
+transformers runs the loop (optimizer, schedule, gradient accumulation, mixed precision, DDP / FSDP through
+accelerate, logging to ``report_to`` trackers, evaluation during training, checkpoints, resume, hub push). What
+is ours is the batch and its loss::
 
-The run, in order (:func:`train`): check the output directory and a checkpoint to resume; load the tokenizer
-and model and check that they fit, load, validate and tokenise the rows, add LoRA (:mod:`shiq_llm.loading`;
-``model="tiny-llama"`` / ``"tiny-gpt2"`` builds a small local model in ``OUT/base_model``); load or compute the
-reference statistics (:func:`shiq_llm.reference.reference_cache`); train for ``max_steps`` optimizer steps,
-logging metrics (:mod:`shiq_llm.metrics`) and saving checkpoints (:mod:`shiq_llm.checkpoint`); save the final
-model with ``save_pretrained`` (+ tokenizer) to ``OUT/final`` (with LoRA: merged weights, and the adapter alone
-in ``OUT/final/adapter``).
+    stats = model(input_ids, attention_mask, shiq_response_mask=mask)      # chunked (B, L) ℓ, vℓ: shiq_llm.stats
+    ref = TokenStats(cached ℓref, cached vref)                            # computed once: shiq_llm.reference
+    loss = reduce_loss(per_item_loss(loss_type, stats, ref, rewards, mask, beta=β, gamma=γ), mask)  # shiq_toy
 
-Batches. Token algorithms (``shiq*``) and ``dro`` draw batches of examples; ``dpo`` and ``copg`` draw batches of
-pairs ``(chosen, rejected)`` from ``shiq_llm.data.preference_pairs`` (same prompt, different rewards), collated
-as the ``P`` chosen rows followed by the ``P`` rejected ones. ``R(x, y)`` is the sum of the example's per-token
-rewards. The order is a permutation of the items drawn from ``(seed, epoch)`` alone (:mod:`shiq_llm.batching`),
-so a resumed run skips the micro-batches already consumed and continues with exactly the batches the
-uninterrupted run would have seen; accelerate's ``load_state`` restores weights, optimizer, schedule, RNG and
-its gradient-accumulation counter. A resumed run must keep the options of :data:`RESUME_INVARIANT`, the same
-number of processes, and the same base model and data (compared by fingerprint).
+The model's ``forward`` gains a statistics mode (:func:`add_stats_forward`, as TRL adds its fused LM head), so
+the statistics are computed inside the wrapped model's forward and DDP / FSDP see an ordinary forward.
 
-Distributed runs: ``accelerate launch -m shiq_llm.cli train …`` (data parallel, DDP). The model's forward
-goes through :class:`PolicyStats`, one module that accelerate wraps. The chunked head reads the output
-weight directly, so sharded-parameter schemes (FSDP, DeepSpeed ZeRO-3) are not supported.
+Data. ``train_dataset`` / ``eval_dataset`` are rows in the library's formats (``shiq_llm.rows``: single-turn
+``{prompt, completion, reward}`` or multi-turn ``{messages, rewards}``; a ``datasets.Dataset``, a list of
+dicts, or a file path). They are tokenised (``shiq_llm.tokenization``), paired for pair methods
+(``shiq_llm.data.preference_pairs``, by the method's ``pairing``), and the reference statistics are computed
+once before training with the initial model (with LoRA: adapters disabled) and cached
+(``OUTPUT_DIR/reference``, keyed by model and data fingerprints); no reference model is held during training.
+A micro-batch holds ``per_device_train_batch_size`` items: sequences, or pairs (P chosen rows then P rejected).
+
+Checkpoints (:mod:`shiq_llm.checkpoint`): ``OUTPUT_DIR/checkpoint-N`` as transformers writes them, plus our
+``shiq_state.json`` (options, fingerprints) and a checksum manifest written last; older checkpoints are
+pruned only after that, by an atomic rename. ``train(resume_from_checkpoint=True)`` takes the newest
+checkpoint whose manifest verifies (a corrupt one is named and skipped) and refuses a run whose options, data
+or base model differ.
+
+Metrics (logged every ``logging_steps`` to the trackers, ``trainer.state.log_history`` and
+``OUTPUT_DIR/metrics.jsonl``): ``loss``, ``abs_residual``, ``implicit_value``, ``kl_estimate``, ``nll``,
+method extras (``dpo_margin``, ``value``), ``grad_norm``, ``learning_rate``, ``tokens_per_s``,
+``peak_memory_mib`` (see :mod:`shiq_llm.metrics`); the same with ``eval_`` on ``eval_dataset``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
-import math
-import shutil
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+from transformers import Trainer
+from transformers.utils import ModelOutput
 
-from shiq_llm.batching import EpochPermutation, TrainingItems, collate_items
-from shiq_llm.checkpoint import (
-    check_trainable_saved,
-    prune_checkpoints,
-    resume_point,
-    save_checkpoint,
-    save_trainable_only,
-)
-from shiq_llm.config import PAIR_ALGOS, TINY_MODELS, TOKEN_ALGOS, TrainConfig
-from shiq_llm.loading import apply_lora, load_examples, load_model_and_tokenizer
-from shiq_llm.metrics import JsonlWriter, MetricsWindow, batch_metrics, peak_memory_mib
+from shiq_llm import checkpoint as ckpt
+from shiq_llm.batching import TrainingItems, collate_items
+from shiq_llm.config import LLM_METHODS, RESUME_INVARIANT, ShiQConfig
+from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
+from shiq_llm.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_llm.models import check_tokenizer_fits_model
 from shiq_llm.reference import data_fingerprint, model_fingerprint, reference_cache
-from shiq_llm.stats import response_token_stats
-from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, sequence_log_ratio
-from shiq_toy.losses import RESIDUALS, TokenStats, reduce_loss
+from shiq_llm.stats import response_token_stats, unwrap_peft
+from shiq_toy.losses import TokenStats, reduce_loss
+from shiq_toy.methods import METHODS, Method, per_item_loss
 
-__all__ = ["TrainResult", "PolicyStats", "algorithm_loss", "train"]
+__all__ = ["ShiQTrainer", "ShiQStatsOutput", "add_stats_forward", "algorithm_loss", "VALUE_HEAD"]
 
 logger = logging.getLogger(__name__)
 
-#: Config fields that must not change when a run is resumed (they change the trajectory). The data and the
-#: base model are compared by fingerprint (shiq_llm.reference), not by path, so either may move.
-RESUME_INVARIANT = (
-    "data_format", "max_length", "max_prompt_length", "long_response", "padding_side", "model_dtype", "precision",
-    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "algo", "beta", "gamma", "average", "pair_mode",
-    "value_coef", "batch_size", "grad_accum", "lr", "weight_decay", "lr_scheduler", "warmup_steps",
-    "max_grad_norm", "seed",
-)
-_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard")
+#: Attribute of the model that holds DRO's value head V_φ (a Linear on the reference's last prompt state).
+VALUE_HEAD = "shiq_value_head"
+
+
+# --------------------------------------------------------------------------------------------------
+# The statistics forward and the loss of one batch
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class TrainResult:
-    """Where a run wrote its outputs, and its last logged metrics."""
+class ShiQStatsOutput(ModelOutput):
+    """What the statistics forward returns: ``logit_taken``, ``logsumexp`` (B, L) float32, ``value`` (B,) or None."""
 
-    out_dir: Path
-    final_dir: Path
-    metrics_file: Path
-    checkpoint: Path | None
-    steps: int
-    final_metrics: dict[str, float]
+    logit_taken: torch.Tensor | None = None
+    logsumexp: torch.Tensor | None = None
+    value: torch.Tensor | None = None
 
 
-# --------------------------------------------------------------------------------------------------
-# The loss of one batch
-# --------------------------------------------------------------------------------------------------
+def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
+    """Give ``model`` (a transformers causal LM, or a peft model around one) a statistics mode.
 
-
-class PolicyStats(nn.Module):
-    """The trained LM (and DRO's value head V_φ) behind one forward, so accelerate/DDP wrap a single module.
-
-    forward(input_ids (B, L), attention_mask (B, L), response_mask (B, L), prompt_state (B, H) | None)
-    -> (TokenStats of (B, L) float32, value (B,) float32 | None).
+    ``model(input_ids=…, attention_mask=…, shiq_response_mask=mask, shiq_prompt_state=state)`` returns a
+    :class:`ShiQStatsOutput` of :func:`shiq_llm.stats.response_token_stats` (chunked, no (B, L, V) logits)
+    and, when the model has a value head (:data:`VALUE_HEAD`), ``value = V_φ(state)`` (B,). Without
+    ``shiq_response_mask`` the forward is the original one (generation is unchanged). Idempotent.
     """
+    hf_model = unwrap_peft(model)
+    hf_model._shiq_chunk_size = chunk_size
+    if getattr(hf_model, "_shiq_stats_forward", False):
+        return
+    original = hf_model.forward
 
-    def __init__(self, model: nn.Module, value_head: nn.Module | None = None, *, chunk_size: int):
-        super().__init__()
-        self.model = model
-        self.value_head = value_head
-        self.chunk_size = chunk_size
+    @functools.wraps(type(hf_model).forward)
+    def forward(*args, shiq_response_mask=None, shiq_prompt_state=None, **kwargs):
+        if shiq_response_mask is None:
+            return original(*args, **kwargs)
+        stats = response_token_stats(hf_model, kwargs["input_ids"], kwargs["attention_mask"], shiq_response_mask,
+                                     chunk_size=hf_model._shiq_chunk_size)
+        head = getattr(hf_model, VALUE_HEAD, None)
+        value = head(shiq_prompt_state.to(head.weight.dtype)).squeeze(-1).float() if head is not None else None  # (B,)
+        return ShiQStatsOutput(logit_taken=stats.logit_taken, logsumexp=stats.logsumexp, value=value)
 
-    def forward(self, input_ids, attention_mask, response_mask, prompt_state=None):
-        stats = response_token_stats(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size)
-        value = None
-        if self.value_head is not None:
-            value = self.value_head(prompt_state).squeeze(-1).float()  # (B,) V_φ(x)
-        return stats, value
+    hf_model.forward = forward
+    hf_model._shiq_stats_forward = True
 
 
 def algorithm_loss(
-    algo: str,
+    method: str | Method,
     policy: TokenStats,
     ref: TokenStats,
     batch: Mapping[str, torch.Tensor],
@@ -128,334 +125,303 @@ def algorithm_loss(
     value: torch.Tensor | None = None,
     value_coef: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of one micro-batch from its statistics: ``(loss, per_item, extras)``.
+    """The loss of one micro-batch: ``(loss, per_item, extras)``, through the method's row of
+    :data:`shiq_toy.methods.METHODS`.
 
-    policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L) bool and ``rewards`` (B, L).
-    Token algorithms: per_item (B,) = ``LOSSES[algo]`` = Σ_t residual_t², reduced by ``reduce_loss(…, average)``.
-    ``dro``: per_item (B,) = ``dro_loss(Δ, R, value)`` with value (B,) = V_φ(x). ``dpo``/``copg``: the B rows are
-    P = B/2 pairs, rows ``[:P]`` chosen and ``[P:]`` rejected; per_item (P,); the ``"token"`` average divides
-    by the response tokens of both members. extras: diagnostics (``residual`` (B, L) of token algorithms,
-    ``dpo_margin`` (P,), ``value`` (B,)), read by ``shiq_llm.metrics.batch_metrics``.
+    policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L) bool and ``rewards`` (B, L). Sequence
+    methods: per_item (B,), reduced by ``reduce_loss(…, average)``. Pair methods: the B rows are P = B/2 pairs,
+    rows ``[:P]`` the first members (chosen) and ``[P:]`` the second; per_item (P,); the ``"token"`` average
+    divides by the response tokens of both members. ``value`` (B,) = V_φ(x) for methods that need it.
+    extras: diagnostics for :func:`shiq_llm.metrics.batch_metrics` (``residual`` (B, L) of token methods,
+    ``dpo_margin`` (P,) of pair methods, ``value`` (B,)).
     """
+    from shiq_toy.losses import RESIDUALS
+
+    row = method if isinstance(method, Method) else METHODS[method]
     mask, rewards = batch["response_mask"], batch["rewards"]
-    if algo in TOKEN_ALGOS:
-        residual = RESIDUALS[algo](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B, L)
-        per_item = residual.square().sum(dim=1)  # (B,) = LOSSES[algo](…): Σ_t residual_t²
+    if row.consumes == "tokens":
+        residual = RESIDUALS[row.name](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B, L)
+        per_item = residual.square().sum(dim=1)  # (B,) = LOSSES[name]: Σ_t residual_t²
         return reduce_loss(per_item, mask, average=average), per_item, {"residual": residual}
-    delta = sequence_log_ratio(policy, ref, mask)  # (B,) Δ(y) = Σ_t ρ_t
-    reward = rewards.sum(dim=1)  # (B,) R(x, y)
-    if algo == "dro":
-        if value is None:
-            raise ValueError("algo 'dro' needs the value V_φ(x) of every sequence")
-        per_item = dro_loss(delta, reward, value, beta=beta, value_coef=value_coef)  # (B,)
-        return reduce_loss(per_item, mask, average=average), per_item, {"value": value}
-    if algo not in PAIR_ALGOS:
-        raise ValueError(f"unknown algo {algo!r}")
+    if row.consumes == "sequences":
+        per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, value=value, value_coef=value_coef)
+        return reduce_loss(per_item, mask, average=average), per_item, ({"value": value} if value is not None else {})
     half = mask.shape[0] // 2
     if mask.shape[0] != 2 * half:
         raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {mask.shape[0]}")
+    pairs = (torch.arange(half, device=mask.device), torch.arange(half, 2 * half, device=mask.device))
+    per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, pairs=pairs)  # (P,)
+    with torch.no_grad():
+        delta = (torch.where(mask, policy.logit_taken - policy.logsumexp - ref.logit_taken + ref.logsumexp, 0.0)).sum(1)
     pair_mask = torch.cat([mask[:half], mask[half:]], dim=1)  # (P, 2L): the tokens of both responses
-    if algo == "dpo":
-        per_item = dpo_loss(delta[:half], delta[half:], beta=beta)  # (P,)
-        extras = {"dpo_margin": beta * (delta[:half] - delta[half:])}
-    else:
-        per_item = copg_loss(delta[:half], delta[half:], reward[:half], reward[half:], beta=beta)  # (P,)
-        extras = {}
-    return reduce_loss(per_item, pair_mask, average=average), per_item, extras
+    return reduce_loss(per_item, pair_mask, average=average), per_item, {"dpo_margin": beta * (delta[:half] - delta[half:])}
 
 
 # --------------------------------------------------------------------------------------------------
-# One micro-batch
+# The trainer
 # --------------------------------------------------------------------------------------------------
 
 
-def _train_micro_batch(policy, batch, *, accelerator, optimizer, scheduler, config: TrainConfig):
-    """Forward, loss, backward (and the optimizer step at an accumulation boundary) of one micro-batch."""
-    with accelerator.accumulate(policy):
-        stats, value = policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                              batch.get("ref_prompt_state"))
-        ref = TokenStats(batch["ref_logit_taken"], batch["ref_logsumexp"])
-        loss, per_item, extras = algorithm_loss(config.algo, stats, ref, batch, beta=config.beta, gamma=config.gamma,
-                                                average=config.average, value=value, value_coef=config.value_coef)
-        accelerator.backward(loss)
-        grad_norm = None
-        if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-    metrics = batch_metrics(config.algo, stats, ref, batch, per_item, beta=config.beta, extras=extras)
-    return loss.detach(), metrics, grad_norm
+class ShiQTrainer(Trainer):
+    """``transformers.Trainer`` with the ShiQ loss (module docstring). Arguments as TRL's trainers.
 
-
-# --------------------------------------------------------------------------------------------------
-# The run, phase by phase
-# --------------------------------------------------------------------------------------------------
-
-
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` on ``config.data`` with ``config.algo``; see the module docstring and TrainConfig."""
-    config = dataclasses.replace(config).validate()
-    out = Path(config.out)
-    accelerator, resume = _start(config, out)
-    tokenizer, model, examples, pairs, fingerprints = _load(config, out, accelerator)
-    if resume is not None:
-        _check_same_inputs(resume, fingerprints)
-    examples = _with_reference(config, out, accelerator, model, examples, tokenizer, fingerprints)
-    policy, optimizer, loader, scheduler, n_items = _prepare(config, accelerator, model, examples, pairs, tokenizer)
-    step, micro_batches = 0, 0
-    if resume is not None:
-        check_trainable_saved(resume[0], accelerator.unwrap_model(policy))
-        accelerator.load_state(str(resume[0]), strict=not config.lora_r)  # LoRA checkpoints hold the adapters only
-        step, micro_batches = resume[1]["step"], resume[1]["micro_batches"]
-        logger.info("resumed from %s at step %d", resume[0], step)
-    state = {"num_processes": accelerator.num_processes, "config": config.to_dict(),
-             "model_fingerprint": fingerprints[0], "data_fingerprint": fingerprints[1]}
-    last, checkpoint = _loop(config, out, accelerator, policy, optimizer, loader, scheduler, step, micro_batches, state)
-    final = _save_final(accelerator, policy, tokenizer, out, config, last)
-    accelerator.end_training()
-    return TrainResult(out_dir=out, final_dir=final, metrics_file=out / "metrics.jsonl", checkpoint=checkpoint,
-                       steps=last.get("step", step), final_metrics=last)
-
-
-def _start(config: TrainConfig, out: Path):
-    """The Accelerator, and the checkpoint to resume from (checked against the config) or None."""
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available, set_seed
-
-    _reset_accelerate_state()
-    accelerator = Accelerator(
-        mixed_precision="bf16" if config.precision == "bf16" else "no",
-        gradient_accumulation_steps=config.grad_accum,
-        log_with="tensorboard" if config.tensorboard and is_tensorboard_available() else None,
-        project_dir=str(out),
-    )
-    resume = resume_point(out / "checkpoints", resume=config.resume, resume_from=config.resume_from, warn=logger.warning)
-    if resume is not None:
-        _check_resumable(config, resume[1], resume[0], accelerator.num_processes)
-    if accelerator.is_main_process:
-        _prepare_out_dir(out, config, resuming=resume is not None)
-    accelerator.wait_for_everyone()
-    set_seed(config.seed)
-    return accelerator, resume
-
-
-def _load(config: TrainConfig, out: Path, accelerator):
-    """Tokenizer and model (checked to fit), tokenised examples, pairs, and their fingerprints; LoRA added."""
-    tokenizer, model = load_model_and_tokenizer(config, out=out, accelerator=accelerator)
-    check_tokenizer_fits_model(tokenizer, model)
-    examples, report, pairs = load_examples(config, tokenizer)
-    check_tokenizer_fits_model(tokenizer, model, token_ids=[max(max(ids) for ids in examples["input_ids"])])
-    if accelerator.is_main_process:
-        logger.info("data: %s%s", report, f"; {len(pairs[0])} pairs" if pairs else "")
-        (out / "config.yaml").write_text(_yaml(config.to_dict()))
-        summary = {**dataclasses.asdict(report), "pairs": len(pairs[0]) if pairs else None}
-        (out / "data_report.json").write_text(json.dumps(summary, indent=2))
-    fingerprints = (model_fingerprint(model), data_fingerprint(examples))  # the base model: before LoRA
-    if config.lora_r:
-        model = apply_lora(model, config)
-    return tokenizer, model.to(accelerator.device), examples, pairs, fingerprints
-
-
-def _with_reference(config: TrainConfig, out: Path, accelerator, model, examples, tokenizer, fingerprints):
-    """The examples with the cached reference statistics as extra columns (computed on the main process first)."""
-    import datasets
-
-    with accelerator.main_process_first():
-        ref = reference_cache(
-            Path(config.ref_cache) if config.ref_cache else out / "reference", model, examples,
-            settings={"precision": config.precision}, recompute=config.recompute_ref and accelerator.is_main_process,
-            need_prompt_state=config.algo == "dro", fingerprints=fingerprints, log=logger.info,
-            pad_token_id=tokenizer.pad_token_id, batch_size=config.ref_batch_size or 2 * config.batch_size,
-            padding_side=config.padding_side, chunk_size=config.chunk_size, autocast=accelerator.autocast,
-            progress=config.progress_bar and accelerator.is_main_process,
-        )
-    return datasets.concatenate_datasets([examples, ref], axis=1)
-
-
-def _prepare(config: TrainConfig, accelerator, model, examples, pairs, tokenizer):
-    """Policy (+ DRO value head), AdamW, schedule and seeded loader, all through ``accelerator.prepare``."""
-    from transformers import get_scheduler
-
-    value_head = None
-    if config.algo == "dro":
-        value_head = nn.Linear(len(examples[0]["ref_prompt_state"]), 1)
-        nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V_φ ≡ 0 at the start
-    policy = PolicyStats(model, value_head, chunk_size=config.chunk_size).to(accelerator.device)
-    policy.train()
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    processes = accelerator.num_processes  # accelerate steps a prepared scheduler once per process
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * processes,
-                              num_training_steps=config.max_steps * processes)
-    items = TrainingItems(examples, pairs)
-    collate = functools.partial(collate_items, pad_token_id=tokenizer.pad_token_id, padding_side=config.padding_side)
-    loader = torch.utils.data.DataLoader(items, batch_size=config.batch_size,
-                                         sampler=EpochPermutation(len(items), seed=config.seed), collate_fn=collate)
-    prepared = accelerator.prepare(policy, optimizer, loader, scheduler)
-    accelerator.register_save_state_pre_hook(save_trainable_only)
-    return (*prepared, len(items))
-
-
-def _loop(config: TrainConfig, out: Path, accelerator, policy, optimizer, loader, scheduler, step: int,
-          micro_batches: int, state: Mapping[str, Any]):
-    """Train from ``step`` to ``config.max_steps``, logging and checkpointing; returns (last metrics, checkpoint)."""
-    from tqdm.auto import tqdm
-
-    main = accelerator.is_main_process
-    writer = JsonlWriter(out / "metrics.jsonl") if main else None
-    tracking = _init_trackers(accelerator, config)
-    window, last, checkpoint = MetricsWindow(), {}, None
-    tokens, tick = torch.zeros((), device=accelerator.device), time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=step, desc=f"train {config.algo}", disable=not (config.progress_bar and main))
-    while step < config.max_steps:
-        epoch, skip = divmod(micro_batches, len(loader))
-        loader.set_epoch(epoch)  # the seeded order of this epoch; skip what a resumed run already consumed
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            loss, metrics, grad_norm = _train_micro_batch(policy, batch, accelerator=accelerator, optimizer=optimizer,
-                                                          scheduler=scheduler, config=config)
-            micro_batches += 1
-            tokens += batch["attention_mask"].sum()
-            window.add({"loss": loss, **metrics, **({"grad_norm": grad_norm} if grad_norm is not None else {})})
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % config.logging_steps == 0 or step == config.max_steps:
-                last = _log_window(accelerator, window, tokens, time.perf_counter() - tick, step=step,
-                                   epoch=micro_batches / len(loader), lr=scheduler.get_last_lr()[0])
-                if main:
-                    writer.write(last)
-                    bar.set_postfix(loss=f"{last['loss']:.4g}")
-                if tracking:
-                    accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step)
-                window.reset()
-                tokens, tick = torch.zeros((), device=accelerator.device), time.perf_counter()
-            if (config.save_steps and step % config.save_steps == 0) or step == config.max_steps:
-                checkpoint = save_checkpoint(accelerator, out / "checkpoints", step,
-                                             {**state, "step": step, "micro_batches": micro_batches})
-                if main:
-                    prune_checkpoints(out / "checkpoints", keep=config.save_total_limit, protect=checkpoint)
-            if step >= config.max_steps:
-                break
-    bar.close()
-    if writer is not None:
-        writer.close()
-    return last, checkpoint
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers: output directory, resuming, logging, the final model
-# --------------------------------------------------------------------------------------------------
-
-
-def _prepare_out_dir(out: Path, config: TrainConfig, *, resuming: bool) -> None:
-    """Refuse an OUT that holds an earlier run unless resuming; with ``overwrite`` clear that run first."""
-    earlier = [name for name in _RUN_OUTPUTS if (out / name).exists()]
-    if earlier and not resuming:
-        if not config.overwrite:
-            raise ValueError(f"output directory {out} holds an earlier run ({', '.join(earlier)}): pass --resume to "
-                             "continue it, --overwrite to start afresh (deletes those outputs), or another --out")
-        for name in earlier:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        if config.model in TINY_MODELS:
-            shutil.rmtree(out / "base_model", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _check_resumable(config: TrainConfig, state: Mapping[str, Any], path: Path, num_processes: int) -> None:
-    saved = state.get("config", {})
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_INVARIANT if saved.get(k) != getattr(config, k)]
-    if changed:
-        raise ValueError(f"cannot resume from {path}: these options differ from the checkpoint's run: {'; '.join(changed)}")
-    if state.get("num_processes") != num_processes:
-        raise ValueError(f"cannot resume from {path}: it was saved by {state.get('num_processes')} process(es), "
-                         f"this run has {num_processes} (the data order depends on it)")
-    if state["step"] >= config.max_steps:
-        raise ValueError(f"cannot resume from {path}: it is at step {state['step']} >= max_steps = {config.max_steps}; "
-                         "raise --max-steps to train further")
-
-
-def _check_same_inputs(resume: tuple[Path, Mapping[str, Any]], fingerprints: tuple[str, str]) -> None:
-    path, state = resume
-    for name, value in zip(("model", "data"), fingerprints):
-        if state.get(f"{name}_fingerprint") != value:
-            what = "base model" if name == "model" else "tokenised data"
-            raise ValueError(f"cannot resume from {path}: the {what} differs from the checkpoint's run "
-                             f"({name}_fingerprint {state.get(f'{name}_fingerprint')!r} in {path / 'trainer_state.json'}, "
-                             f"this run has {value!r})")
-
-
-def _reset_accelerate_state() -> None:
-    """Forget the precision and gradient-accumulation state a previous ``train`` call left in this process.
-
-    accelerate keeps them in process-wide singletons: without this, a second run in one process (a sweep, the
-    demo, the tests) could not change ``precision``, and would inherit the previous run's half-consumed
-    dataloader. The process group (``PartialState``) is kept, so ``accelerate launch`` runs are unaffected.
+    model: a causal LM or its name/path; args: :class:`shiq_llm.config.ShiQConfig`; train_dataset,
+    eval_dataset: rows (``datasets.Dataset``, list of dicts, or a file path), or already tokenised examples
+    (columns ``input_ids``, ``response_mask``, ``rewards``, ``prompt_id``, ``row_index``); processing_class:
+    the tokenizer (default: the model's); peft_config: a ``peft.LoraConfig`` to train adapters.
     """
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    def __init__(self, model, args: ShiQConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None),
+                 data_format: str | None = None):
+        args = args if args is not None else ShiQConfig(output_dir="shiq_output")
+        if not isinstance(args, ShiQConfig):
+            raise ValueError(f"args must be a ShiQConfig, got {type(args).__name__}")
+        if args.loss_type not in LLM_METHODS:
+            raise ValueError(f"loss_type {args.loss_type!r} is not offered by the LLM trainer; choose one of {LLM_METHODS}")
+        self.method = METHODS[args.loss_type]
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
 
+            from shiq_llm.models import resolve_model_source
 
-def _init_trackers(accelerator, config: TrainConfig) -> bool:
-    if not accelerator.log_with:
-        return False
-    hparams = {k: ("none" if v is None else v) for k, v in config.to_dict().items()}
-    try:
-        accelerator.init_trackers("tensorboard", config=hparams)
-    except Exception as error:  # a broken tensorboard install must not stop training
-        logger.warning("TensorBoard logging disabled: %s", error)
-        return False
-    return True
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_source(model))
+        if processing_class is None:
+            from transformers import AutoTokenizer
 
+            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+        tokenizer = processing_class
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an EOS token")
+            tokenizer.pad_token = tokenizer.eos_token
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        check_tokenizer_fits_model(tokenizer, model)
+        self.model_fingerprint = model_fingerprint(model)  # the base model: before LoRA and the value head
+        if self.method.needs_value:
+            hidden = model.config.get_text_config().hidden_size
+            head = nn.Linear(hidden, 1, dtype=torch.float32)
+            nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)  # V_φ ≡ 0 at the start
+            setattr(model, VALUE_HEAD, head)
+        if peft_config is not None:
+            from peft import get_peft_model
 
-def _log_window(accelerator, window: MetricsWindow, tokens, seconds: float, *, step: int, epoch: float, lr: float) -> dict:
-    """Average the window's metrics over processes; add throughput, learning rate and memory."""
-    means = window.means()
-    keys = sorted(means)
-    values = accelerator.reduce(torch.stack([means[k].to(accelerator.device) for k in keys]), reduction="mean")
-    total_tokens = accelerator.reduce(tokens.float(), reduction="sum")
-    record = {"step": step, "epoch": round(epoch, 4)}
-    record.update({k: float(v) for k, v in zip(keys, values.tolist())})
-    record.update(lr=lr, tokens_per_s=float(total_tokens) / max(seconds, 1e-9),
-                  peak_memory_mib=peak_memory_mib(accelerator.device))
-    return record
+            if self.method.needs_value:
+                peft_config.modules_to_save = list(peft_config.modules_to_save or []) + [VALUE_HEAD]
+            model = get_peft_model(model, peft_config)
+            if args.activation_checkpointing or args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        add_stats_forward(model, chunk_size=args.chunk_size)
+        collate = functools.partial(collate_items, pad_token_id=tokenizer.pad_token_id, padding_side=args.padding_side)
+        # the raw datasets satisfy Trainer's checks; they are replaced by their training items below, once the
+        # accelerator (device, main process, autocast) exists for the reference pass
+        super().__init__(model=model, args=args, data_collator=collate, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, optimizers=optimizers)
+        self.model_accepts_loss_kwargs = False  # our loss is a mean per micro-batch: Trainer divides by accumulation
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._tokens, self._last_log = 0.0, time.perf_counter()
+        self.data_format = data_format
+        self.data_fingerprint = None
+        self.train_dataset, self.data_fingerprint = self._prepare(train_dataset, "train")
+        self.eval_dataset, _ = self._prepare(eval_dataset, "eval")
+        self.add_callback(MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl"))
 
+    # ----------------------------------------------------------------------------------------------
+    # Data: rows -> tokenised examples -> (pairs) -> + cached reference statistics -> training items
+    # ----------------------------------------------------------------------------------------------
 
-def _save_final(accelerator, policy, tokenizer, out: Path, config: TrainConfig, metrics: Mapping[str, float]) -> Path:
-    """``save_pretrained`` the trained model (merged, for LoRA; adapter alone in ``adapter/``) + tokenizer to OUT/final.
+    def _prepare(self, dataset, split: str):
+        """(TrainingItems, data fingerprint) of ``dataset``, or (None, None)."""
+        import datasets
 
-    Written to ``final.tmp`` and moved into place; an older ``final`` is replaced only once the new one is complete.
-    """
-    final = out / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(policy).model
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if config.lora_r:
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        summary = {"config": config.to_dict(), "final_metrics": dict(metrics)}
-        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        if final.exists():
-            old = out / "final.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.replace(old)
-            tmp.replace(final)
-            shutil.rmtree(old)
+        if dataset is None:
+            return None, None
+        args = self.args
+        if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
+            examples = dataset
         else:
-            tmp.replace(final)
-    accelerator.wait_for_everyone()
-    return final
+            rows = load_rows(dataset, format=self.data_format) if not isinstance(dataset, datasets.Dataset) or self.data_format else dataset
+            if isinstance(dataset, datasets.Dataset) and not self.data_format:
+                from shiq_llm.rows import validate_rows
+
+                validate_rows(rows)
+            examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
+                                             max_prompt_length=args.max_prompt_length, long_response=args.long_response)
+            if self.is_world_process_zero():
+                logger.info("%s data: %s", split, report)
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                summary = {**asdict(report), "pairs": None}
+                if self.method.consumes == "pairs":
+                    summary["pairs"] = len(preference_pairs(examples, mode=args.pair_mode, pairing=self.method.pairing)[0])
+                (Path(args.output_dir) / f"data_report_{split}.json").write_text(json.dumps(summary, indent=2))
+        check_tokenizer_fits_model(self.processing_class, self.model,
+                                   token_ids=[max(max(ids) for ids in examples["input_ids"])])
+        pairs = None
+        if self.method.consumes == "pairs":
+            pairs = preference_pairs(examples, mode=args.pair_mode, pairing=self.method.pairing)
+        fingerprint = data_fingerprint(examples)
+        if split == "train":
+            self._check_resume_inputs(fingerprint)  # before the cache: a resumed run names the checkpoint
+        root = Path(args.ref_cache) if args.ref_cache else Path(args.output_dir) / "reference"
+        path = root if split == "train" else root.with_name(root.name + f"_{split}")
+        with self.accelerator.main_process_first():
+            ref = reference_cache(
+                path, self.model, examples, settings={"precision": args.precision},
+                recompute=args.recompute_ref and self.is_world_process_zero(), need_prompt_state=self.method.needs_value,
+                fingerprints=(self.model_fingerprint, fingerprint), log=logger.info,
+                pad_token_id=self.processing_class.pad_token_id,
+                batch_size=args.ref_batch_size or 2 * args.per_device_train_batch_size, padding_side=args.padding_side,
+                chunk_size=args.chunk_size, autocast=self.accelerator.autocast, device=self.args.device,
+                progress=not args.disable_tqdm and self.is_world_process_zero(),
+            )
+        examples = datasets.concatenate_datasets([examples, ref], axis=1)
+        return TrainingItems(examples, pairs), fingerprint
+
+    # ----------------------------------------------------------------------------------------------
+    # The loss, evaluation and logging
+    # ----------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    shiq_response_mask=inputs["response_mask"], shiq_prompt_state=inputs.get("ref_prompt_state"))
+        stats = TokenStats(out.logit_taken, out.logsumexp)
+        ref = TokenStats(inputs["ref_logit_taken"], inputs["ref_logsumexp"])
+        args = self.args
+        loss, per_item, extras = algorithm_loss(self.method, stats, ref, inputs, beta=args.beta, gamma=args.gamma,
+                                                average=args.average, value=out.value, value_coef=args.value_coef)
+        metrics = batch_metrics(self.method.name, stats, ref, inputs, per_item, beta=args.beta, extras=extras)
+        names = sorted(metrics)
+        values = self.accelerator.gather_for_metrics(torch.stack([metrics[k] for k in names])[None]).mean(0)
+        for name, value in zip(names, values.tolist()):
+            self._metrics[mode][name].append(value)
+        if mode == "train":
+            self._tokens += float(inputs["attention_mask"].sum())
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        elif "loss" in logs:
+            now = time.perf_counter()
+            tokens = self.accelerator.reduce(torch.tensor(self._tokens, device=self.args.device), reduction="sum")
+            metrics["tokens_per_s"] = float(tokens) / max(now - self._last_log, 1e-9)
+            metrics["peak_memory_mib"] = peak_memory_mib(self.args.device)
+            self._tokens, self._last_log = 0.0, now
+        logs.update(metrics)  # in place: evaluate() returns this dict
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints: manifest written last, atomic pruning, verified resume
+    # ----------------------------------------------------------------------------------------------
+
+    def shiq_state(self) -> dict[str, Any]:
+        """What a resumed run must share with this one (saved as ``shiq_state.json`` in each checkpoint)."""
+        return {"num_processes": self.args.world_size, "model_fingerprint": self.model_fingerprint,
+                "data_fingerprint": self.data_fingerprint,
+                "config": {k: getattr(self.args, k) for k in RESUME_INVARIANT}}
+
+    def _save_checkpoint(self, model, trial):
+        root = Path(self._get_output_dir(trial=trial))
+        path = root / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            ckpt.clear_for_save(path)
+        self.accelerator.wait_for_everyone()
+        keep, self.args.save_total_limit = self.args.save_total_limit, None  # prune only once the manifest is written
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            ckpt.finish_checkpoint(path, self.shiq_state())
+            if keep:
+                ckpt.prune_checkpoints(root, keep=keep, protect=path)
+        self.accelerator.wait_for_everyone()
+
+    def _resume_path(self, resume_from_checkpoint, warn=logger.warning) -> str | None:
+        """The checkpoint ``resume_from_checkpoint`` designates: True / "true" / "latest": the newest under
+        ``output_dir`` that verifies (ValueError if there is none); a path: itself; None / False: None."""
+        if resume_from_checkpoint in (None, False, "", "false", "False"):
+            return None
+        if resume_from_checkpoint in (True, "true", "True", "latest"):
+            out = Path(self.args.output_dir)
+            found = ckpt.latest_checkpoint(out, warn=warn)
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint: no checkpoint in {out} (nothing to resume)")
+            return str(found[0])
+        return str(resume_from_checkpoint)
+
+    def _check_resume_inputs(self, fingerprint: str) -> None:
+        """With ``args.resume_from_checkpoint``: refuse other data, base model or options early."""
+        path = self._resume_path(self.args.resume_from_checkpoint, warn=lambda message: None)
+        if path is not None:
+            state = {**self.shiq_state(), "data_fingerprint": fingerprint}
+            ckpt.check_resumable(path, ckpt.verify_checkpoint(path), state)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies."""
+        out = Path(self.args.output_dir)
+        resume_from_checkpoint = self._resume_path(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            state = ckpt.verify_checkpoint(resume_from_checkpoint)
+            ckpt.check_resumable(resume_from_checkpoint, state, self.shiq_state())
+            if self.is_world_process_zero():
+                step = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
+                ckpt.truncate_metrics_log(out / "metrics.jsonl", step)
+        if self.is_world_process_zero():
+            ckpt.clean_stale(out)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def save_final(self, path: str | Path) -> Path:
+        """Write the trained model (merged weights, for LoRA, with the adapter in ``adapter/``; DRO's value head
+        in ``value_head.safetensors``) and the tokenizer to ``path``, atomically (``path.tmp`` then renamed)."""
+        path = Path(path)
+        self.accelerator.wait_for_everyone()
+        state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
+        if self.is_world_process_zero():
+            with ckpt.atomic_directory(path) as tmp:
+                model = self.accelerator.unwrap_model(self.model)
+                _save_model_files(model, tmp, state_dict=state_dict)
+                self.processing_class.save_pretrained(tmp)
+                (tmp / "training_summary.json").write_text(json.dumps(
+                    {"args": self.args.to_dict(), "log_history": self.state.log_history}, indent=2, default=str))
+        self.accelerator.wait_for_everyone()
+        return path
 
 
-def _yaml(values: Mapping[str, Any]) -> str:
-    import yaml
+def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> None:
+    """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA merged."""
+    from safetensors.torch import save_file
 
-    return yaml.safe_dump(dict(values), sort_keys=False)
+    hf_model = unwrap_peft(model)
+    head = getattr(hf_model, VALUE_HEAD, None)
+    if head is not None:
+        head_module = getattr(head, "modules_to_save", None)
+        head_module = head_module["default"] if head_module is not None else head
+        save_file({k: v.detach().cpu().contiguous() for k, v in head_module.state_dict().items()},
+                  str(directory / "value_head.safetensors"))
+        delattr(hf_model, VALUE_HEAD)
+    try:
+        if hf_model is not model:  # peft: the adapter alone, then the merged weights
+            model.save_pretrained(directory / "adapter")
+            merged = model.merge_and_unload()
+            merged.save_pretrained(directory)
+        else:
+            model.save_pretrained(directory, state_dict=state_dict)
+    finally:
+        if head is not None:
+            setattr(hf_model, VALUE_HEAD, head)
+    ckpt.normalise_modes(directory)

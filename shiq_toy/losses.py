@@ -150,6 +150,13 @@ def _first_bad(x: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     return row, pos
 
 
+def _check_rows_not_empty(mask: torch.Tensor) -> None:
+    """ValueError naming the rows of ``mask`` (B, T) that have no masked-in (response) position."""
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequence(s) {empty[:10]} have no masked-in (response) token; drop them or fix the mask")
+
+
 def _validate(fields: dict[str, torch.Tensor], mask: torch.Tensor, beta: float, gamma: float) -> None:
     check_beta(beta)
     check_gamma(gamma)
@@ -166,9 +173,7 @@ def _validate(fields: dict[str, torch.Tensor], mask: torch.Tensor, beta: float, 
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.device != mask.device:
             raise ValueError(f"{name} is on {x.device} but mask is on {mask.device}")
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"sequence(s) {empty[:10]} have no masked-in (response) token; drop them or fix the mask")
+    _check_rows_not_empty(mask)
     for name, x in fields.items():
         if not bool(torch.isfinite(x[mask]).all()):
             row, pos = _first_bad(x, mask)
@@ -362,11 +367,16 @@ LOSSES: dict[str, ResidualFn] = {name: _squared_loss(fn) for name, fn in RESIDUA
 def reduce_loss(per_sequence: torch.Tensor, mask: torch.Tensor, *, average: str = "sequence") -> torch.Tensor:
     """Batch reduction of a (B,) per-sequence loss: ``"sequence"`` (default) averages over the B sequences,
     ``"token"`` divides the sum by the number of masked-in tokens of the batch. Returns a scalar.
+
+    mask: (B, T). A row with no masked-in token is a ValueError naming it, as in the residuals (it would
+    count as a sequence of loss 0, or shrink the token divisor).
     """
-    if per_sequence.dim() != 1 or per_sequence.shape[0] != mask.shape[0]:
-        raise ValueError(f"per_sequence must have shape (B,) = ({mask.shape[0]},), got {tuple(per_sequence.shape)}")
+    if per_sequence.dim() != 1 or mask.dim() != 2 or per_sequence.shape[0] != mask.shape[0]:
+        raise ValueError(f"per_sequence must have shape (B,) and mask (B, T), got {tuple(per_sequence.shape)} and "
+                         f"{tuple(mask.shape)}")
+    _check_rows_not_empty(mask)
     if average == "sequence":
         return per_sequence.mean()
     if average == "token":
-        return per_sequence.sum() / mask.sum().clamp(min=1)
+        return per_sequence.sum() / mask.sum()
     raise ValueError(f"average must be 'sequence' or 'token', got {average!r}")

@@ -1,6 +1,6 @@
 """A small trainer for tabular logits: any ShiQ-family loss of :mod:`shiq_toy.losses`, or a baseline.
 
-``method`` is a key of :data:`shiq_toy.losses.LOSSES` (``shiq``, ``shiq_init``, ``shiq_ms``, ``shiq_tk``,
+``method`` is a row of :data:`shiq_toy.methods.METHODS`: a key of :data:`shiq_toy.losses.LOSSES` (``shiq``, ``shiq_init``, ``shiq_ms``, ``shiq_tk``,
 ``shifted_q``, ``logit_q``) or a baseline of :mod:`shiq_toy.baselines` (``dpo``, ``copg``, ``dro``). Data
 is either a fixed offline :class:`~shiq_toy.data.Dataset` (full batch, or minibatches drawn with the
 sequence weights) or, online, a fresh batch each step from ``sampler(current logits tables)``.
@@ -29,13 +29,17 @@ from tqdm.auto import tqdm
 from shiq_toy import baselines
 from shiq_toy._checks import check_number
 from shiq_toy.data import Dataset
-from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, TokenStats, logit_q_soft_value
+from shiq_toy.losses import TokenStats, logit_q_soft_value
+from shiq_toy.methods import METHODS as METHOD_TABLE
+from shiq_toy.methods import get_method, per_item_loss
 from shiq_toy.tabular import TabularLogits
 
-__all__ = ["BASELINES", "METHODS", "OPTIMIZERS", "History", "method_loss", "dataset_loss", "train"]
+__all__ = ["BASELINES", "METHODS", "OPTIMIZERS", "History", "pairs_of", "method_loss", "dataset_loss", "train"]
 
-BASELINES = ("dpo", "copg", "dro")
-METHODS = (*LOSSES, *BASELINES)
+#: Sequence-level methods (baselines) of :data:`shiq_toy.methods.METHODS`.
+BASELINES = tuple(name for name, row in METHOD_TABLE.items() if row.sequence_level)
+#: Every method name :func:`train` accepts: the rows of :data:`shiq_toy.methods.METHODS`.
+METHODS = tuple(METHOD_TABLE)
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -58,6 +62,17 @@ def _pair_keys(batch: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return groups.flatten(), torch.where(batch.mask, batch.rewards, 0.0).sum(-1).flatten()
 
 
+def pairs_of(method: str, batch: Dataset, *, pair_mode: str = "disjoint", allow_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs a pair method trains on, as (P,) indices into the flattened (C·N,) sequences of ``batch``
+    ((C, N, H) fields): responses of the same prompt and copy, paired by the method's ``pairing``.
+    ``allow_empty`` applies to preference pairs (an online batch may hold no preference)."""
+    row = get_method(method)
+    groups, returns = _pair_keys(batch)  # (C·N,) each
+    if row.pairing == "preference":
+        return baselines.make_preference_pairs(groups, returns, mode=pair_mode, allow_empty=allow_empty)  # winner, loser
+    return baselines.make_pairs(groups, mode=pair_mode)  # ValueError when no prompt has two responses
+
+
 def method_loss(
     method: str,
     policy: TokenStats,
@@ -70,46 +85,36 @@ def method_loss(
     values: torch.Tensor | None = None,
     pair_mode: str = "disjoint",
 ) -> torch.Tensor:
-    """Loss of each copy on a batch: (C,).
+    """Loss of each copy on a batch: (C,), through the method's row of :data:`shiq_toy.methods.METHODS`.
 
     policy, ref: TokenStats with (C, N, H) fields on ``batch.tokens`` (gradients flow through ``policy``);
-    batch: :class:`Dataset` with (C, N, H) fields. ShiQ-family: Σ_n w_n L_n with L_n = Σ_t residual_t²
-    (``logit_q`` also needs ``soft_value`` (C, N, H), see :func:`shiq_toy.losses.logit_q_soft_value`).
-    ``dro``: Σ_n w_n ½(R_n − V(x_n) − βΔ_n)² with ``values`` (C, prompts) the value table V_φ.
-    ``dpo``/``copg``: pairs of responses of the same prompt (``pair_mode``, see
-    :func:`shiq_toy.baselines.make_pairs`), weighted by w_a·w_b normalised per copy; a copy with no pair
-    in the batch contributes 0. Baselines use the sequence reward R = Σ_t r_t and need γ = 1.
+    batch: :class:`Dataset` with (C, N, H) fields. Methods on sequences (the ShiQ family, ``dro``):
+    Σ_n w_n L_n (``logit_q`` also needs ``soft_value`` (C, N, H), see
+    :func:`shiq_toy.losses.logit_q_soft_value`; ``dro`` reads ``values`` (C, prompts), the value table V_φ).
+    Pair methods (``dpo``, ``ipo``, ``copg``): pairs of responses of the same prompt (:func:`pairs_of`),
+    weighted by w_a·w_b normalised per copy; a copy with no pair in the batch contributes 0.
     """
+    row = get_method(method)
     num_copies, num, _ = batch.tokens.shape
     flat = lambda x: x.flatten(0, 1)  # noqa: E731  (C, N, H) -> (C·N, H)
     policy, ref = TokenStats(*map(flat, policy)), TokenStats(*map(flat, ref))
     rewards, mask, weights = flat(batch.rewards), flat(batch.mask), batch.weights  # weights (C, N)
-    if method in LOSSES:
-        extra = {"soft_value": flat(soft_value)} if method in NEEDS_SOFT_VALUE else {}
-        per_sequence = LOSSES[method](policy, ref, rewards, mask, beta=beta, gamma=gamma, **extra)  # (C·N,)
-        return (weights * per_sequence.view(num_copies, num)).sum(-1)
-    if method not in BASELINES:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if gamma != 1.0:
-        raise ValueError(f"the baselines are sequence-level: gamma must be 1, got {gamma}")
-    delta = baselines.sequence_log_ratio(policy, ref, mask)  # (C·N,)
-    groups, returns = _pair_keys(batch)  # (C·N,) each
-    if method == "dro":
+    value = pairs = None
+    if row.needs_value:
         if values is None or values.dim() != 2 or values.shape[0] != num_copies:
-            raise ValueError(f"dro needs values, the (C, prompts) value table V_φ with C = {num_copies}")
-        copy = torch.arange(num_copies).repeat_interleave(num)
-        value = values[copy, batch.prompt_ids.flatten()]  # (C·N,)
-        return (weights * baselines.dro_loss(delta, returns, value, beta=beta).view(num_copies, num)).sum(-1)
-    if method == "dpo":
-        idx_a, idx_b = baselines.make_preference_pairs(groups, returns, mode=pair_mode, allow_empty=True)  # winner, loser
-        per_pair = baselines.dpo_loss(delta[idx_a], delta[idx_b], beta=beta)  # (P,)
-    else:
-        idx_a, idx_b = baselines.make_pairs(groups, mode=pair_mode)
-        per_pair = baselines.copg_loss(delta[idx_a], delta[idx_b], returns[idx_a], returns[idx_b], beta=beta)
+            raise ValueError(f"{method} needs values, the (C, prompts) value table V_φ with C = {num_copies}")
+        value = values[torch.arange(num_copies).repeat_interleave(num), batch.prompt_ids.flatten()]  # (C·N,)
+    if row.consumes == "pairs":
+        pairs = pairs_of(method, batch, pair_mode=pair_mode)
+    per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, gamma=gamma, pairs=pairs, value=value,
+                             soft_value=flat(soft_value) if soft_value is not None else None)
+    if row.consumes != "pairs":
+        return (weights * per_item.view(num_copies, num)).sum(-1)
+    idx_a, idx_b = pairs
     flat_weights = weights.flatten()
     pair_weight, pair_copy = flat_weights[idx_a] * flat_weights[idx_b], idx_a // num  # (P,)
-    total = torch.zeros(num_copies, dtype=per_pair.dtype).index_add(0, pair_copy, pair_weight * per_pair)
-    norm = torch.zeros(num_copies, dtype=per_pair.dtype).index_add(0, pair_copy, pair_weight)
+    total = torch.zeros(num_copies, dtype=per_item.dtype).index_add(0, pair_copy, pair_weight * per_item)
+    norm = torch.zeros(num_copies, dtype=per_item.dtype).index_add(0, pair_copy, pair_weight)
     return total / norm.clamp(min=torch.finfo(norm.dtype).tiny)
 
 
@@ -157,7 +162,7 @@ def dataset_loss(
     (C,) with copies, else a scalar. data: (N, H) or (C, N, H) fields; ``values`` (C, prompts) for dro."""
     batch = _as_stacked(data, model.copies or 1)
     with torch.no_grad():
-        soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if method in NEEDS_SOFT_VALUE else None
+        soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if get_method(method).needs_soft_value else None
         loss = method_loss(
             method, _stats(model, batch.tokens), _stats(ref, batch.tokens), batch,
             beta=beta, gamma=gamma, soft_value=soft_value, values=values, pair_mode=pair_mode,
@@ -171,8 +176,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _check_args(model, ref, method, steps, lr, optimizer, eval_every, batch_size, data, sampler) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    get_method(method)  # ValueError naming the known methods
     if ref.copies not in (None, model.copies) or ref.vocab_size != model.vocab_size or ref.horizon != model.horizon:
         raise ValueError(
             f"ref must match the model (V={model.vocab_size}, H={model.horizon}, copies {model.copies} or none), "
@@ -191,12 +195,9 @@ def _check_args(model, ref, method, steps, lr, optimizer, eval_every, batch_size
 
 
 def _check_pairs(method: str, data: Dataset, pair_mode: str) -> None:
-    """Offline DPO/CoPG: refuse data that holds no usable pair at all (a clear error before training)."""
-    groups, returns = _pair_keys(data)
-    if method == "dpo":
-        baselines.make_preference_pairs(groups, returns, mode=pair_mode)
-    elif method == "copg":
-        baselines.make_pairs(groups, mode=pair_mode)
+    """Offline pair methods: refuse data that holds no usable pair at all (a clear error before training)."""
+    if get_method(method).consumes == "pairs":
+        pairs_of(method, data, pair_mode=pair_mode, allow_empty=False)
 
 
 def train(
@@ -235,7 +236,7 @@ def train(
 
     params = list(model.parameters())
     values = None
-    if method == "dro":
+    if get_method(method).needs_value:
         prompts = 1 if data is None else int(data.prompt_ids.max()) + 1
         values = torch.zeros(num_copies, prompts, dtype=torch.float64, requires_grad=True)
         params.append(values)
@@ -267,7 +268,7 @@ def train(
             idx = torch.multinomial(fixed.weights, batch_size, replacement=True, generator=generator)  # (C, b)
             batch = Dataset(*(_take(x, idx) for x in fixed[:-1]), weights=torch.full(idx.shape, 1.0 / batch_size, dtype=torch.float64))
             ref_stats = TokenStats(*(_take(x, idx) for x in fixed_ref))  # (C, b, H)
-        soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if method in NEEDS_SOFT_VALUE else None
+        soft_value = _soft_value(model, ref, batch.tokens, beta=beta) if get_method(method).needs_soft_value else None
         loss = method_loss(
             method, _stats(model, batch.tokens), ref_stats, batch,
             beta=beta, gamma=gamma, soft_value=soft_value, values=values, pair_mode=pair_mode,

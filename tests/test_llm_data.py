@@ -175,6 +175,10 @@ GOOD = {"prompt": "p", "completion": "c", "reward": 1.0}
         ({"prompt": [{"role": "user"}]}, r"row 1: field 'prompt'\[0\] \(user\) content is missing"),
         ({"prompt": [{"content": "x"}]}, r"row 1: field 'prompt'\[0\]: 'role' must be a non-empty string"),
         ({"prompt": []}, r"row 1: field 'prompt' must be a non-empty list"),
+        ({"prompt": ""}, r"row 1: field 'prompt' is empty"),
+        ({"prompt": " \n"}, r"row 1: field 'prompt' is empty"),
+        ({"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": " "}]},
+         r"row 1: field 'prompt' is empty \(every message's content is blank\)"),
     ],
 )
 def test_single_turn_bad_rows(bad, message):
@@ -214,6 +218,8 @@ U, A, T = "user", "assistant", "tool"
         (_multi([{"role": A, "content": "a"}, {"role": U, "content": "q"}], [1.0]),
          r"row 1: field 'messages' starts with an assistant message"),
         (_multi("not a list", [1.0]), r"row 1: field 'messages' must be a non-empty list"),
+        (_multi([{"role": U, "content": ""}, {"role": A, "content": "a"}, {"role": U, "content": "q"}, {"role": A, "content": "b"}], [1.0, 2.0]),
+         r"row 1: field 'messages' has an empty prompt \(the messages before the first assistant turn are blank\)"),
         (_multi([{"role": U, "content": "q"}, {"role": A, "content": "a"}], 1.0), r"row 1: field 'rewards' must be a list"),
         ([{"messages": [{"role": U, "content": "q", "reward": 1.0}, {"role": A, "content": "a", "reward": 1.0}]}],
          r"row 0: messages\[0\] \(user\) has a reward, but only assistant turns are actions"),
@@ -231,6 +237,51 @@ def test_bad_reward_in_a_jsonl_file_names_the_row(tmp_path):
     path.write_text('{"prompt": "a", "completion": "b", "reward": 1.0}\n{"prompt": "a", "completion": "c", "reward": NaN}\n')
     with pytest.raises(ValueError, match=r"row 1: field 'reward' must be finite"):
         load_rows(path, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_string_reward_in_a_file_is_refused_not_converted(tmp_path, name):
+    """The json loader of ``datasets`` casts "0.5" to 0.5 when another row has a number; the rows are checked
+    as the file states them first."""
+    records = [GOOD, {**GOOD, "reward": "0.5"}]
+    text = "\n".join(json.dumps(r) for r in records) + "\n" if name.endswith("l") else json.dumps(records)
+    (tmp_path / name).write_text(text)
+    where = r"rows.jsonl: line 2: " if name.endswith("l") else r"rows.json: "
+    with pytest.raises(ValueError, match=where + r"row 1: field 'reward' must be a real number, got str '0.5'"):
+        load_rows(tmp_path / name, cache_dir=str(tmp_path / "cache"))
+
+
+GOOD_LINE = json.dumps(GOOD).encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("rows.jsonl", b"", r"rows.jsonl: the file is empty \(no rows\)"),
+        ("rows.jsonl", b"\n  \n", r"rows.jsonl: the file is empty \(no rows\)"),
+        ("rows.json", b"", r"rows.json: the file is empty \(no rows\)"),
+        ("rows.json", b"[]", r"rows.json: the file is empty \(no rows\)"),
+        ("rows.jsonl", GOOD_LINE + b"not json\n", r"rows.jsonl: line 2: not valid JSON \(Expecting value at column 1\)"),
+        ("rows.jsonl", GOOD_LINE + b"\n" + GOOD_LINE[:-3] + b"\n",
+         r"rows.jsonl: line 3: not valid JSON \(Expecting ',' delimiter at column \d+\)"),
+        ("rows.jsonl", GOOD_LINE * 2 + b'{"prompt": "\xff\xfe", "completion": "c", "reward": 1.0}\n',
+         r"rows.jsonl: line 3: not UTF-8 text \(byte 0xff at column 13\)"),
+        ("rows.jsonl", GOOD_LINE + b"[1, 2]\n", r"rows.jsonl: line 2: expected a JSON object \(one row\), got list"),
+        ("rows.json", b'[\n  {"prompt": "a",\n   "completion": }\n]',
+         r"rows.json: line 3: not valid JSON \(Expecting value at column 18\)"),
+        ("rows.json", b"[" + GOOD_LINE + b", 3]", r"rows.json: row 1: expected a JSON object \(one row\), got int"),
+        ("rows.json", GOOD_LINE + b"{oops}\n", r"rows.json: line 2: not valid JSON \(Expecting property name"),
+    ],
+)
+def test_unreadable_json_files_name_the_file_line_and_problem(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_rows(tmp_path / name, cache_dir=str(tmp_path / "cache"))
+
+
+def test_json_file_in_json_lines_form_still_loads(tmp_path):
+    (tmp_path / "rows.json").write_bytes(GOOD_LINE * 2)
+    assert load_rows(tmp_path / "rows.json", cache_dir=str(tmp_path / "cache")).to_list() == [GOOD, GOOD]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +316,59 @@ def test_plain_concatenation_without_template(plain_tok):
     # a prompt that already starts with BOS does not get a second one
     out, _ = tokenize_rows([{"prompt": "<|bos|>The sky is", "completion": " blue.", "reward": 2.0}], plain_tok)
     assert out[0]["input_ids"] == ex["input_ids"]
+
+
+#: A template that writes only the contents (no BOS, no role headers): an empty user message renders to "".
+BARE_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def bos_prepending_tokenizer(chat_template=None):
+    """The tiny tokenizer with a post-processor that prepends BOS (as Llama's ``add_bos_token``)."""
+    from tokenizers import processors
+
+    tokenizer = build_tokenizer(chat_template=False)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = chat_template
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("prompt", ["", " ", "a", "<|bos|>", "hi there"])
+@pytest.mark.parametrize("template", [None, BARE_TEMPLATE, "tiny"])
+def test_encode_conversation_with_a_bos_prepending_tokenizer_aligns_the_mask(prompt, template):
+    """encode_conversation called directly (rows refuse empty prompts, this function does not): one BOS,
+    then the prompt's tokens (state), then exactly the completion's tokens + EOS (action). Compared token by
+    token and by decoding, so a mask shifted by one position fails."""
+    from shiq_llm.models import CHAT_TEMPLATE
+    from shiq_llm.tokenization import encode_conversation
+
+    tok = bos_prepending_tokenizer(CHAT_TEMPLATE if template == "tiny" else template)
+    completion = " yes 12"
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    ex = encode_conversation(messages, [1.5], 1, tok, use_chat_template=template is not None)
+    ids, mask = ex.input_ids, ex.response_mask
+    action = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(action)
+    assert ids[-n:] == action and mask == [False] * (len(ids) - n) + [True] * n
+    assert ex.rewards == [0.0] * (len(ids) - 1) + [1.5]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == completion + tok.eos_token
+    # the state: without a template BOS + prompt (BOS not doubled); with one, what the template writes (as
+    # transformers' apply_chat_template tokenises it: the post-processor's BOS is not added), and a BOS to
+    # stand for a prompt that renders to nothing
+    expected_state = {
+        None: "<|bos|>" + prompt.removeprefix("<|bos|>"),
+        BARE_TEMPLATE: prompt or "<|bos|>",
+        "tiny": "<|bos|><|user|>" + prompt + "<|assistant|>",
+    }[template]
+    assert tok.decode([i for i, m in zip(ids, mask) if not m]) == expected_state
+    if template is not None:
+        rendered = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert ids == rendered or (not prompt and ids == [tok.bos_token_id] + rendered)
 
 
 def test_plain_tokenizer_refuses_conversations_and_missing_eos(plain_tok):
@@ -466,23 +570,45 @@ def test_tokenize_rows_truncation_counts_and_log(tok, caplog):
         {"prompt": "hi", "completion": "fine", "reward": 0.0},  # untouched
     ]
     with caplog.at_level("WARNING", logger="shiq_llm.tokenization"):
-        out, report = tokenize_rows(rows, tok, max_length=24)
+        out, report = tokenize_rows(rows, tok, max_length=24, max_truncated_fraction=1.0)
     assert report == TokenizeReport(rows=3, kept=3, prompt_truncated=1, response_truncated=1)
-    assert "prompt_truncated=1" in caplog.text
+    assert "prompt_truncated=1" in caplog.text and "2 of 3 rows (67%) were cut by max_length=24" in caplog.text
     assert all(len(ids) <= 24 for ids in out["input_ids"])
     assert out[0]["input_ids"][0] == tok.bos_token_id
     assert tok.decode([i for i, m in zip(out[0]["input_ids"], out[0]["response_mask"]) if m]) == "ok<|eos|>"
     assert sum(out[1]["rewards"]) == 2.0 and out[1]["rewards"][-1] == 2.0 and out[1]["response_mask"][-1]
-    out, report = tokenize_rows(rows, tok, max_length=24, long_response="drop")
+    out, report = tokenize_rows(rows, tok, max_length=24, long_response="drop", max_truncated_fraction=1.0)
     assert report == TokenizeReport(rows=3, kept=2, prompt_truncated=1, dropped_long_response=1)
     assert out["row_index"] == [0, 2]
     with pytest.raises(ValueError, match="every row was dropped"):
         tokenize_rows(rows[1:2], tok, max_length=24, long_response="drop")
 
 
+def test_tokenize_rows_refuses_a_max_length_that_cuts_most_rows(tok, caplog):
+    from shiq_llm.tokenization import MAX_TRUNCATED_FRACTION
+
+    assert MAX_TRUNCATED_FRACTION == 0.5
+    rows = [{"prompt": f"question {i} is here", "completion": "the answer is " + "yes " * i, "reward": 1.0} for i in range(4)]
+    longest = max(len(ex) for ex in tokenize_rows(rows, tok)[0]["input_ids"])
+    with pytest.raises(ValueError, match=rf"4 of 4 rows \(100%\) were cut by max_length=8, more than "
+                                         rf"MAX_TRUNCATED_FRACTION = 50%: .*raise max_length \(the longest example has "
+                                         rf"{longest} tokens\)"):
+        tokenize_rows(rows, tok, max_length=8)
+    cut_two = sorted(len(ex) for ex in tokenize_rows(rows, tok)[0]["input_ids"])[1]  # 2 of 4 rows are longer
+    with caplog.at_level("WARNING", logger="shiq_llm.tokenization"):
+        _, report = tokenize_rows(rows, tok, max_length=cut_two)  # 2 of 4 = 50%: allowed, with a warning
+    assert report.kept == 4 and report.response_truncated == 2
+    assert f"2 of 4 rows (50%) were cut by max_length={cut_two}" in caplog.text
+    with pytest.raises(ValueError, match=r"3 of 4 rows \(75%\) were cut .* more than MAX_TRUNCATED_FRACTION = 25%"):
+        tokenize_rows(rows, tok, max_length=cut_two - 1, max_truncated_fraction=0.25)
+    _, report = tokenize_rows(rows, tok, max_length=8, max_truncated_fraction=1.0)  # accepted when asked for
+    assert report.kept == 4
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(max_truncated_fraction=1.5), r"max_truncated_fraction must be in \[0, 1\], got 1.5"),
         (dict(max_length=1), "max_length must be >= 2"),
         (dict(max_length=10, max_prompt_length=10), r"max_prompt_length must be in \[1, max_length\)"),
         (dict(max_length=10, max_prompt_length=0), r"max_prompt_length must be in"),

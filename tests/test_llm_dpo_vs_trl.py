@@ -10,9 +10,9 @@ is ``mean_pairs −ln σ(β ((πc − rc) − (πr − rr)))``. Here a real ``DP
 padding, ``completion_mask`` on the completion tokens), and ``trainer.compute_loss(model, batch)`` gives TRL's
 loss; no training loop runs.
 
-Ours, on the same token ids: ``response_mask = completion_mask``; the policy goes through
-``shiq_llm.trainer.PolicyStats`` (``shiq_llm.stats.response_token_stats``, our chunked head, with a chunk size
-small enough for several chunks), the reference through ``response_token_stats`` under ``no_grad``;
+Ours, on the same token ids: ``response_mask = completion_mask``; the policy goes through ShiQTrainer's
+statistics forward (``shiq_llm.trainer.add_stats_forward``: ``shiq_llm.stats.response_token_stats``, our chunked
+head, with a chunk size small enough for several chunks), the reference through ``response_token_stats`` under ``no_grad``;
 ``Δ = shiq_toy.baselines.sequence_log_ratio``; the loss both as ``dpo_loss(Δ[:P], Δ[P:], beta=β).mean()`` and as
 ``shiq_llm.trainer.algorithm_loss("dpo", …)`` (the training path: P chosen rows, then P rejected ones, the
 layout TRL's collator also uses). Gradients: TRL's loss is back-propagated into one policy, ours into a second
@@ -47,8 +47,9 @@ from trl import DPOConfig, DPOTrainer
 
 from shiq_llm.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.stats import response_token_stats
-from shiq_llm.trainer import PolicyStats, algorithm_loss
+from shiq_llm.trainer import add_stats_forward, algorithm_loss
 from shiq_toy.baselines import dpo_loss, sequence_log_ratio
+from shiq_toy.losses import TokenStats
 
 #: A β away from TRL's default 0.1, so a silently ignored ``beta`` would show, and large enough that
 #: β (Δc − Δr) is O(1): the loss is visibly not ln 2.
@@ -118,7 +119,9 @@ def test_dpo_matches_trl_dpo_trainer(tmp_path, arch):
     assert not (attention_mask == 1).all()  # the batch is padded
 
     our_policy.train()
-    stats, _ = PolicyStats(our_policy, chunk_size=CHUNK_SIZE)(input_ids, attention_mask, response_mask)  # (2P, L)
+    add_stats_forward(our_policy, chunk_size=CHUNK_SIZE)  # ShiQTrainer's statistics forward
+    out = our_policy(input_ids=input_ids, attention_mask=attention_mask, shiq_response_mask=response_mask)
+    stats = TokenStats(out.logit_taken, out.logsumexp)  # (2P, L)
     with torch.no_grad():
         ref_stats = response_token_stats(our_ref, input_ids, attention_mask, response_mask, chunk_size=CHUNK_SIZE)
     delta = sequence_log_ratio(stats, ref_stats, response_mask)  # (2P,) Δ = ln π(y|x) − ln π_ref(y|x)

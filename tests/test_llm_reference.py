@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import struct
 
+import datasets
 import pytest
 import torch
 
@@ -137,6 +139,24 @@ def test_data_fingerprint_covers_tokens_and_mask_not_rewards(tokenizer, examples
     assert R.data_fingerprint(examples.select(range(len(examples) - 1))) != base
 
 
+def test_data_fingerprint_sees_where_one_example_ends_and_the_next_begins():
+    """Same concatenated ids and mask, split differently between two examples."""
+    a = [{"input_ids": [5, 6], "response_mask": [False, True]}, {"input_ids": [7, 8, 9], "response_mask": [True, True, False]}]
+    b = [{"input_ids": [5, 6, 7], "response_mask": [False, True, True]}, {"input_ids": [8, 9], "response_mask": [True, False]}]
+    assert R.data_fingerprint(a) != R.data_fingerprint(b)
+    assert R.data_fingerprint(datasets.Dataset.from_list(a)) != R.data_fingerprint(datasets.Dataset.from_list(b))
+
+
+def test_data_fingerprint_follows_the_row_order_of_a_selected_or_shuffled_dataset(examples):
+    """``select``/``shuffle`` keep the Arrow table and add an index mapping: the fingerprint must read the rows
+    in the dataset's order (the cache is stored in that order), as for the same rows given as a list."""
+    order = list(reversed(range(len(examples))))
+    reordered = examples.select(order)
+    assert R.data_fingerprint(reordered) == R.data_fingerprint([examples[i] for i in order])
+    assert R.data_fingerprint(reordered) != R.data_fingerprint(examples)
+    assert R.data_fingerprint(examples.select([0, 2, 4])) == R.data_fingerprint([examples[i] for i in (0, 2, 4)])
+
+
 # --------------------------------------------------------------------------------------------------
 # The cache on disk
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +223,32 @@ def test_damaged_cache_is_refused_naming_the_file(tmp_path, tokenizer, examples)
         _cache(tmp_path / "ref", model, examples, tokenizer)
     (tmp_path / "ref" / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
+        _cache(tmp_path / "ref", model, examples, tokenizer)
+
+
+def test_cache_with_altered_bytes_is_refused_naming_the_file(tmp_path, tokenizer, examples):
+    model = _model(tokenizer)
+    value = _cache(tmp_path / "ref", model, examples, tokenizer)[0]["ref_logsumexp"][0]
+    (arrow,) = (tmp_path / "ref" / "data").glob("*.arrow")
+    data = bytearray(arrow.read_bytes())
+    at = data.find(struct.pack("<f", value))
+    assert at >= 0
+    data[at] ^= 0x01  # one float32 value of the cache changes in its last bit: Arrow reads the file as before
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"reference cache .*ref is corrupt: .*{arrow.name} does not match its sha256"):
+        _cache(tmp_path / "ref", model, examples, tokenizer)
+    arrow.write_bytes(bytes(data[:-8]))
+    with pytest.raises(ValueError, match=rf"{arrow.name} has {len(data) - 8} bytes, .*manifest.json says {len(data)}"):
+        _cache(tmp_path / "ref", model, examples, tokenizer)
+
+
+def test_cache_of_an_older_format_is_refused(tmp_path, tokenizer, examples):
+    model = _model(tokenizer)
+    _cache(tmp_path / "ref", model, examples, tokenizer)
+    manifest_file = tmp_path / "ref" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "format": "shiq-reference-cache/1"}))
+    with pytest.raises(ValueError, match=r"format 'shiq-reference-cache/1'.*recompute-ref"):
         _cache(tmp_path / "ref", model, examples, tokenizer)
 
 

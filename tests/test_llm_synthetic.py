@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shiq_llm import synthetic
 from shiq_llm.cli import main
-from shiq_llm.cli_tasks import RESULT_COLUMNS
+from shiq_llm.experiments.sweep import RESULT_COLUMNS
 from shiq_toy.experiments import num_threads
 from shiq_llm.data import load_rows, tokenize_rows
 from shiq_llm.synthetic import (
@@ -218,7 +218,7 @@ def test_quick_demo_trains_shiq_above_the_reference(made_data, tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--data", str(made_data), "--out", str(out), "--no-progress"]) == 0
     assert (out / "reward_vs_kl.png").stat().st_size > 10_000
-    with (out / "demo_results.csv").open() as f:
+    with (out / "results.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == RESULT_COLUMNS
         results = {r["algo"]: r for r in reader}
@@ -244,3 +244,58 @@ def test_torch_threads_restores_the_thread_count():
     with pytest.raises(ValueError, match="threads"):
         with num_threads(0):
             pass
+
+
+def test_sweep_trains_every_cell_skips_finished_ones_and_reports_a_failed_cell(made_data, tmp_path, capsys):
+    """A 2 × 1 × 2 grid plus a cell that fails: results.csv has a row per finished cell and the reference, the
+    failed cell is named and the exit status is 1; a re-run skips the finished cells (their results unchanged)."""
+    import yaml
+
+    rows = load_rows(str(made_data / "train.jsonl")).to_list()
+    single = tmp_path / "single.jsonl"  # one completion per prompt: no pair at all, so dpo's cells fail
+    seen, kept = set(), []
+    for r in rows:
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            kept.append(r)
+    single.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    sweep = {"out": str(tmp_path / "sweep"), "model": str(made_data / "reference"), "train_data": str(single),
+             "algos": ["shiq", "dro", "dpo"], "betas": [0.3], "seeds": [0, 1],
+             "train": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3},
+             "evaluation": {"num_samples": 2, "max_new_tokens": 6, "seed": 1}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 6 sweep cells failed" in out and "dpo_beta0.3_seed0: ValueError: no usable pair" in out
+    with (tmp_path / "sweep" / "results.csv").open() as f:
+        results = list(csv.DictReader(f))
+    assert [(r["algo"], r["seed"]) for r in results] == [("reference", ""), ("dro", "0"), ("dro", "1"), ("shiq", "0"), ("shiq", "1")]
+    assert all(float(r["kl"]) > 0 for r in results[1:]) and float(results[0]["kl"]) == 0.0
+    assert (tmp_path / "sweep" / "reward_vs_kl.png").stat().st_size > 10_000
+    assert (tmp_path / "sweep" / "reference" / "manifest.json").is_file()  # one cache for every cell
+    assert not (tmp_path / "sweep" / "runs" / "shiq_beta0.3_seed0" / "reference").exists()
+    finished = tmp_path / "sweep" / "runs" / "shiq_beta0.3_seed0" / "result.json"
+    before = finished.stat().st_mtime_ns
+    sweep["algos"] = ["shiq", "dro"]
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(path), "--no-progress"]) == 0
+    assert finished.stat().st_mtime_ns == before  # skipped, not retrained
+
+
+def test_sweep_file_errors_name_the_key(tmp_path):
+    from shiq_llm.experiments.sweep import load_sweep_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text("out: o\nmodel: m\ntrain_data: d\nalgos: [shiq]\nbetas: [0.1]\nbta: 1\n")
+    with pytest.raises(ValueError, match="unknown key 'bta'"):
+        load_sweep_config(path)
+    path.write_text("out: o\nmodel: m\nalgos: [shiq]\nbetas: [0.1]\n")
+    with pytest.raises(ValueError, match="missing key 'train_data'"):
+        load_sweep_config(path)
+    path.write_text("out: o\nmodel: m\ntrain_data: d\nalgos: [ppo]\nbetas: [0.1]\n")
+    with pytest.raises(ValueError, match="algos must be"):
+        load_sweep_config(path)
+    path.write_text("out: o\nmodel: m\ntrain_data: d\nalgos: [shiq]\nbetas: [0.1]\ntrain: {beta: 2}\n")
+    with pytest.raises(ValueError, match="train.beta is set by the sweep"):
+        load_sweep_config(path)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shiq_toy import losses
@@ -69,6 +69,29 @@ def test_residual_matches_loop_reference(name, b, gamma):
     got = b.residual(name, gamma)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert bool((got[~b.mask] == 0).all())
+
+
+@st.composite
+def long_batches(draw):
+    """2 rows of 64–128 positions, a random fraction in [0.3, 0.7] of them holes (masked out)."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    length = draw(st.integers(64, 128))
+    holes = draw(st.floats(0.3, 0.7))
+    mask = torch.rand(2, length, generator=torch.Generator().manual_seed(seed)) >= holes
+    mask[:, 0] = True  # at least one masked-in position per row
+    return Batch(mask, draw(st.integers(2, 5)), seed, draw(st.floats(0.05, 5.0)))
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=6)
+@given(b=long_batches(), gamma=gammas)
+def test_residual_matches_loop_reference_on_long_rows_with_holes(name, b, gamma):
+    """Rows of 64+ positions with holes: an unstable sort in the compaction (it reorders equal keys only
+    beyond ~32 positions) would shuffle the masked-in positions, which short rows never reveal."""
+    expected = residual_reference(
+        name, b.policy, b.ref, b.rewards, b.mask, beta=b.beta, gamma=gamma, soft_value=b.soft_value
+    )
+    torch.testing.assert_close(b.residual(name, gamma), expected, rtol=1e-10, atol=1e-10)
 
 
 @given(b=batches(), gamma=gammas)
@@ -230,6 +253,15 @@ def test_reduce_loss():
     assert float(losses.reduce_loss(per_sequence, mask, average="token")) == pytest.approx(4.0 / 3.0)
     with pytest.raises(ValueError, match="average"):
         losses.reduce_loss(per_sequence, mask, average="batch")
+
+
+@pytest.mark.parametrize("average", ["sequence", "token"])
+def test_reduce_loss_refuses_a_sequence_without_response_tokens(average):
+    """Like the residuals: an all-False row would silently change the average (token: the divisor)."""
+    per_sequence = torch.tensor([1.0, 0.0, 3.0])
+    mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] have no masked-in \(response\) token"):
+        losses.reduce_loss(per_sequence, mask, average=average)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -234,6 +234,16 @@ def test_soft_value_iteration_on_a_tree_equals_backward_induction(tree, beta, ga
     torch.testing.assert_close(policy[:-1], torch.cat(sol.policy), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_soft_value_iteration_tol_bounds_the_distance_to_the_fixed_point(beta):
+    """tol is a bound on ‖v − v*‖∞, not on the last change: at γ = 0.99 stopping at ‖Δv‖∞ ≤ tol leaves
+    FrozenLake ≈ 0.02–0.03 away from v* for tol = 1e-2; the contraction bound ‖Δv‖∞ ≤ tol (1 − γ)/γ does not."""
+    mdp, gamma, tol = _gym_mdp("frozenlake"), 0.99, 1e-2
+    _, v_star, _ = soft_value_iteration(mdp, beta=beta, gamma=gamma, tol=1e-12)
+    _, v, _ = soft_value_iteration(mdp, beta=beta, gamma=gamma, tol=tol)
+    assert float((v - v_star).abs().max()) <= tol
+
+
 def test_soft_value_iteration_reports_non_convergence():
     with pytest.raises(RuntimeError, match="did not reach"):
         soft_value_iteration(_gym_mdp("cliffwalking"), beta=0.1, gamma=0.99, max_iter=3)

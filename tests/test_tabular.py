@@ -468,7 +468,7 @@ def test_train_bad_inputs():
     tree = _tree(0)
     data, ref = exhaustive_dataset(tree), _frozen(tree)
     model = TabularLogits.from_tree(tree)
-    assert set(METHODS) == {"shiq", "shiq_init", "shiq_ms", "shiq_tk", "shifted_q", "logit_q", "dpo", "copg", "dro"}
+    assert set(METHODS) == {"shiq", "shiq_init", "shiq_ms", "shiq_tk", "shifted_q", "logit_q", "dpo", "ipo", "copg", "dro"}
     with pytest.raises(ValueError, match="unknown method"):
         train(model, ref, "ppo", beta=1.0, steps=1, data=data)
     with pytest.raises(ValueError, match="exactly one of data"):

@@ -1,0 +1,1 @@
+"""LLM experiments, one module each (``sweep``: a grid of methods × β × seeds, trained and evaluated)."""

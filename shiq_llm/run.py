@@ -1,0 +1,123 @@
+"""A training run from its arguments, as ``shiq-llm train`` does it: ``train_run(model_args, data_args, args)``.
+
+    model_args, data_args, args = parse_train_args(["--config", "configs/shiq_tiny.yaml"])
+    result = train_run(model_args, data_args, args)      # -> TrainResult(final_dir, metrics_file, steps, …)
+
+In order: refuse an ``output_dir`` that holds an earlier run unless resuming (``resume_from_checkpoint``) or
+``overwrite_output_dir``; load the tokenizer and model (:mod:`shiq_llm.loading`; ``tiny-llama`` /
+``tiny-gpt2`` are built in ``OUTPUT_DIR/base_model``); load the rows (and the evaluation rows); build a
+:class:`~shiq_llm.trainer.ShiQTrainer` (which tokenises, pairs and caches the reference statistics); train
+(resuming from the newest verified checkpoint when asked); write the final model to ``OUTPUT_DIR/final``
+atomically. A run whose last checkpoint is at ``max_steps`` but whose final model is missing (killed while
+writing it) completes the final save when resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shiq_llm.config import TINY_MODELS, DataArguments, ModelArguments, ShiQConfig
+
+__all__ = ["TrainResult", "train_run", "RUN_OUTPUTS"]
+
+logger = logging.getLogger(__name__)
+
+#: What a run writes in its output directory (an earlier run is recognised by these).
+RUN_OUTPUTS = ("metrics.jsonl", "final", "reference")
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its outputs, and its last logged training metrics."""
+
+    out_dir: Path
+    final_dir: Path
+    metrics_file: Path
+    steps: int
+    final_metrics: dict
+
+
+def _earlier_run(out: Path) -> list[str]:
+    from shiq_llm.checkpoint import list_checkpoints
+
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    return found + [p.name for p in list_checkpoints(out)]
+
+
+def _prepare_output_dir(out: Path, model_args: ModelArguments, args: ShiQConfig, resuming: bool) -> None:
+    """Refuse an output directory that holds an earlier run unless resuming; with ``overwrite_output_dir``
+    clear that run first."""
+    earlier = _earlier_run(out)
+    if earlier and not resuming:
+        if not args.overwrite_output_dir:
+            raise ValueError(f"output directory {out} holds an earlier run ({', '.join(earlier[:4])}): pass "
+                             "--resume_from_checkpoint true to continue it, --overwrite_output_dir to start afresh "
+                             "(deletes it), or another --output_dir")
+        for name in earlier:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if model_args.model_name_or_path in TINY_MODELS:
+            shutil.rmtree(out / "base_model", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_run_args(path: Path, model_args, data_args, args) -> None:
+    """Every option of the run as one YAML file that ``shiq-llm train --config`` reads back."""
+    import dataclasses
+
+    import yaml
+
+    values = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
+    defaults = ShiQConfig(output_dir=args.output_dir).to_dict()
+    init = {f.name for f in dataclasses.fields(ShiQConfig) if f.init}
+    for name, value in args.to_dict().items():
+        if name in init and value != defaults.get(name) and isinstance(value, (str, int, float, bool, type(None))):
+            values[name] = value
+    values["output_dir"] = args.output_dir
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQConfig, *, callbacks=None) -> TrainResult:
+    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are."""
+    from accelerate import PartialState
+
+    from shiq_llm.data import load_rows
+    from shiq_llm.loading import load_model_and_tokenizer
+    from shiq_llm.trainer import ShiQTrainer
+
+    if not data_args.dataset_name:
+        raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
+    state = PartialState()
+    out = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    resuming = resume not in (None, "", False, "false", "False")
+    if state.is_main_process:
+        _prepare_output_dir(out, model_args, args, resuming)
+    state.wait_for_everyone()
+    tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed, main_process=state.is_main_process,
+                                                barrier=state.wait_for_everyone)
+    split_options = {"split": data_args.dataset_train_split}
+    if data_args.dataset_config:
+        split_options["name"] = data_args.dataset_config
+    rows = load_rows(data_args.dataset_name, format=data_args.data_format, **split_options)
+    eval_rows = None
+    if data_args.eval_dataset_name:
+        eval_options = {**split_options, "split": data_args.dataset_test_split}
+        if Path(data_args.eval_dataset_name).suffix in (".jsonl", ".json", ".parquet"):
+            eval_options["split"] = "train"
+        eval_rows = load_rows(data_args.eval_dataset_name, format=data_args.data_format, **eval_options)
+    if state.is_main_process:
+        _write_run_args(out / "run_args.yaml", model_args, data_args, args)
+    trainer = ShiQTrainer(model, args, train_dataset=rows, eval_dataset=eval_rows, processing_class=tokenizer,
+                          peft_config=model_args.peft_config(), callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=True if resuming and resume in (True, "true", "True", "latest") else
+                           (resume if resuming else None))
+    final = trainer.save_final(out / "final")
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    return TrainResult(out_dir=out, final_dir=final, metrics_file=out / "metrics.jsonl",
+                       steps=result.global_step, final_metrics=logs[-1] if logs else {})
