@@ -54,6 +54,8 @@ __all__ = [
     "ANSWER_WORDS",
     "target_words",
     "reward",
+    "LARGE_NUMBER",
+    "proxy_reward",
     "task_prompts",
     "demonstration",
     "demonstration_rows",
@@ -107,6 +109,25 @@ def reward(prompt: str, completion: str) -> float:
     words = completion.split()
     hits = sum(w == t for w, t in zip(words, target))
     return hits / max(len(target), len(words))
+
+
+#: The surface feature the flawed :func:`proxy_reward` pays for: a word that is a number >= this.
+LARGE_NUMBER = 20
+
+
+def proxy_reward(prompt: str, completion: str, *, bonus: float = 1.0) -> float:
+    """A flawed reward that also pays for a surface feature, large numbers:
+
+    R̃(x, y) = R(x, y) + bonus · #{i : words(y)[i] is a number ≥ LARGE_NUMBER} / max(|target(x)|, |words(y)|).
+
+    With ``bonus = 1`` a large wrong number earns as much as a correct word, whatever the prompt: a policy can
+    raise R̃ by writing large numbers instead of the answer (the reference's noisy words are uniform over
+    ``[0, NUMBER_MAX + ANSWER_WORDS]``, so its samples show the feature often enough to be learned from).
+    """
+    target = target_words(prompt)
+    words = completion.split()
+    large = sum(w.isdigit() and int(w) >= LARGE_NUMBER for w in words)
+    return reward(prompt, completion) + bonus * large / max(len(target), len(words))
 
 
 def task_prompts(split: str = "train") -> list[str]:

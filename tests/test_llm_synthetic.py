@@ -299,3 +299,31 @@ def test_sweep_file_errors_name_the_key(tmp_path):
     path.write_text("out: o\nmodel: m\ntrain_data: d\nalgos: [shiq]\nbetas: [0.1]\ntrain: {beta: 2}\n")
     with pytest.raises(ValueError, match="train.beta is set by the sweep"):
         load_sweep_config(path)
+
+
+def test_proxy_reward_pays_for_large_numbers():
+    """R̃ = R + bonus · #{large words} / max(4, #words): hand-worked on 'count up from 7:' (target 8 9 10 11)."""
+    from shiq_llm.synthetic import LARGE_NUMBER, proxy_reward, reward
+
+    prompt = "count up from 7:"
+    assert LARGE_NUMBER == 20
+    assert proxy_reward(prompt, " 8 9 10 11") == reward(prompt, " 8 9 10 11") == 1.0  # no large word
+    assert proxy_reward(prompt, " 8 25 30 11") == 0.5 + 2 / 4  # two right words, two large wrong ones
+    assert proxy_reward(prompt, " 20 21 22 23 24") == 5 / 5  # five large words, none right
+    assert proxy_reward(prompt, " 8 25", bonus=0.5) == 1 / 4 + 0.5 * 1 / 4
+    assert proxy_reward("count up from 25:", " 26 27 28 29") == 2.0  # the true answer is large too
+
+
+def test_relabel_writes_the_proxy_and_keeps_the_true_reward(tmp_path):
+    import json
+
+    from shiq_llm.experiments.misspecified import relabel
+    from shiq_llm.synthetic import proxy_reward
+
+    rows = [{"prompt": "repeat 5:", "completion": " 5 5 31 5", "reward": 0.75}, {"prompt": "count down from 9:", "completion": " 8 7", "reward": 0.5}]
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert relabel(source, tmp_path / "proxy.jsonl", bonus=1.0) == 2
+    out = [json.loads(line) for line in (tmp_path / "proxy.jsonl").read_text().splitlines()]
+    assert [r["true_reward"] for r in out] == [0.75, 0.5]
+    assert [r["reward"] for r in out] == [proxy_reward(r["prompt"], r["completion"]) for r in rows] == [1.0, 0.5]

@@ -222,7 +222,8 @@ def plot(output: dict, args: OnlineArgs, path: Path) -> None:
         label = data if len(args.methods) == 1 else f"{method}, {data}"
         style = "-" if method == args.methods[0] else "--"
         plot_band(left, np.asarray(result["steps"]), values, color=colors[data], label=label)
-        right.plot(np.maximum(result["queries"], 1), values.mean(1), style, color=colors[data], label=label, lw=1.6)
+        right.plot(np.maximum(result["queries"], 1), values.mean(1), style, color=colors[data], label=label, lw=1.6,
+                   marker="o" if data == "offline" else None, ms=4, markevery=[-1])  # offline: every step at the same count
     left.set(yscale="log", xlabel="training step", ylabel="regret J(π*) − J(π) = β KL(π ‖ π*)", title="against updates")
     right.set(xscale="log", xlabel="reward queries (labelled paths, offline ones included)", title="against reward queries")
     for ax in (left, right):

@@ -1,0 +1,200 @@
+"""Q3 on the embedded LLM task: train on a proxy reward that pays for a surface feature, judge on the true one.
+
+``python -m shiq_llm.experiments.misspecified --out runs/misspecified`` (``--quick`` for a small budget).
+
+The embedded counting task of :mod:`shiq_llm.synthetic` (the ``shiq-llm demo`` reference and offline rows),
+with every row relabelled by :func:`shiq_llm.synthetic.proxy_reward`: the true reward plus a bonus for each
+word that is a large number (≥ ``LARGE_NUMBER``), whatever the prompt — an exploitable surface feature. ShiQ,
+DPO, CoPG and DRO are trained on those rows for each β by the demo's sweep (:func:`shiq_llm.experiments.sweep.
+run_sweep`, the same options as ``shiq-llm demo``) and each policy is evaluated on the held-out prompts twice
+on the *same* samples (same sampling seed): with the true reward (the sweep) and with the proxy.
+
+Writes, in ``args.out``: ``data/`` (unless ``--data``), ``train_proxy.jsonl``, ``sweep/`` (the sweep's runs,
+results.csv, reward_vs_kl.png), ``misspecified_llm.csv`` (columns ``method,beta,seed,true_reward,true_reward_sem,
+proxy_reward,kl,kl_sem``, the reference first) and ``misspecified_llm.png`` (true and proxy reward against
+KL(π ‖ π_ref), one curve per method across β).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ProxyArgs", "relabel", "main"]
+
+CSV_HEADER = ["method", "beta", "seed", "true_reward", "true_reward_sem", "proxy_reward", "kl", "kl_sem"]
+
+
+@dataclass
+class ProxyArgs:
+    """Arguments of the embedded-task flawed-reward experiment."""
+
+    out: Path = Path("runs/misspecified")
+    """directory for data/, train_proxy.jsonl, sweep/, misspecified_llm.csv and misspecified_llm.png"""
+    data: str = ""
+    """an existing `shiq-llm make-data` directory to reuse (default: build it in OUT/data)"""
+    bonus: float = 1.0
+    """what the proxy pays per large-number word, in units of a correct word's reward (1 = as much)"""
+    algos: tuple[str, ...] = ("shiq", "dpo", "copg", "dro")
+    """methods trained"""
+    betas: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """β of every method"""
+    steps: int = 150
+    """optimizer steps per run (as shiq-llm demo)"""
+    lr: float = 1e-3
+    """AdamW learning rate (linear decay)"""
+    batch_size: int = 32
+    """sequences per step"""
+    eval_samples: int = 16
+    """completions sampled per held-out prompt"""
+    seed: int = 0
+    """seed of the reference, the data, the runs and the evaluation samples"""
+    quick: bool = False
+    """a small budget: shiq and dpo at β = 0.1 and 1, 60 steps, 8 samples per prompt"""
+    threads: int = 1
+    """torch CPU threads"""
+
+
+QUICK = {"algos": ("shiq", "dpo"), "betas": (0.1, 1.0), "steps": 60, "eval_samples": 8}
+
+
+def relabel(source: Path, target: Path, *, bonus: float) -> int:
+    """Copy the JSONL rows of ``source`` to ``target`` with ``reward`` = :func:`~shiq_llm.synthetic.proxy_reward`
+    (the true one kept as ``true_reward``); returns the number of rows."""
+    from shiq_llm.synthetic import proxy_reward
+
+    lines = source.read_text(encoding="utf-8").splitlines()
+    with target.open("w", encoding="utf-8") as f:
+        for line in lines:
+            row = json.loads(line)
+            row["true_reward"] = row["reward"]
+            row["reward"] = proxy_reward(row["prompt"], row["completion"], bonus=bonus)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(lines)
+
+
+def _proxy_rewards(results: list[dict], sweep_out: Path, config, args: ProxyArgs) -> list[float]:
+    """The proxy reward of each result's policy on the same held-out samples as its true reward."""
+    from functools import partial
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shiq_llm.cli_tasks import load_prompts
+    from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.experiments.sweep import cell_name
+    from shiq_llm.synthetic import proxy_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ref = AutoModelForCausalLM.from_pretrained(config.model).eval()
+    prompts = load_prompts(config.eval_prompts, split=config.eval_split)
+    options = {"num_samples": 16, "max_new_tokens": 16, "seed": 1, **config.evaluation}  # as run_sweep
+    out = []
+    for row in results:
+        if row["algo"] == "reference":
+            policy = ref
+        else:
+            policy = AutoModelForCausalLM.from_pretrained(sweep_out / "runs" / cell_name(row["algo"], row["beta"], row["seed"]) / "final").eval()
+        metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=partial(proxy_reward, bonus=args.bonus), **options)
+        if not math.isclose(metrics["kl"], row["kl"], rel_tol=1e-6, abs_tol=1e-9):  # same samples, same KL
+            raise RuntimeError(f"re-evaluating {row['algo']} β={row['beta']} drew other samples (KL {metrics['kl']} ≠ {row['kl']})")
+        out.append(metrics["mean_reward"])
+    return out
+
+
+def plot(rows: list[dict], path: Path, *, title: str) -> None:
+    """True (left) and proxy (right) mean reward against KL(π ‖ π_ref), one curve per method across β."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    reference = next(r for r in rows if r["method"] == "reference")
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]
+    for ax, key in zip(axes, ("true_reward", "proxy_reward")):
+        for i, method in enumerate(methods):
+            points = sorted((r["kl"], r[key], r["beta"]) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=method)
+            for kl, value, beta in points:
+                ax.annotate(f"β={beta:g}", (kl, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(reference[key], color="0.4", ls="--", lw=1, label="reference")
+        ax.set(xscale="symlog", xlabel="KL(π ‖ π_ref) on the policy's samples", ylabel=f"mean {key.replace('_', ' ')}",
+               title="judged on the true reward" if key == "true_reward" else "the proxy it was trained on")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+
+
+def main(args: ProxyArgs) -> list[dict]:
+    """Build or reuse the data, relabel it with the proxy, run the sweep, evaluate the proxy; write the CSV
+    and the figure. Returns the rows."""
+    from shiq_llm import synthetic
+    from shiq_llm.cli_tasks import DemoConfig, demo_sweep_config
+    from shiq_llm.experiments.sweep import run_sweep
+    from shiq_toy.experiments import num_threads, write_csv
+
+    if args.quick:
+        args = dataclasses.replace(args, **QUICK)
+    if not (args.bonus >= 0 and math.isfinite(args.bonus)):
+        raise ValueError(f"bonus must be a finite number >= 0, got {args.bonus}")
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with num_threads(args.threads):
+        data_dir = Path(args.data) if args.data else out / "data"
+        if not (data_dir / "train.jsonl").is_file():
+            if args.data:
+                raise ValueError(f"--data {data_dir}: no train.jsonl (make it with `shiq-llm make-data --out {data_dir}`)")
+            synthetic.make_data(data_dir, reference=synthetic.ReferenceConfig(seed=args.seed), seed=args.seed)
+        count = relabel(data_dir / "train.jsonl", out / "train_proxy.jsonl", bonus=args.bonus)
+        demo = DemoConfig(out=str(out / "sweep"), algos=args.algos, betas=args.betas, steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, eval_samples=args.eval_samples, seed=args.seed, progress=False)
+        config = dataclasses.replace(demo_sweep_config(demo, data_dir), train_data=str(out / "train_proxy.jsonl"))
+        results = run_sweep(config, progress=False)
+        proxy = _proxy_rewards(results, out / "sweep", config, args)
+    rows = [
+        {"method": r["algo"], "beta": r["beta"], "seed": r["seed"], "true_reward": r["mean_reward"], "true_reward_sem": r["reward_sem"],
+         "proxy_reward": p, "kl": r["kl"], "kl_sem": r["kl_sem"]}
+        for r, p in zip(results, proxy)
+    ]
+    write_csv(out / "misspecified_llm.csv", CSV_HEADER, ([row[k] for k in CSV_HEADER] for row in rows))
+    plot(rows, out / "misspecified_llm.png",
+         title=f"embedded task, offline rows ({count}) labelled with a proxy paying {args.bonus:g}× a correct word per large number; "
+               f"{args.steps} steps per run ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shiq_llm.config import LLM_METHODS
+    from shiq_toy.experiments import add_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m shiq_llm.experiments.misspecified", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, ProxyArgs, choices={"algos": tuple(LLM_METHODS)})
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry point; bad input prints ``prog: error: ...`` and returns 1."""
+    from shiq_toy.experiments import args_from_namespace
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        rows = main(args_from_namespace(ProxyArgs, ns))
+    except ValueError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    for row in rows:
+        print(f"  {row['method']:<10} β={row['beta']:<5g} true reward {row['true_reward']:.3f}  proxy {row['proxy_reward']:.3f}  KL {row['kl']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
