@@ -53,13 +53,28 @@ def test_coverage_is_the_occupancy_share_of_the_pairs_in_the_data():
         assert math.isclose(float(got[c]), share, rel_tol=1e-12)
 
 
+def test_identified_policy_is_pi_star_exactly_where_every_action_was_tried():
+    mdp = gridworld(4, generator=torch.Generator().manual_seed(0), step_reward=-0.1)
+    star = torch.randn(mdp.num_states, mdp.num_actions, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ep = sample_episodes(mdp, torch.softmax(mdp.ref_logits, -1), 6, max_steps=10, generators=[torch.Generator().manual_seed(s) for s in range(2)])
+    got = gym.identified_logits(mdp, star, ep)
+    for c in range(2):
+        tried = {}
+        for s, a, m in zip(ep.states[c].flatten().tolist(), ep.actions[c].flatten().tolist(), ep.mask[c].flatten().tolist()):
+            if m:
+                tried.setdefault(s, set()).add(a)
+        for s in range(mdp.num_states):
+            expected = star[s] if len(tried.get(s, ())) == mdp.num_actions else mdp.ref_logits[s]
+            torch.testing.assert_close(got[c, s], expected)
+
+
 def test_gym_command(tmp_path, capsys):
     out = tmp_path / "gym"
     code = cli(["gym", "--out", str(out), "--envs", "gridworld", "--grid-size", "5", "--behaviours", "uniform", "eps_greedy",
                 "--episodes", "3", "6", "--methods", "shiq", "soft_q", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--max-steps", "8"])
     assert code == 0
     header, rows = _rows(out / "gym.csv")
-    assert header == ["env", "approx", "behaviour", "episodes", "method", "seed", "step", "regret", "regret_ratio", "coverage", "behaviour_ratio"]
+    assert header == ["env", "approx", "behaviour", "episodes", "method", "seed", "step", "regret", "regret_ratio", "coverage", "behaviour_ratio", "identified_ratio"]
     assert len(rows) == 2 * 2 * 2 * 2 * 2 * 3  # behaviours × sizes × models × methods × seeds × evaluations (0, 1, 2)
     for r in rows:
         assert 0.0 <= float(r["coverage"]) <= 1.0 and float(r["regret"]) >= -1e-12
@@ -67,6 +82,7 @@ def test_gym_command(tmp_path, capsys):
             assert math.isclose(float(r["regret_ratio"]), 1.0, rel_tol=1e-9)
         if r["behaviour"] == "uniform":  # the uniform behaviour is π_ref
             assert math.isclose(float(r["behaviour_ratio"]), 1.0, rel_tol=1e-9)
+        assert float(r["identified_ratio"]) >= -1e-12  # a regret
     summary = json.loads((out / "gym_summary.json").read_text())
     assert summary["betas"] == {"gridworld": gym.ENV_SPECS["gridworld"][0]} and len(summary["final_regret_ratio"]) == 16
     assert (out / "gym.png").stat().st_size > 10_000

@@ -21,7 +21,9 @@ linear-solve policy evaluation (:func:`shiq_toy.metrics.mdp_regret`), reported a
 Writes, in ``args.out``:
 - ``gym.csv``: long format, one row per (env, approx, behaviour, episodes, method, seed, step): ``regret``,
   ``regret_ratio`` (regret / π_ref's regret), ``coverage`` (share of π*'s discounted state-action occupancy
-  on pairs the data contain) and ``behaviour_ratio`` (the behaviour policy's own regret ratio);
+  on pairs the data contain), ``behaviour_ratio`` (the behaviour policy's own regret ratio) and
+  ``identified_ratio`` (the regret ratio of π* at the states where the data try every action and π_ref
+  elsewhere: what the data identify without generalisation, :func:`identified_logits`);
 - ``gym.png``: final regret ratio against the number of episodes, one panel per (env, behaviour);
 - ``gym_summary.json``: the set-up, the β of each env, final mean regret ratios and coverages, runtime.
 """
@@ -45,7 +47,7 @@ from shiq_toy.mdp import FiniteMDP, finite_mdp_from_gym, gridworld
 from shiq_toy.metrics import mdp_occupancy, mdp_regret
 from shiq_toy.solvers import soft_value_iteration
 
-__all__ = ["GymArgs", "ENV_SPECS", "BEHAVIOURS", "APPROXIMATIONS", "make_env", "behaviour_policy", "run", "main", "build_parser"]
+__all__ = ["GymArgs", "ENV_SPECS", "BEHAVIOURS", "APPROXIMATIONS", "make_env", "behaviour_policy", "identified_logits", "run", "main", "build_parser"]
 
 #: name -> (β, description). γ is shared (``GymArgs.gamma``).
 ENV_SPECS = {
@@ -72,6 +74,7 @@ class Row(NamedTuple):
     regret_ratio: float
     coverage: float
     behaviour_ratio: float
+    identified_ratio: float
 
 
 CSV_HEADER = list(Row._fields)
@@ -120,7 +123,7 @@ class GymArgs:
     seed: int = 0
     """first seed"""
     quick: bool = False
-    """a small budget (under 3 minutes on a laptop CPU): overrides envs, episodes, seeds, steps and grid_size"""
+    """a small budget: overrides envs, episodes, seeds, steps, eval_every and grid_size"""
     threads: int = 1
     """torch intra-op threads (1 is fastest for these small tensors)"""
 
@@ -177,6 +180,18 @@ def _coverage(occupancy: torch.Tensor, episodes) -> torch.Tensor:
     return (seen * occupancy.flatten()).sum(-1) / occupancy.sum()
 
 
+def identified_logits(mdp: FiniteMDP, star_logits: torch.Tensor, episodes) -> torch.Tensor:
+    """The policy the data identify without generalisation: π* (``star_logits``) at the states where the data
+    try every action, π_ref elsewhere. (C, S, A). A soft-optimal policy needs the value of every action (a
+    state where only the greedy action was taken does not show that the others are worse), so a tabular method
+    cannot be expected to beat this on offline data; its regret ratio is the ``identified_ratio`` column."""
+    copies, num_actions = episodes.states.shape[0], mdp.num_actions
+    seen = torch.zeros(copies, mdp.num_states * num_actions, dtype=torch.bool)
+    seen.scatter_(1, (episodes.states * num_actions + episodes.actions).flatten(1), episodes.mask.flatten(1))
+    every = seen.view(copies, mdp.num_states, num_actions).all(-1)  # (C, S)
+    return torch.where(every[..., None], star_logits, mdp.ref_logits)
+
+
 def _model(approx: str, method: str, mdp: FiniteMDP, args: GymArgs, seed: int):
     """A model at π_ref: ℓ = ℓ_ref (ShiQ family) or u = 0 (soft_q), C = seeds copies."""
     init = torch.zeros_like(mdp.ref_logits) if method == "soft_q" else mdp.ref_logits
@@ -207,6 +222,7 @@ def run(args: GymArgs) -> list[Row]:
                 generators = [torch.Generator().manual_seed(1000 * s + num) for s in seeds]
                 episodes = sample_episodes(mdp, policy, num, max_steps=args.max_steps, generators=generators)
                 coverage = _coverage(occupancy, episodes)
+                identified = evaluate(identified_logits(mdp, mdp.ref_logits + q_star / beta, episodes))["regret"] / ref_regret  # (C,)
                 for approx in args.approximations:
                     for method in args.methods:
                         model, lr = _model(approx, method, mdp, args, seed=args.seed)
@@ -216,7 +232,8 @@ def run(args: GymArgs) -> list[Row]:
                         )
                         for step, regret in zip(history.steps, history.metrics["regret"]):
                             rows += [
-                                Row(env_name, approx, behaviour, num, method, s, step, float(regret[c]), float(regret[c]) / ref_regret, float(coverage[c]), behaviour_ratio)
+                                Row(env_name, approx, behaviour, num, method, s, step, float(regret[c]), float(regret[c]) / ref_regret,
+                                    float(coverage[c]), behaviour_ratio, float(identified[c]))
                                 for c, s in enumerate(seeds)
                             ]
     return rows
@@ -257,6 +274,10 @@ def plot(rows: list[Row], args: GymArgs, path: Path) -> None:
                     values = np.stack([final[env_name, approx, behaviour, n, method] for n in sizes])  # (sizes, seeds)
                     ax.plot(sizes, values.mean(1), styles[approx], color=colors[method], marker="o", ms=3, label=f"{method} ({approx})")
                     ax.fill_between(sizes, values.min(1), values.max(1), color=colors[method], alpha=0.08, lw=0)
+            identified = np.array([np.mean(values) for values in (
+                [r.identified_ratio for r in rows if (r.env, r.behaviour, r.episodes, r.step) == (env_name, behaviour, n, 0)
+                 and (r.approx, r.method) == (args.approximations[0], args.methods[0])] for n in sizes)])
+            ax.plot(sizes, identified, color="k", ls="-.", lw=1.0, label="π* where the data try every action, π_ref elsewhere")
             ax.axhline(behaviour_ratio[env_name, behaviour], color="0.4", ls=":", lw=1.2, label="behaviour policy")
             ax.axhline(1.0, color="0.7", lw=0.8)
             ax.set(xscale="log", yscale="log", title=f"{env_name} (β = {ENV_SPECS[env_name][0]:g}), {behaviour} data")
@@ -271,14 +292,14 @@ def plot(rows: list[Row], args: GymArgs, path: Path) -> None:
                 steps = sorted(curve)
                 ax.plot(steps, [np.mean(curve[k]) for k in steps], styles[approx], color=colors[method])
         ax.axhline(1.0, color="0.7", lw=0.8)
-        ax.set(yscale="log", title=f"{env_name}: training on {largest} {first} episodes")
+        ax.set(yscale="log", title=f"training: {largest} {first} episodes")
         ax.set_xlabel("Adam step" if i == len(args.envs) - 1 else "")
         axes[i, 0].set_ylabel("regret / regret of π_ref")
         for ax in axes[i]:
             ax.title.set_fontsize(9)
             ax.grid(True, which="major", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(
         f"offline ShiQ on deterministic gymnasium MDPs, γ = {args.gamma}: exact regret after {args.steps} full-batch Adam steps "
         f"(mean, min–max over {args.seeds} seeds)",
@@ -299,13 +320,16 @@ def main(args: GymArgs) -> dict:
         plot(rows, args, args.out / "gym.png")
     final = _final(rows)
     coverage: dict[tuple, list[float]] = {}
+    identified: dict[tuple, list[float]] = {}
     for r in rows:  # one value per dataset (seed): the rows of the first method and model at step 0
         if r.method == args.methods[0] and r.approx == args.approximations[0] and r.step == 0:
             coverage.setdefault((r.env, r.behaviour, r.episodes), []).append(r.coverage)
+            identified.setdefault((r.env, r.behaviour, r.episodes), []).append(r.identified_ratio)
     summary = {
         "betas": {name: ENV_SPECS[name][0] for name in args.envs},
         "final_regret_ratio": {"/".join(map(str, key)): float(values.mean()) for key, values in final.items()},
         "coverage": {"/".join(map(str, key)): float(np.mean(values)) for key, values in coverage.items()},
+        "identified_regret_ratio": {"/".join(map(str, key)): float(np.mean(values)) for key, values in identified.items()},
         "seconds": time.perf_counter() - start,
     }
     return write_summary(args.out / "gym_summary.json", args, summary)
