@@ -46,7 +46,7 @@ def test_coverage_is_the_occupancy_share_of_the_pairs_in_the_data():
     q, _, _ = soft_value_iteration(mdp, beta=0.2, gamma=0.9)
     occupancy = mdp_occupancy(mdp, mdp.ref_logits + q / 0.2, gamma=0.9)
     ep = sample_episodes(mdp, torch.softmax(mdp.ref_logits, -1), 4, max_steps=6, generators=[torch.Generator().manual_seed(s) for s in range(2)])
-    got = gym._coverage(occupancy, ep)
+    got = gym.coverage_share(occupancy, ep)
     for c in range(2):
         pairs = {(int(s), int(a)) for s, a, m in zip(ep.states[c].flatten(), ep.actions[c].flatten(), ep.mask[c].flatten()) if m}
         share = sum(float(occupancy[s, a]) for s, a in pairs) / float(occupancy.sum())

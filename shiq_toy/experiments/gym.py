@@ -47,7 +47,7 @@ from shiq_toy.mdp import FiniteMDP, finite_mdp_from_gym, gridworld
 from shiq_toy.metrics import mdp_occupancy, mdp_regret
 from shiq_toy.solvers import soft_value_iteration
 
-__all__ = ["GymArgs", "ENV_SPECS", "BEHAVIOURS", "APPROXIMATIONS", "make_env", "behaviour_policy", "identified_logits", "run", "main", "build_parser"]
+__all__ = ["GymArgs", "ENV_SPECS", "BEHAVIOURS", "APPROXIMATIONS", "make_env", "behaviour_policy", "coverage_share", "identified_logits", "run", "main", "build_parser"]
 
 #: name -> (β, description). γ is shared (``GymArgs.gamma``).
 ENV_SPECS = {
@@ -172,7 +172,7 @@ def behaviour_policy(name: str, q_star: torch.Tensor, *, epsilon: float) -> torc
     return (1.0 - epsilon) * torch.nn.functional.one_hot(pick, q_star.shape[-1]).to(q_star.dtype) + epsilon * uniform
 
 
-def _coverage(occupancy: torch.Tensor, episodes) -> torch.Tensor:
+def coverage_share(occupancy: torch.Tensor, episodes) -> torch.Tensor:
     """Share of the occupancy d* (S, A) on the (s, a) pairs of each copy's episodes: (C,)."""
     copies, num_actions = episodes.states.shape[0], occupancy.shape[-1]
     seen = torch.zeros(copies, occupancy.numel(), dtype=torch.bool)
@@ -221,7 +221,7 @@ def run(args: GymArgs) -> list[Row]:
             for num in args.episodes:
                 generators = [torch.Generator().manual_seed(1000 * s + num) for s in seeds]
                 episodes = sample_episodes(mdp, policy, num, max_steps=args.max_steps, generators=generators)
-                coverage = _coverage(occupancy, episodes)
+                coverage = coverage_share(occupancy, episodes)
                 identified = evaluate(identified_logits(mdp, mdp.ref_logits + q_star / beta, episodes))["regret"] / ref_regret  # (C,)
                 for approx in args.approximations:
                     for method in args.methods:

@@ -47,9 +47,10 @@ from shiq_toy.mdp import TokenTree, random_tree
 from shiq_toy.metrics import expected, expected_kl, regret, state_distribution
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
+from shiq_toy.train import METHODS as ALL
 from shiq_toy.train import train
 
-__all__ = ["MisspecifiedArgs", "METHODS", "proxy_tree", "expected_reward", "run", "main", "build_parser"]
+__all__ = ["MisspecifiedArgs", "METHODS", "errors", "proxy_tree", "expected_reward", "optimum_curves", "by_error", "summarise", "run", "main", "build_parser"]
 
 METHODS = ("shiq", "shiq_ms", "dpo", "copg", "dro")
 CSV_HEADER = ["method", "error", "beta", "tree", "step", "kl_ref", "true_reward", "proxy_reward", "true_regret"]
@@ -94,8 +95,6 @@ class MisspecifiedArgs:
 
 
 def _check(args: MisspecifiedArgs) -> None:
-    from shiq_toy.train import METHODS as ALL
-
     for name in ("vocab_size", "horizon", "steps", "eval_every", "trees", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
@@ -202,7 +201,7 @@ def optimum_curves(true_trees, proxies, ref_levels, true_rewards) -> dict[str, d
     return out
 
 
-def _by_error(values: torch.Tensor, names: list[str]) -> torch.Tensor:
+def by_error(values: torch.Tensor, names: list[str]) -> torch.Tensor:
     """(..., C) with C = trees × errors (tree-major) -> (..., errors, trees)."""
     return values.unflatten(-1, (-1, len(names))).transpose(-1, -2)
 
@@ -214,9 +213,9 @@ def summarise(output: dict, args: MisspecifiedArgs) -> dict:
     summary = {}
     for (beta, method), curve in output["curves"].items():
         for e, name in enumerate(names):
-            true = _by_error(curve["true_reward"], names)[:, e].mean(-1)  # (K,) mean over trees
-            kl = _by_error(curve["kl_ref"], names)[:, e].mean(-1)
-            regret_ = _by_error(curve["true_regret"], names)[:, e].mean(-1)
+            true = by_error(curve["true_reward"], names)[:, e].mean(-1)  # (K,) mean over trees
+            kl = by_error(curve["kl_ref"], names)[:, e].mean(-1)
+            regret_ = by_error(curve["true_regret"], names)[:, e].mean(-1)
             peak = int(true.argmax())
             summary[f"{name}/beta={beta:g}/{method}"] = {
                 "final_kl": float(kl[-1]),
@@ -247,15 +246,15 @@ def plot(output: dict, args: MisspecifiedArgs, path: Path) -> None:
         top, bottom = axes[0, e], axes[1, e]
         for key, style in (("true", "-"), ("proxy", "--")):
             curve = output["optima"][key]
-            kl = _by_error(curve["kl_ref"], names)[:, e].mean(-1).numpy()
-            reward = _by_error(curve["true_reward"], names)[:, e].mean(-1).numpy()
+            kl = by_error(curve["kl_ref"], names)[:, e].mean(-1).numpy()
+            reward = by_error(curve["true_reward"], names)[:, e].mean(-1).numpy()
             top.plot(kl, reward, style, color="k", lw=1.1, label="π* of the true reward (over β)" if key == "true" else "proxy optimum π_ref·exp(r̃/β) (over β)")
         for method in args.methods:
             ends = []
             for beta in sorted(args.betas):
                 curve = output["curves"][beta, method]
-                kl = _by_error(curve["kl_ref"], names)[:, e].mean(-1).numpy()
-                true = _by_error(curve["true_reward"], names)[:, e].mean(-1).numpy()
+                kl = by_error(curve["kl_ref"], names)[:, e].mean(-1).numpy()
+                true = by_error(curve["true_reward"], names)[:, e].mean(-1).numpy()
                 top.plot(kl[1:], true[1:], color=colors[method], lw=0.7, alpha=0.35)  # from step 1: KL = 0 at ℓ_ref
                 top.plot(kl[-1], true[-1], markers[beta], color=colors[method], ms=5)
                 ends.append((kl[-1], true[-1]))
@@ -292,7 +291,7 @@ def main(args: MisspecifiedArgs) -> dict:
         names = output["errors"]
         rows = []
         for (beta, method), curve in output["curves"].items():
-            tables = {k: _by_error(curve[k], names) for k in ("kl_ref", "true_reward", "proxy_reward", "true_regret")}  # (K, errors, trees)
+            tables = {k: by_error(curve[k], names) for k in ("kl_ref", "true_reward", "proxy_reward", "true_regret")}  # (K, errors, trees)
             for k, step in enumerate(curve["steps"]):
                 for e, name in enumerate(names):
                     rows += [
