@@ -94,7 +94,9 @@ def train_episodes(
     ``soft_q`` regresses onto a target table ū = a detached copy of the model's output, refreshed every
     ``target_every`` updates. ``evaluate`` is called with the policy's logits (C, S, A) (detached; see
     :func:`~shiq_toy.episodes.policy_logits`) before training, every ``eval_every`` steps and after the
-    last one, and returns named (C,) metrics. Returns a :class:`shiq_toy.train.History` ((K, C) metrics).
+    last one, and returns named (C,) metrics; the metric ``loss`` (the training loss of the model at that
+    point, against the current target for ``soft_q``) is added to them. Returns a
+    :class:`shiq_toy.train.History` ((K, C) metrics).
     """
     if method not in EPISODE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {EPISODE_METHODS}")
@@ -112,8 +114,9 @@ def train_episodes(
             return
         history.steps.append(step)
         with torch.no_grad():
-            logits = policy_logits(method, model(), ref_logits).detach()  # a table model returns its parameter itself
-            metrics = evaluate(logits)
+            output = model().detach()  # a table model returns its parameter itself
+            metrics = {**evaluate(policy_logits(method, output, ref_logits)),
+                       "loss": episode_loss(method, output, ref_logits, episodes, beta=beta, gamma=gamma, target=target)}
         for name, value in metrics.items():
             history.metrics.setdefault(name, []).append(torch.as_tensor(value, dtype=torch.float64))
 

@@ -266,7 +266,8 @@ def test_tabular_training_on_covering_data_reaches_the_soft_optimum(method):
     ref_regret = float(mdp_regret(mdp, mdp.ref_logits, v, beta=beta, gamma=gamma))
     evaluate = lambda logits: {"regret": mdp_regret(mdp, logits, v, beta=beta, gamma=gamma)}  # noqa: E731
     history = train_episodes(model, mdp.ref_logits, method, ep, beta=beta, gamma=gamma, steps=150, lr=0.2, target_every=10, evaluate=evaluate, eval_every=50)
-    assert history.steps == [0, 50, 100, 150] and history.metrics["regret"].shape == (4, 2)
+    assert history.steps == [0, 50, 100, 150] and history.metrics["regret"].shape == (4, 2) == history.metrics["loss"].shape
+    assert bool((history.metrics["loss"][-1] < 0.05 * history.metrics["loss"][0]).all())  # the recorded training loss falls
     torch.testing.assert_close(history.metrics["regret"][0], torch.full((2,), ref_regret, dtype=torch.float64))
     assert float(history.metrics["regret"][-1].max()) < 0.02 * ref_regret
 

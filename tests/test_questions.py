@@ -74,7 +74,7 @@ def test_gym_command(tmp_path, capsys):
                 "--episodes", "3", "6", "--methods", "shiq", "soft_q", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--max-steps", "8"])
     assert code == 0
     header, rows = _rows(out / "gym.csv")
-    assert header == ["env", "approx", "behaviour", "episodes", "method", "seed", "step", "regret", "regret_ratio", "coverage", "behaviour_ratio", "identified_ratio"]
+    assert header == ["env", "approx", "behaviour", "episodes", "method", "seed", "step", "regret", "regret_ratio", "coverage", "behaviour_ratio", "identified_ratio", "loss"]
     assert len(rows) == 2 * 2 * 2 * 2 * 2 * 3  # behaviours × sizes × models × methods × seeds × evaluations (0, 1, 2)
     for r in rows:
         assert 0.0 <= float(r["coverage"]) <= 1.0 and float(r["regret"]) >= -1e-12

@@ -23,7 +23,8 @@ Writes, in ``args.out``:
   ``regret_ratio`` (regret / π_ref's regret), ``coverage`` (share of π*'s discounted state-action occupancy
   on pairs the data contain), ``behaviour_ratio`` (the behaviour policy's own regret ratio) and
   ``identified_ratio`` (the regret ratio of π* at the states where the data try every action and π_ref
-  elsewhere: what the data identify without generalisation, :func:`identified_logits`);
+  elsewhere: what the data identify without generalisation, :func:`identified_logits`) and ``loss`` (the
+  training loss at that step; for the ShiQ family its minimum on the data is 0, reached at ℓ*);
 - ``gym.png``: final regret ratio against the number of episodes, one panel per (env, behaviour);
 - ``gym_summary.json``: the set-up, the β of each env, final mean regret ratios and coverages, runtime.
 """
@@ -75,6 +76,7 @@ class Row(NamedTuple):
     coverage: float
     behaviour_ratio: float
     identified_ratio: float
+    loss: float
 
 
 CSV_HEADER = list(Row._fields)
@@ -230,10 +232,10 @@ def run(args: GymArgs) -> list[Row]:
                             model, mdp.ref_logits, method, episodes, beta=beta, gamma=args.gamma, steps=args.steps, lr=lr,
                             target_every=args.target_every, evaluate=evaluate, eval_every=args.eval_every,
                         )
-                        for step, regret in zip(history.steps, history.metrics["regret"]):
+                        for step, regret, loss in zip(history.steps, history.metrics["regret"], history.metrics["loss"]):
                             rows += [
                                 Row(env_name, approx, behaviour, num, method, s, step, float(regret[c]), float(regret[c]) / ref_regret,
-                                    float(coverage[c]), behaviour_ratio, float(identified[c]))
+                                    float(coverage[c]), behaviour_ratio, float(identified[c]), float(loss[c]))
                                 for c, s in enumerate(seeds)
                             ]
     return rows
@@ -325,8 +327,15 @@ def main(args: GymArgs) -> dict:
         if r.method == args.methods[0] and r.approx == args.approximations[0] and r.step == 0:
             coverage.setdefault((r.env, r.behaviour, r.episodes), []).append(r.coverage)
             identified.setdefault((r.env, r.behaviour, r.episodes), []).append(r.identified_ratio)
+    loss_ratio: dict[tuple, list[float]] = {}
+    first_loss = {(r[:6]): r.loss for r in rows if r.step == 0}
+    last_step = max(r.step for r in rows)
+    for r in rows:
+        if r.step == last_step and first_loss[r[:6]] > 0:
+            loss_ratio.setdefault(r[:5], []).append(r.loss / first_loss[r[:6]])
     summary = {
         "betas": {name: ENV_SPECS[name][0] for name in args.envs},
+        "final_loss_over_initial_loss": {"/".join(map(str, key)): float(np.mean(values)) for key, values in loss_ratio.items()},
         "final_regret_ratio": {"/".join(map(str, key)): float(values.mean()) for key, values in final.items()},
         "coverage": {"/".join(map(str, key)): float(np.mean(values)) for key, values in coverage.items()},
         "identified_regret_ratio": {"/".join(map(str, key)): float(np.mean(values)) for key, values in identified.items()},
