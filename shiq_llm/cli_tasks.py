@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shiq_toy.experiments import num_threads
+from shiq_toy.experiments import num_threads, step_cap
 
 __all__ = [
     "register",
@@ -224,7 +224,7 @@ def _make_data(args: argparse.Namespace) -> int:
 
     if args.completions_per_prompt < 1 or args.max_new_tokens < 1 or args.ref_steps < 1:
         raise ValueError("--completions-per-prompt, --max-new-tokens and --ref-steps must be >= 1")
-    reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed)
+    reference = synthetic.ReferenceConfig(noise=args.noise, steps=step_cap(args.ref_steps), seed=args.seed)
     with num_threads(args.threads):
         paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
@@ -232,8 +232,8 @@ def _make_data(args: argparse.Namespace) -> int:
     print(f"reference model: {paths['reference']}")
     print(f"offline rows: {paths['train']} ({len(rows)} rows, mean reward {synthetic.mean_reward(rows):.3f})")
     print(f"held-out prompts: {paths['eval_prompts']}")
-    print(f"next: shiq-llm train --model {paths['reference']} --data {paths['train']} --out runs/shiq "
-          "--max-steps 150 --lr 1e-3 --batch-size 32")
+    print(f"next: shiq-llm train --model_name_or_path {paths['reference']} --dataset_name {paths['train']} "
+          "--output_dir runs/shiq --max_steps 150 --learning_rate 1e-3 --per_device_train_batch_size 32")
     return 0
 
 
@@ -278,6 +278,7 @@ def _demo(args: argparse.Namespace) -> int:
         values["betas"] = tuple(_parse_betas(values["betas"]))
     values["progress"] = not args.no_progress
     config = DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
+    config = dataclasses.replace(config, steps=step_cap(config.steps), ref_steps=step_cap(config.ref_steps))
     run_demo(config)
     return 0
 
