@@ -44,12 +44,11 @@ Notation used for tensor shapes: ``B`` dialogues, ``L`` tokens, ``K`` agent turn
 
 from __future__ import annotations
 
-import math
 import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -78,7 +77,6 @@ __all__ = [
     "sample_dialogues",
     "make_offline_dataset",
     "make_multiturn_data",
-    "dialogue_kl",
     "evaluate_dialogues",
 ]
 
@@ -411,64 +409,6 @@ def make_multiturn_data(
 # --------------------------------------------------------------------------------------------------
 
 
-def _encoded_batch(tokenizer, conversations: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-    """Right-padded (B, L) tensors of conversations ``{messages, rewards}`` (every assistant turn an action)."""
-    from shiq_llm.data import collate
-    from shiq_llm.tokenization import encode_conversation
-
-    examples = []
-    for b, c in enumerate(conversations):
-        e = encode_conversation(c["messages"], c["rewards"], 0, tokenizer, use_chat_template=True, where=f"dialogue {b}")
-        examples.append({"input_ids": e.input_ids, "response_mask": e.response_mask, "rewards": e.rewards,
-                         "prompt_id": 0, "row_index": b})
-    return collate(examples, pad_token_id=tokenizer.pad_token_id)
-
-
-def turn_index(response_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool → (B, L) int64: the 0-based agent turn of each response token (a turn is a maximal run of
-    True), −1 outside the mask."""
-    starts = response_mask & ~torch.nn.functional.pad(response_mask[:, :-1], (1, 0))  # (B, L) first token of a run
-    return torch.where(response_mask, starts.long().cumsum(dim=-1) - 1, -1)
-
-
-@dataclass
-class DialogueKL:
-    """KL(π ‖ π_ref) of dialogues on their agent tokens, float64: ``exact`` (B,) Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)),
-    ``mc`` (B,) Σ_t ρ_t, ``per_turn`` (B, K) the exact sum over each turn's tokens (0 for missing turns)."""
-
-    exact: torch.Tensor
-    mc: torch.Tensor
-    per_turn: torch.Tensor
-
-
-@torch.no_grad()
-def dialogue_kl(policy, ref, tokenizer, conversations: Sequence[Mapping], *, batch_size: int = 64) -> DialogueKL:
-    """Exact and Monte-Carlo KL(π ‖ π_ref) summed over the agent tokens of each conversation
-    (``shiq_llm.evaluate.token_kl`` on masks with holes: user / tool tokens are state, not summed).
-
-    conversations: rows or :meth:`Dialogue.row` dicts ``{messages, rewards}``.
-    """
-    from shiq_llm.evaluate import token_kl
-
-    device = next(policy.parameters()).device
-    turns = max(len(c["rewards"]) for c in conversations)
-    exact, mc, per_turn = [], [], []
-    for start in range(0, len(conversations), batch_size):
-        batch = _encoded_batch(tokenizer, conversations[start : start + batch_size])
-        mask = batch["response_mask"]  # (b, L)
-        e, r = token_kl(policy, ref, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device))
-        e, r = e.double().cpu(), r.double().cpu()
-        turn = turn_index(mask).clamp(min=0)  # (b, L); masked-out tokens carry e = 0, any slot will do
-        per_turn.append(torch.zeros(len(e), turns, dtype=torch.float64).scatter_add_(1, turn, e))  # (b, K)
-        exact.append(e.sum(dim=-1))
-        mc.append(r.sum(dim=-1))
-    return DialogueKL(torch.cat(exact), torch.cat(mc), torch.cat(per_turn))
-
-
-def _sem(x: torch.Tensor) -> float:
-    return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-
-
 def evaluate_dialogues(
     policy,
     ref,
@@ -490,24 +430,26 @@ def evaluate_dialogues(
     ``kl_turn{k}``, ``finished`` (fraction of agent turns ending with EOS), ``num_samples``.
     Every prompt must have the same number of turns.
     """
+    from shiq_llm.evaluate import conversation_kl, standard_error
+
     dialogues = sample_dialogues(policy, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  seed=seed, batch_size=batch_size)
     turns = {len(d.rewards) for d in dialogues}
     if len(turns) != 1:
         raise ValueError(f"the prompts mix tasks of {sorted(turns)} turns; evaluate them separately")
     rewards = torch.tensor([d.rewards for d in dialogues], dtype=torch.float64)  # (B, K)
-    kl = dialogue_kl(policy, ref, tokenizer, [d.row() for d in dialogues], batch_size=batch_size)
+    kl = conversation_kl(policy, ref, tokenizer, [d.row() for d in dialogues], batch_size=batch_size)
     episode = rewards.sum(dim=-1)  # (B,)
     report = {
         "mean_reward": float(episode.mean()),
-        "reward_sem": _sem(episode),
+        "reward_sem": standard_error(episode),
         "max_reward": float(rewards.shape[1]),
         "success": float((rewards == 1).all(dim=-1).double().mean()),
     }
     for k in range(rewards.shape[1]):
         report[f"reward_turn{k + 1}"] = float(rewards[:, k].mean())
         report[f"success_turn{k + 1}"] = float((rewards[:, k] == 1).double().mean())
-    report.update(kl=float(kl.exact.mean()), kl_sem=_sem(kl.exact), kl_mc=float(kl.mc.mean()))
+    report.update(kl=float(kl.exact.mean()), kl_sem=standard_error(kl.exact), kl_mc=float(kl.mc.mean()))
     for k in range(rewards.shape[1]):
         report[f"kl_turn{k + 1}"] = float(kl.per_turn[:, k].mean())
     report["finished"] = sum(sum(d.finished) for d in dialogues) / sum(len(d.finished) for d in dialogues)

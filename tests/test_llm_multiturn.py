@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shiq_llm import multiturn
 from shiq_llm.cli import main
 from shiq_llm.data import collate, load_rows, tokenize_rows
+from shiq_llm.evaluate import conversation_kl, turn_index
 from shiq_llm.models import tiny_causal_lm
 from shiq_llm.multiturn import (
     NUMBER_MAX,
@@ -26,14 +27,12 @@ from shiq_llm.multiturn import (
     Task,
     build_task_tokenizer,
     demonstration,
-    dialogue_kl,
     parse_call,
     parse_task,
     random_task,
     sample_dialogues,
     task_prompts,
     tool_answer,
-    turn_index,
     turn_rewards,
 )
 from shiq_llm.synthetic import ReferenceConfig
@@ -260,36 +259,54 @@ def test_offline_rows_load_and_make_data_writes_its_files(tiny_reference, tmp_pa
 
 
 def _kl_by_loop(policy, ref, tokenizer, row):
-    """Σ over the agent tokens of KL(π(·|s_p) ‖ π_ref(·|s_p)), one unpadded dialogue, full logits, float64."""
-    example = tokenize_rows([row], tokenizer)[0][0]
-    ids = torch.tensor([example["input_ids"]])
+    """Σ over the agent tokens of KL(π(·|s_p) ‖ π_ref(·|s_p)) and of ρ_p, and the KL per turn: one unpadded
+    dialogue rendered by hand with the tiny chat template, full logits, float64."""
+    pieces = [(tokenizer.bos_token, False)]  # the template: <|role|>content, EOS after an assistant turn
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            pieces += [("<|assistant|>", False), (m["content"] + tokenizer.eos_token, True)]
+        else:
+            pieces += [(f"<|{m['role']}|>" + m["content"], False)]
+    ids, is_action = [], []
+    for piece, action in pieces:
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        is_action += [action] * len(piece_ids)
+    ids = torch.tensor([ids])
     with torch.no_grad():
         logp = torch.log_softmax(policy(ids).logits[0].double(), dim=-1)
         logq = torch.log_softmax(ref(ids).logits[0].double(), dim=-1)
-    total, per_turn, turn, previous = 0.0, [], -1, False
-    for p, is_action in enumerate(example["response_mask"]):
-        if is_action and not previous:
-            turn += 1
+    total, mc, per_turn, previous = 0.0, 0.0, [], False
+    for p, action in enumerate(is_action):
+        if action and not previous:
             per_turn.append(0.0)
-        if is_action:
+        if action:
             term = float((logp[p - 1].exp() * (logp[p - 1] - logq[p - 1])).sum())
             total += term
-            per_turn[turn] += term
-        previous = is_action
-    return total, per_turn
+            per_turn[-1] += term
+            mc += float(logp[p - 1, ids[0, p]] - logq[p - 1, ids[0, p]])
+        previous = action
+    return total, mc, per_turn
 
 
-def test_dialogue_kl_matches_a_loop_on_full_logits(tiny_reference):
+def test_conversation_kl_matches_a_loop_on_full_logits(tiny_reference):
     model, tokenizer = tiny_reference
     other = tiny_causal_lm(tokenizer, seed=3)
     rows = [d.row() for d in sample_dialogues(model, tokenizer, task_prompts("train", 3), num_samples=2, max_new_tokens=8)]
-    kl = dialogue_kl(other, model, tokenizer, rows, batch_size=4)  # two batches, padding inside each
+    empty_turn = {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ""},
+                               {"role": "tool", "content": "error"}, {"role": "assistant", "content": "calc(1+1)"}],
+                  "rewards": [0.0, 0.0]}  # a sampled turn that began with EOS: its action is the EOS alone
+    rows.append(empty_turn)
+    kl = conversation_kl(other, model, tokenizer, rows, batch_size=4)  # two batches, padding inside each
+    assert kl.per_turn.shape == (7, 3) and float(kl.per_turn[6, 2]) == 0.0  # the 2-turn row has no third turn
     for b, row in enumerate(rows):
-        total, per_turn = _kl_by_loop(other, model, tokenizer, row)
+        total, mc, per_turn = _kl_by_loop(other, model, tokenizer, row)
         assert kl.exact[b].item() == pytest.approx(total, rel=1e-4)
-        assert kl.per_turn[b].tolist() == pytest.approx(per_turn, rel=1e-4)
+        assert kl.mc[b].item() == pytest.approx(mc, rel=1e-4, abs=1e-5)
+        assert kl.per_turn[b, : len(per_turn)].tolist() == pytest.approx(per_turn, rel=1e-4)
+    assert len(_kl_by_loop(other, model, tokenizer, empty_turn)[2]) == 2
     assert float(kl.exact.min()) > 0
-    same = dialogue_kl(model, model, tokenizer, rows)
+    same = conversation_kl(model, model, tokenizer, rows)
     assert float(same.exact.abs().max()) == 0.0 and float(same.mc.abs().max()) == 0.0
 
 
