@@ -100,7 +100,8 @@ def register(subparsers) -> None:
     make.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts written to eval_prompts.jsonl")
     make.add_argument("--max-new-tokens", type=int, default=12, help="generation budget per agent turn")
     make.add_argument("--noise", type=float, default=REFERENCE.noise,
-                      help="probability that a turn of the reference's demonstrations has a wrong field")
+                      help="probability that one field of a demonstration turn's call is redrawn at random "
+                      "(the reference's mediocrity)")
     make.add_argument("--ref-steps", type=int, default=REFERENCE.steps, help="supervised steps of the reference")
     make.add_argument("--seed", type=int, default=0, help="seed of the reference and the samples")
     make.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
