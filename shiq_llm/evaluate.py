@@ -14,14 +14,18 @@ the sampled tokens' log-probabilities. The exact one reads both models' full nex
 forward returns ``(B, L, V)`` logits (fine at the embedded task's V ≈ 350; for a 128k vocabulary lower
 ``batch_size``, or a chunked version in the manner of ``shiq_llm.stats`` would be needed).
 
-Notation used for tensor shapes: ``B`` sequences, ``L`` positions (prompt + generated), ``V`` vocabulary.
+**Conversations** (:func:`conversation_kl`): for multi-turn rows the same two sums run over the agent's tokens
+only — the response mask has holes at the user / tool turns, which are state — and are also split by turn.
+
+Notation used for tensor shapes: ``B`` sequences, ``L`` positions (prompt + generated), ``V`` vocabulary,
+``K`` agent turns.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,10 @@ __all__ = [
     "token_kl",
     "sequence_kl",
     "evaluate_policy",
+    "standard_error",
+    "turn_index",
+    "ConversationKL",
+    "conversation_kl",
 ]
 
 
@@ -286,14 +294,14 @@ def evaluate_policy(
     if reward_fn is not None:
         pairs = zip(samples.prompt_index.tolist(), samples.completions)
         rewards = torch.tensor([reward_fn(prompts[i], c) for i, c in pairs], dtype=torch.float64)  # (B,)
-        mean_reward, reward_sem = float(rewards.mean()), _sem(rewards)
+        mean_reward, reward_sem = float(rewards.mean()), standard_error(rewards)
     else:
         mean_reward = reward_sem = math.nan
     return {
         "mean_reward": mean_reward,
         "reward_sem": reward_sem,
         "kl": float(exact.mean()),
-        "kl_sem": _sem(exact),
+        "kl_sem": standard_error(exact),
         "kl_mc": float(mc.mean()),
         "mean_length": float(samples.response_mask.sum(dim=-1).double().mean()),
         "finished": float(samples.finished.double().mean()),
@@ -301,5 +309,60 @@ def evaluate_policy(
     }
 
 
-def _sem(x: torch.Tensor) -> float:
+def standard_error(x: torch.Tensor) -> float:
+    """Standard error of the mean of a 1-D sample, std(unbiased) / √n (NaN for fewer than 2 values)."""
     return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def _encoded_batch(tokenizer, conversations: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+    """Right-padded (B, L) tensors of conversations ``{messages, rewards}`` (every assistant turn an action)."""
+    from shiq_llm.data import collate
+    from shiq_llm.tokenization import encode_conversation
+
+    examples = []
+    for b, c in enumerate(conversations):
+        e = encode_conversation(c["messages"], c["rewards"], 0, tokenizer, use_chat_template=True, where=f"dialogue {b}")
+        examples.append({"input_ids": e.input_ids, "response_mask": e.response_mask, "rewards": e.rewards,
+                         "prompt_id": 0, "row_index": b})
+    return collate(examples, pad_token_id=tokenizer.pad_token_id)
+
+
+def turn_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool → (B, L) int64: the 0-based agent turn of each response token (a turn is a maximal run of
+    True), −1 outside the mask."""
+    starts = response_mask & ~F.pad(response_mask[:, :-1], (1, 0))  # (B, L) first token of a run
+    return torch.where(response_mask, starts.long().cumsum(dim=-1) - 1, -1)
+
+
+@dataclass
+class ConversationKL:
+    """KL(π ‖ π_ref) of conversations on their agent tokens, float64: ``exact`` (B,) Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)),
+    ``mc`` (B,) Σ_t ρ_t, ``per_turn`` (B, K) the exact sum over each turn's tokens (0 for missing turns)."""
+
+    exact: torch.Tensor
+    mc: torch.Tensor
+    per_turn: torch.Tensor
+
+
+@torch.no_grad()
+def conversation_kl(policy, ref, tokenizer, conversations: Sequence[Mapping], *, batch_size: int = 64) -> ConversationKL:
+    """Exact and Monte-Carlo KL(π ‖ π_ref) summed over the agent tokens of each conversation, and per turn:
+    :func:`token_kl` on masks with holes (user / tool tokens are state, not summed).
+
+    conversations: multi-turn rows ``{messages, rewards}`` (every assistant message is an agent turn; an empty
+    one is its end-of-turn token alone, e.g. a sampled turn that began with EOS), tokenised through the chat
+    template as ``shiq_llm.data.tokenize_rows`` does.
+    """
+    device = next(policy.parameters()).device
+    turns = max(len(c["rewards"]) for c in conversations)
+    exact, mc, per_turn = [], [], []
+    for start in range(0, len(conversations), batch_size):
+        batch = _encoded_batch(tokenizer, conversations[start : start + batch_size])
+        mask = batch["response_mask"]  # (b, L)
+        e, r = token_kl(policy, ref, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device))
+        e, r = e.double().cpu(), r.double().cpu()
+        turn = turn_index(mask).clamp(min=0)  # (b, L); masked-out tokens carry e = 0, any slot will do
+        per_turn.append(torch.zeros(len(e), turns, dtype=torch.float64).scatter_add_(1, turn, e))  # (b, K)
+        exact.append(e.sum(dim=-1))
+        mc.append(r.sum(dim=-1))
+    return ConversationKL(torch.cat(exact), torch.cat(mc), torch.cat(per_turn))
