@@ -142,3 +142,55 @@ def check_tokenizer_fits_model(tokenizer, model, *, token_ids: Sequence[int] | N
         )
     if token_ids is not None and len(token_ids) and max(token_ids) >= rows:
         raise ValueError(f"token id {max(token_ids)} is outside the model's vocabulary of {rows}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading models for inference on a chosen device and dtype (generate, score, evaluate)
+# --------------------------------------------------------------------------------------------------
+
+#: ``--dtype`` choices of the inference commands; ``auto`` is :func:`resolve_dtype`'s choice.
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when a GPU is visible, else ``cpu``; any other string is a torch device name
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``). ValueError for an unknown name or a GPU that is not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` → bfloat16 on a CUDA device that supports it, float32 otherwise; else the named dtype."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"--dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(source: str, *, padding_side: str | None = None):
+    """``AutoTokenizer.from_pretrained(source)`` with a pad token: its own, else its EOS (ValueError without either)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {source} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(source: str, *, device: torch.device, dtype: torch.dtype):
+    """``AutoModelForCausalLM.from_pretrained(source, dtype=dtype)`` moved to ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()

@@ -235,17 +235,20 @@ def test_generate_samples_from_the_full_distribution(tokenizer):
 def test_generation_and_kl_forward_see_the_same_distribution(tokenizer, arch):
     """Under left padding, the next-token distributions transformers samples from (``output_logits``) equal
     those the KL forward reads at the response positions (position ids from the attention mask)."""
-    from shiq_llm.evaluate import _assemble, _left_pad, _pure_sampling_config, _response_log_probs
+    from shiq_llm.evaluate import _response_log_probs
+    from shiq_llm.sampling import Completion, assemble_samples, left_pad, sampling_config
 
     model = tiny_causal_lm(tokenizer, arch=arch, seed=0)
     encoded = encode_prompts(tokenizer, ["a b", "the quick brown fox jumps over the lazy dog"])
-    ids, mask = _left_pad(encoded, tokenizer.pad_token_id)  # prompts of different lengths
-    config = _pure_sampling_config(tokenizer, 5)
+    ids, mask = left_pad(encoded, tokenizer.pad_token_id)  # prompts of different lengths
+    config = sampling_config(tokenizer, 5)
     config.output_logits, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    rows = [(torch.tensor(e), out.sequences[b, ids.shape[1]:]) for b, e in enumerate(encoded)]
-    samples = _assemble(rows, [0, 1], tokenizer)
+    generated = out.sequences[:, ids.shape[1]:]
+    keep = response_mask_from_generated(generated, tokenizer.eos_token_id)
+    completions = [Completion(b, 0, generated[b][keep[b]].tolist(), False) for b in range(len(encoded))]
+    samples = assemble_samples(encoded, completions, tokenizer)
     with torch.no_grad():
         logp, _ = _response_log_probs(model, samples.input_ids, samples.attention_mask, samples.response_mask)
     sampled = torch.log_softmax(torch.stack(out.logits, dim=1), dim=-1)  # (B, T, V)
