@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         cli_tasks.register(subparsers)
+    importlib.import_module("shiq_llm.cli_generate").register(subparsers)
     return parser
 
 

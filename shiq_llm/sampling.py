@@ -38,6 +38,7 @@ __all__ = [
     "HFSampler",
     "VLLMSampler",
     "import_vllm",
+    "check_sampling",
     "assemble_samples",
     "generate",
 ]
@@ -124,7 +125,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     return ids, mask
 
 
-def _check_sampling(temperature: float, top_p: float) -> None:
+def check_sampling(temperature: float, top_p: float) -> None:
+    """ValueError unless ``temperature`` is a finite number > 0 and ``top_p`` lies in (0, 1]."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
         math.isfinite(temperature) and temperature > 0
     ):
@@ -138,7 +140,7 @@ def sampling_config(tokenizer, max_new_tokens: int, *, temperature: float = 1.0,
     ``temperature`` and ``top_p`` (both 1 by default: the samples are then exactly from π)."""
     from transformers import GenerationConfig
 
-    _check_sampling(temperature, top_p)
+    check_sampling(temperature, top_p)
     return GenerationConfig(
         do_sample=True,
         temperature=float(temperature),
@@ -179,7 +181,7 @@ class HFSampler:
 
     def __init__(self, model, tokenizer, *, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64):
         _check_tokenizer(tokenizer)
-        _check_sampling(temperature, top_p)
+        check_sampling(temperature, top_p)
         _check_counts(1, 1, batch_size)
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p, self.batch_size = temperature, top_p, batch_size
@@ -254,7 +256,7 @@ class VLLMSampler:
         **llm_kwargs,
     ):
         _check_tokenizer(tokenizer)
-        _check_sampling(temperature, top_p)
+        check_sampling(temperature, top_p)
         self.vllm = import_vllm()
         self.tokenizer, self.temperature, self.top_p = tokenizer, temperature, top_p
         self.llm = llm if llm is not None else self.vllm.LLM(
