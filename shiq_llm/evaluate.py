@@ -106,7 +106,8 @@ def linear_head_kl(
         exact_n = Σ_a p_n(a) (ln p_n(a) − ln q_n(a))      rho_n = ln p_n(targets_n) − ln q_n(targets_n)
 
     Equivalent to ``F.kl_div(ln q, ln p, log_target=True).sum(-1)`` on the (N, V) log-probabilities, which it
-    never holds: each chunk's two (c, V) buffers are turned into ``p`` and ``ln p − ln q`` in place.
+    never holds: each chunk's two (c, V) buffers are turned into ``p`` and ``ln p − ln q`` in place (peak:
+    three (c, V) float32 buffers, with log-sum-exp's temporary).
     """
     if policy_head.weight.shape[0] != ref_head.weight.shape[0]:
         raise ValueError(f"policy and reference vocabularies differ: {policy_head.weight.shape[0]} vs "
@@ -126,6 +127,7 @@ def linear_head_kl(
         diff = logq.neg_().add_(logp)  # (c, V) ln p − ln q, in logq's buffer
         prob = logp.exp_()  # (c, V) p, in logp's buffer
         exact[rows] = (prob[:, None, :] @ diff[:, :, None]).view(-1)  # Σ_a p (ln p − ln q), no (c, V) product
+        del logp, logq, diff, prob  # free this chunk's buffers before the next chunk allocates its own
     return exact, rho
 
 
