@@ -122,6 +122,29 @@ def tiny_causal_lm(
     return model
 
 
+def tiny_reward_model(tokenizer_or_vocab_size, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
+                      num_labels: int = 1, seed: int = 0):
+    """A small random-weight ``LlamaForSequenceClassification`` (a reward model when ``num_labels == 1``) built
+    from a config, with the tokenizer's pad / BOS / EOS ids (or 0 / 1 / 2 given a bare vocabulary size)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    if isinstance(tokenizer_or_vocab_size, int):
+        vocab_size, bos, eos, pad = tokenizer_or_vocab_size, 1, 2, 0
+    else:
+        tok = tokenizer_or_vocab_size
+        vocab_size, bos, eos, pad = len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=512, num_labels=num_labels,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(config)
+        torch.nn.init.normal_(model.score.weight, std=1.0)  # rewards of order 1, not 0.02
+    return model.eval()
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only attended tokens, so left padding does not shift positions.
 
@@ -179,7 +202,10 @@ def load_tokenizer(source: str, *, padding_side: str | None = None):
     """``AutoTokenizer.from_pretrained(source)`` with a pad token: its own, else its EOS (ValueError without either)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:  # a missing directory, an unknown hub name, no network
+        raise ValueError(f"cannot load the tokenizer of {source!r}: {error}") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {source} has neither a pad nor an EOS token")
@@ -193,4 +219,8 @@ def load_causal_lm(source: str, *, device: torch.device, dtype: torch.dtype):
     """``AutoModelForCausalLM.from_pretrained(source, dtype=dtype)`` moved to ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as error:
+        raise ValueError(f"cannot load the model {source!r}: {error}") from error
+    return model.to(device).eval()

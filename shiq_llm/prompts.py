@@ -93,7 +93,12 @@ def _read_rows(source: str, *, split: str, format: str | None, format_options: M
         return load_rows(rows, format=format, format_options=format_options, validate=False)
     if path.suffix in (".jsonl", ".json", ".parquet", ".txt") and not path.exists():
         raise ValueError(f"no such file {source!r}")
-    return load_rows(source, format=format, format_options=format_options, split=split, validate=False)
+    try:
+        return load_rows(source, format=format, format_options=format_options, split=split, validate=False)
+    except (ValueError, KeyError):
+        raise
+    except Exception as error:  # a hub dataset that cannot be reached or read: one line, not a traceback
+        raise ValueError(f"cannot load {source!r} (split {split!r}) as a dataset: {type(error).__name__}: {error}") from error
 
 
 def load_prompts(

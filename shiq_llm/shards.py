@@ -114,7 +114,7 @@ class ShardedOutput:
                              "command to finish it, or pass --overwrite to start afresh")
 
     def start(self) -> list[tuple[int, int]]:
-        """Prepare the shard directory; returns the ranges still to compute (``[]``: OUT is complete).
+        """Check OUT and the shard directory; returns the ranges still to compute (``[]``: OUT is complete).
 
         ValueError when OUT already exists (without unfinished shards of this run: pass --overwrite), when the
         shard directory belongs to other settings, or when it holds files that are not this run's shards.
@@ -134,15 +134,19 @@ class ShardedOutput:
             if self.out.exists():  # killed after OUT was swapped in, before the shards were removed
                 shutil.rmtree(self.parts)
                 return []
-        else:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.parts.mkdir()
-            with atomic_write(self.parts / MANIFEST) as f:
-                json.dump(self.manifest, f, indent=2, ensure_ascii=False)
         return [r for r in self.ranges() if not self.shard_path(*r).exists()]
 
     def write(self, start: int, stop: int, rows: Iterable[dict]) -> Path:
-        """Write one shard atomically."""
+        """Write one shard atomically (the first one creates the shard directory and its manifest, so a run that
+        fails before its first shard leaves nothing behind)."""
+        if not self.parts.exists():
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.parts.with_name(f"{self.parts.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            with atomic_write(tmp / MANIFEST) as f:
+                json.dump(self.manifest, f, indent=2, ensure_ascii=False)
+            os.replace(tmp, self.parts)  # the directory appears with its manifest
         path = self.shard_path(start, stop)
         with atomic_write(path) as f:
             for row in rows:
