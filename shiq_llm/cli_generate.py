@@ -114,6 +114,7 @@ def _register_score(subparsers) -> None:
     add("device", default=d.device)
     add("dtype", choices=INFERENCE_DTYPES, default=d.dtype)
     add("shard_size", type=int, default=d.shard_size)
+    add("skip_empty", action="store_true")
     add("overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_score)

@@ -6,7 +6,8 @@
 Input: a ``.jsonl`` file of single-turn rows ``{"prompt", "completion", …}`` (e.g. ``shiq-llm generate``'s
 output) or of multi-turn rows ``{"messages", …}``. Output: the same rows, in the same order, every field kept,
 with ``"reward"`` (single-turn) or ``"rewards"`` (multi-turn, one per assistant message) set — the canonical
-rows ``shiq-llm train`` reads. The rewards come from ``shiq_llm.rewards``: a callable (``--reward
+rows ``shiq-llm train`` reads (which refuses an empty completion — a sample that was EOS at once — so
+``skip_empty`` leaves those rows out, counted in the log). The rewards come from ``shiq_llm.rewards``: a callable (``--reward
 module:function``; per row or batched) or a sequence-classification reward model (``--reward-model``).
 
 A reward that is not a finite number, or a callable that raises, stops the run with an error naming the row
@@ -47,6 +48,9 @@ class ScoreConfig:
     """Reward model dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
     shard_size: int = 1024
     """Rows per shard (the unit of resumption)."""
+    skip_empty: bool = False
+    """Leave out single-turn rows whose completion is empty or blank (a sample that was EOS at once): shiq-llm
+    train refuses them. Counted in the log."""
     overwrite: bool = False
     """Replace an existing OUT (and discard unfinished shards of another run)."""
     progress: bool = True
@@ -98,12 +102,18 @@ def _check(config: ScoreConfig, *, has_scorer: bool) -> None:
         raise ValueError("--out must differ from --rows")
 
 
-def score_shard(rows: Sequence[dict], scorer, *, form: str, first_row: int, batch_size: int) -> list[dict]:
-    """The rows of one shard with their rewards (``first_row``: index of ``rows[0]`` in the file)."""
+def score_shard(rows: Sequence[dict], scorer, *, form: str, first_row: int, batch_size: int,
+                skip_empty: bool = False) -> list[dict]:
+    """The rows of one shard with their rewards (``first_row``: index of ``rows[0]`` in the file); with
+    ``skip_empty``, single-turn rows with a blank completion are left out (and not scored)."""
     out = []
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
         at = first_row + start
+        if skip_empty and form == "single":
+            part = [r for r in part if r["completion"].strip()]
+            if not part:
+                continue
         if form == "multi":
             values = scorer.score_turns([r["messages"] for r in part], first_row=at)
             out += [{**r, "rewards": v} for r, v in zip(part, values)]
@@ -133,7 +143,7 @@ def score_rows(config: ScoreConfig, *, scorer=None, on_shard: Callable[[int, int
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
     manifest = {"command": "score", "rows": str(config.rows), "rows_sha256": _file_sha256(config.rows),
                 "reward": config.reward, "reward_model": config.reward_model,
-                "dtype": dtype if config.reward_model is not None else None}
+                "dtype": dtype if config.reward_model is not None else None, "skip_empty": config.skip_empty}
     output = ShardedOutput(config.out, manifest, total=len(rows), shard_size=config.shard_size,
                            overwrite=config.overwrite)
     pending = output.start()
@@ -148,15 +158,17 @@ def score_rows(config: ScoreConfig, *, scorer=None, on_shard: Callable[[int, int
             log(f"resuming: {done} of {len(rows)} rows already scored in {output.parts}")
         bar = tqdm(total=len(rows), initial=done, unit="row", desc="score", disable=not config.progress)
         for start, stop in pending:
-            labelled = score_shard(rows[start:stop], scorer, form=form, first_row=start, batch_size=config.batch_size)
+            labelled = score_shard(rows[start:stop], scorer, form=form, first_row=start, batch_size=config.batch_size,
+                                   skip_empty=config.skip_empty)
             output.write(start, stop, labelled)
             scored += len(labelled)
-            bar.update(len(labelled))
+            bar.update(stop - start)
             if on_shard is not None:
                 on_shard(start, stop)
         bar.close()
     count = output.finish()
     seconds = time.perf_counter() - started
-    log(f"wrote {count} labelled rows to {output.out}; scored {scored} now in {seconds:.1f} s")
+    skipped = f" ({len(rows) - count} row(s) with an empty completion left out)" if config.skip_empty else ""
+    log(f"wrote {count} labelled rows to {output.out}{skipped}; scored {scored} now in {seconds:.1f} s")
     return {"out": str(output.out), "rows": count, "scored_now": scored, "seconds": seconds,
             "rows_per_s": scored / max(seconds, 1e-9)}

@@ -230,3 +230,16 @@ def test_reward_function_checks_return_lengths_of_batched_calls():
     scorer = RewardFunction(batched(lambda prompts, completions: [1.0]), name="short")
     with pytest.raises(ValueError, match="rows 10–11: the batched reward function short must return a list of 2"):
         scorer.score(["a", "b"], ["x", "y"], first_row=10)
+
+
+def test_skip_empty_leaves_out_rows_with_a_blank_completion(tmp_path):
+    rows = ROWS[:3] + [{"prompt": "p3", "completion": ""}, {"prompt": "p4", "completion": " \n"}] + ROWS[5:7]
+    rows_file = str(_write(tmp_path / "with_empty.jsonl", rows))
+    score_rows(_config(tmp_path, rows=rows_file, out=str(tmp_path / "all.jsonl")), log=_quiet)
+    assert [r["reward"] for r in read_jsonl(tmp_path / "all.jsonl")] == [1.0, 2.0, 3.0, 0.0, 0.0, 2.0, 3.0]
+    messages = []
+    score_rows(_config(tmp_path, rows=rows_file, skip_empty=True), log=messages.append)
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["prompt"] for r in out] == ["p0", "p1", "p2", "p5", "p6"]
+    validate_rows(out)
+    assert "2 row(s) with an empty completion left out" in messages[-1]
