@@ -24,7 +24,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["GenerateConfig", "BACKENDS", "resolve_backend", "make_sampler", "shard_seed", "completion_rows",
@@ -155,6 +154,16 @@ def _fingerprint(prompts: Sequence) -> str:
     return hashlib.sha256(json.dumps(list(prompts), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def _manifest(config: GenerateConfig, prompts: Sequence, backend: str, dtype) -> dict[str, Any]:
+    """What determines the rows: a re-run with a different value is refused (``shiq_llm.shards``)."""
+    return {
+        "command": "generate", "model": config.model, "prompts": config.prompts, "prompts_sha256": _fingerprint(prompts),
+        "num_completions": config.num_completions, "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed, "backend": backend,
+        "dtype": str(dtype).removeprefix("torch."), "batch_size": config.batch_size if backend == "hf" else None,
+    }
+
+
 def _check(config: GenerateConfig) -> None:
     for name in ("num_completions", "max_new_tokens", "batch_size", "shard_size"):
         value = getattr(config, name)
@@ -188,14 +197,8 @@ def generate_rows(config: GenerateConfig, *, on_shard: Callable[[int, int], None
     dtype = resolve_dtype(config.dtype, device)
     backend = resolve_backend(config.backend, device)
     k = config.num_completions
-    manifest = {
-        "command": "generate", "model": config.model, "prompts": config.prompts, "prompts_sha256": _fingerprint(prompts),
-        "num_completions": k, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-        "top_p": config.top_p, "seed": config.seed, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
-        "batch_size": config.batch_size if backend == "hf" else None,
-    }
-    output = ShardedOutput(config.out, manifest, total=len(prompts), shard_size=config.shard_size,
-                           overwrite=config.overwrite)
+    output = ShardedOutput(config.out, _manifest(config, prompts, backend, dtype), total=len(prompts),
+                           shard_size=config.shard_size, overwrite=config.overwrite)
     pending = output.start()
     started = time.perf_counter()
     tokens = sampled = 0
