@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         cli_tasks.register(subparsers)
     importlib.import_module("shiq_llm.cli_multiturn").register(subparsers)
+    importlib.import_module("shiq_llm.cli_generate").register(subparsers)
     return parser
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "response_token_stats",
     "naive_response_token_stats",
     "linear_head_token_stats",
+    "response_hidden_states",
     "exact_path_reason",
     "unwrap_peft",
 ]
@@ -327,6 +328,27 @@ def response_token_stats(
     if reason is not None:
         _warn_once(model, reason)
         return naive_response_token_stats(model, input_ids, attention_mask, response_mask, position_ids=position_ids)
+    states, head = response_hidden_states(model, input_ids, attention_mask, response_mask, position_ids=position_ids)
+    targets = input_ids[response_mask]  # (N,), same row-major order (position 0 is never a response)
+    stats = linear_head_token_stats(states, head.weight, targets, bias=head.bias, chunk_size=chunk_size)
+    return TokenStats(*(_scatter(x, response_mask) for x in stats))  # (B, L) each
+
+
+def response_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, nn.Linear]:
+    """The backbone's last hidden states before each response token, and the output head: ``(states, head)``.
+
+    states: (N, H), row-major over the True entries of ``response_mask`` (B, L): ``states[n]`` is ``h_{p−1}``
+    for the n-th response position p, so ``head(states)`` are the logits that predict ``input_ids[response_mask]``.
+    Only the backbone runs (no (B, L, V) logits). For models with ``exact_path_reason(model) is None``;
+    arguments as in :func:`response_token_stats` (position ids default to counting attended tokens).
+    """
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     hf_model = unwrap_peft(model)
@@ -335,10 +357,7 @@ def response_token_stats(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     hidden = outputs.last_hidden_state  # (B, L, H)
-    states = hidden[:, :-1][response_mask[:, 1:]]  # (N, H): the state before each response token
-    targets = input_ids[response_mask]  # (N,), same row-major order (position 0 is never a response)
-    stats = linear_head_token_stats(states, head.weight, targets, bias=head.bias, chunk_size=chunk_size)
-    return TokenStats(*(_scatter(x, response_mask) for x in stats))  # (B, L) each
+    return hidden[:, :-1][response_mask[:, 1:]], hf_model.get_output_embeddings()  # (N, H): state before each token
 
 
 def naive_response_token_stats(
