@@ -80,8 +80,10 @@ def _write_run_args(path: Path, model_args, data_args, args) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 
-def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQConfig, *, callbacks=None) -> TrainResult:
-    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are."""
+def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQConfig, *, callbacks=None,
+              quiet: bool = False) -> TrainResult:
+    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are. ``quiet``: no log
+    records printed to the console (they still go to metrics.jsonl and the trackers), as in a sweep."""
     from accelerate import PartialState
 
     from shiq_llm.data import load_rows
@@ -117,6 +119,11 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
         _write_run_args(out / "run_args.yaml", model_args, data_args, args)
     trainer = ShiQTrainer(model, args, train_dataset=rows, eval_dataset=eval_rows, processing_class=tokenizer,
                           peft_config=model_args.peft_config(), callbacks=callbacks)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     result = trainer.train(resume_from_checkpoint=True if resuming and resume in (True, "true", "True", "latest") else
                            (resume if resuming else None))
     final = trainer.save_final(out / "final")

@@ -459,3 +459,14 @@ def test_multi_turn_rows_train_on_the_action_tokens_only(tmp_path):
     losses = [line["loss"] for line in read_metrics(result.metrics_file)]
     assert losses[0] == pytest.approx(float(torch.stack(per).mean()), rel=1e-5)
     assert math.isfinite(losses[1])
+
+
+def test_two_runs_with_the_same_seed_are_identical(tmp_path):
+    """Same seed, same environment: bit-identical weights and the same metrics log (timing keys aside)."""
+    first = train(tmp_path, "a", per_device_train_batch_size=4, max_steps=3, beta=0.5)
+    second = train(tmp_path, "b", per_device_train_batch_size=4, max_steps=3, beta=0.5)
+    a, b = weights(first.final_dir), weights(second.final_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _same_log(first.metrics_file, second.metrics_file)
+    other = train(tmp_path, "c", per_device_train_batch_size=4, max_steps=3, beta=0.5, seed=1)  # the seed matters
+    assert not all(torch.equal(a[k], weights(other.final_dir)[k]) for k in a)

@@ -191,7 +191,8 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
                               ref_cache=str(out / "reference"), overwrite_output_dir=True, disable_tqdm=True,
                               **options)
             run = train_run(ModelArguments(model_name_or_path=config.model),
-                            DataArguments(dataset_name=config.train_data, data_format=config.data_format), args)
+                            DataArguments(dataset_name=config.train_data, data_format=config.data_format), args,
+                            quiet=True)
             seconds = time.perf_counter() - tick
             policy = AutoModelForCausalLM.from_pretrained(run.final_dir).eval()
             row = {"algo": algo, "beta": beta, "seed": seed, **evaluate(policy), "train_seconds": seconds}
