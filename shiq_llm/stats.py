@@ -42,6 +42,7 @@ from shiq_toy.losses import TokenStats, token_stats
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "KEEP_EXPECTED_FOR_FROZEN_HEAD",
     "LOGIT_TRANSFORM_ATTRIBUTES",
     "response_token_stats",
     "naive_response_token_stats",
@@ -66,6 +67,12 @@ LOGIT_TRANSFORM_ATTRIBUTES: dict[str, float | None] = {
     "lm_head_multiplier": 1.0,  # Falcon-H1: z ← m·z
     "output_multiplier": 1.0,  # MuseSpark, MuseGlimmer: z ← m·z before a soft cap
 }
+
+#: Frozen head (``weight`` and ``bias`` need no gradient, e.g. LoRA): forward keeps the expected output
+#: embedding ``E = softmax(z) W`` (N, H) so that backward is ``∂/∂h = g_vℓ · E + g_ℓ · W[a]``, one chunked
+#: ``(N, V) × (V, H)`` matmul fewer than recomputing the logits (3 head matmuls → 2, as many as the naive path),
+#: for ``N × H`` more memory. False: always recompute (``benchmarks/token_stats.py`` measures both).
+KEEP_EXPECTED_FOR_FROZEN_HEAD = True
 
 _WARNED_CLASSES: set[str] = set()
 
@@ -101,16 +108,20 @@ class _LinearHeadStats(torch.autograd.Function):
     """(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,)) -> ℓ (N,), vℓ (N,), chunk by chunk.
 
     Forward keeps ``ℓ`` and ``vℓ`` only; backward recomputes each chunk's logits (see the module docstring).
-    All arithmetic runs with autocast off, in ``compute_dtype`` for the matmuls and in ``stats_dtype``
-    (float32 at least) for log-sum-exp and the softmax, so forward and backward see the same logits.
+    With ``keep_expected`` (a frozen head: only ``hidden`` needs a gradient) forward also keeps the expected
+    output embedding ``E = softmax(z) W`` (N, H), and backward is ``∂/∂h = g_vℓ · E + g_ℓ · W[a]`` with no
+    recomputation. All arithmetic runs with autocast off, in ``compute_dtype`` for the matmuls and in
+    ``stats_dtype`` (float32 at least) for log-sum-exp and the softmax, so forward and backward see the same
+    logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, keep_expected):
         stats_dtype = torch.promote_types(compute_dtype, torch.float32)
         n, vocab = hidden.shape[0], weight.shape[0]
         logit_taken = hidden.new_empty(n, dtype=stats_dtype)
         logsumexp = hidden.new_empty(n, dtype=stats_dtype)
+        expected = hidden.new_empty(hidden.shape, dtype=compute_dtype) if keep_expected else None  # (N, H)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(compute_dtype)
@@ -120,14 +131,22 @@ class _LinearHeadStats(torch.autograd.Function):
                 z = buffers.chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (c, V)
                 logit_taken[rows] = z.gather(1, targets[rows, None]).squeeze(1)
                 shift = z.amax(dim=1, keepdim=True)  # (c, 1); vℓ = m + ln Σ_a exp(z_a − m), in place
-                logsumexp[rows] = z.sub_(shift).exp_().sum(dim=1).log_().add_(shift.squeeze(1))
+                total = z.sub_(shift).exp_().sum(dim=1)  # (c,)
+                logsumexp[rows] = total.log().add_(shift.squeeze(1))
+                if keep_expected:  # E = softmax(z) W: (c, V) × (V, H)
+                    torch.mm(buffers.to_compute(z.div_(total[:, None])), w, out=expected[rows])
             del buffers
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        if keep_expected:
+            ctx.save_for_backward(weight, targets, expected)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.chunk_size, ctx.compute_dtype, ctx.keep_expected, ctx.hidden_dtype = chunk_size, compute_dtype, keep_expected, hidden.dtype
         return logit_taken, logsumexp
 
     @staticmethod
     def backward(ctx, grad_taken, grad_lse):
+        if ctx.keep_expected:
+            return _frozen_head_backward(ctx, grad_taken, grad_lse), None, None, None, None, None, None
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dtype, n, vocab = ctx.compute_dtype, hidden.shape[0], weight.shape[0]
@@ -162,7 +181,17 @@ class _LinearHeadStats(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+def _frozen_head_backward(ctx, grad_taken: torch.Tensor, grad_lse: torch.Tensor) -> torch.Tensor:
+    """∂/∂h = g_vℓ · E + g_ℓ · W[a]   (N, H), from the kept E = softmax(z) W (N, H); in the stats dtype, returned
+    in the hidden states' dtype."""
+    weight, targets, expected = ctx.saved_tensors
+    stats_dtype = grad_lse.dtype
+    with torch.autocast(expected.device.type, enabled=False):
+        taken_rows = weight[targets].to(ctx.compute_dtype).to(stats_dtype)  # (N, H): W[a], as the matmuls saw it
+        grad_hidden = torch.addcmul(grad_taken[:, None] * taken_rows, grad_lse[:, None], expected.to(stats_dtype))
+    return grad_hidden.to(ctx.hidden_dtype)
 
 
 def _check_chunk_size(chunk_size) -> None:
@@ -182,8 +211,9 @@ def linear_head_token_stats(
 
     hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N,) int64 in [0, V). Returns a TokenStats
     of two (N,) tensors in float32 (float64 for float64 inputs); differentiable w.r.t. hidden, weight, bias.
-    Under ``torch.autocast`` the matmuls run in the autocast dtype, like ``nn.Linear`` would. It is
-    equivalent to (but never holds the (N, V) logits of)::
+    Under ``torch.autocast`` the matmuls run in the autocast dtype, like ``nn.Linear`` would. When neither
+    ``weight`` nor ``bias`` requires grad (a frozen head, as with LoRA), forward keeps ``softmax(z) W`` (N, H)
+    and backward recomputes nothing (see :data:`KEEP_EXPECTED_FOR_FROZEN_HEAD`). It is equivalent to (but never holds the (N, V) logits of)::
 
         token_stats(torch.nn.functional.linear(hidden, weight, bias)[None], targets[None])  # then [0]
     """
@@ -204,7 +234,11 @@ def linear_head_token_stats(
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    logit_taken, logsumexp = _LinearHeadStats.apply(hidden, weight, bias, targets.long(), chunk_size, compute_dtype)
+    frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    keep_expected = KEEP_EXPECTED_FOR_FROZEN_HEAD and frozen_head and hidden.requires_grad and torch.is_grad_enabled()
+    logit_taken, logsumexp = _LinearHeadStats.apply(
+        hidden, weight, bias, targets.long(), chunk_size, compute_dtype, keep_expected
+    )
     return TokenStats(logit_taken=logit_taken, logsumexp=logsumexp)
 
 

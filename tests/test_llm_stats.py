@@ -186,6 +186,55 @@ def test_linear_head_gradcheck_and_naive(with_bias):
         torch.testing.assert_close(got, want[0])
 
 
+@pytest.mark.parametrize("keep_expected", [True, False])
+def test_frozen_head_gradcheck_and_naive(monkeypatch, keep_expected):
+    """A head that needs no gradient: forward keeps E = softmax(z) W (or, switched off, backward recomputes);
+    both give the values and the gradient in h of the full-logit path, and pass gradcheck (float64)."""
+    monkeypatch.setattr(stats_module, "KEEP_EXPECTED_FOR_FROZEN_HEAD", keep_expected)
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(11, 5, generator=gen, dtype=torch.float64), torch.randn(11, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([4, 4, 0, 10, 3, 4, 7])  # a repeated target
+    upstream = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+
+    def chunked(h):
+        return tuple(linear_head_token_stats(h, weight, targets, bias=bias, chunk_size=3))
+
+    def naive(h):
+        return tuple(x[0] for x in token_stats(torch.nn.functional.linear(h, weight, bias)[None], targets[None]))
+
+    assert chunked(hidden)[1].grad_fn.keep_expected == keep_expected  # the path under test ran
+    assert torch.autograd.gradcheck(chunked, (hidden,))
+    results = []
+    for fn in (chunked, naive):
+        stats = fn(hidden)
+        results.append((stats, torch.autograd.grad((upstream[0] * stats[0] + upstream[1] * stats[1]).sum(), hidden)[0]))
+    (got, grad_got), (want, grad_want) = results
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_got, grad_want)
+
+
+def _count_frozen_backward(monkeypatch) -> list:
+    """Record each run of the frozen-head backward (the kept-E path)."""
+    calls, original = [], stats_module._frozen_head_backward
+    monkeypatch.setattr(stats_module, "_frozen_head_backward", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_frozen_head_model_equals_naive(monkeypatch):
+    """A model whose output head is frozen (tied: the embedding too): chunked path with E kept, same values
+    and gradients of every trainable parameter as the full-logit path."""
+    calls = _count_frozen_backward(monkeypatch)
+    for tied in (False, True):
+        model = copy.deepcopy(_model("llama", tied))
+        model.get_output_embeddings().requires_grad_(False)
+        chunked = _stats_and_grads(response_token_stats, model, LEFT, chunk_size=4)
+        assert len(calls) == 1 + tied
+        _assert_same(chunked, _stats_and_grads(naive_response_token_stats, model, LEFT))
+        assert len(chunked[1]) == len([p for p in model.parameters() if p.requires_grad]) > 0
+
+
 def test_linear_head_accumulates_in_float32_for_bf16():
     """bf16 hidden states and weight, V = 4096: ℓ and vℓ are within one bf16 rounding of the exact logits
     of those bf16 values (|vℓ(ẑ) − vℓ(z)| ≤ max_a |ẑ_a − z_a|, and a matmul with a float32 accumulator
@@ -208,12 +257,15 @@ def test_linear_head_accumulates_in_float32_for_bf16():
     assert bool(((bf16_running.double() - bf16_sum.double()).abs() > bound * bf16_sum.double()).any())
 
 
-def test_bf16_model_matches_float32_within_bf16_error():
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_bf16_model_matches_float32_within_bf16_error(frozen_head):
     """Same weights in bf16 and float32. The chunked bf16 statistics use the same bf16 logits as the naive
     bf16 path (then float32 sums), so they differ from it by at most one bf16 rounding of a logit, u·max|z|;
     their error against float32 is the naive bf16 error plus at most that. Gradients: the chunked path adds
-    one bf16 rounding per chunk when it accumulates the head's weight gradient (relative u each)."""
-    model = _model("llama", False)
+    one bf16 rounding per chunk when it accumulates the head's weight gradient (relative u each); a frozen
+    head's kept E = softmax(z) W is rounded to bf16 once per row."""
+    model = copy.deepcopy(_model("llama", False))
+    model.lm_head.requires_grad_(not frozen_head)
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     batch, chunk_size = RIGHT, 4
     n_chunks = -(-int(batch[2].sum()) // chunk_size)
@@ -314,16 +366,19 @@ def test_non_linear_head_takes_the_exact_path(monkeypatch):
     _assert_same(chunked, _stats_and_grads(naive_response_token_stats, model, LEFT))
 
 
-def test_lora_model():
-    """LoRA on attention: chunked path with the adapters active, same LoRA gradients as naive.
-    LoRA on the head: the head is a peft module, so the exact path runs."""
+def test_lora_model(monkeypatch):
+    """LoRA on attention: chunked path with the adapters active (the head is frozen: E is kept), same LoRA
+    gradients as naive. LoRA on the head: the head is a peft module, so the exact path runs."""
     from peft import LoraConfig, get_peft_model
+
+    calls = _count_frozen_backward(monkeypatch)
 
     base = copy.deepcopy(_model("llama", False))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, config)
     assert exact_path_reason(model) is None
     chunked = _stats_and_grads(response_token_stats, model, LEFT, chunk_size=5)
+    assert calls == [1]
     naive = _stats_and_grads(naive_response_token_stats, model, LEFT)
     assert chunked[1] and all("lora_" in name for name in chunked[1])
     _assert_same(chunked, naive)
