@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from shiq_llm.data import collate
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, _unwrap_peft, response_token_stats
+from shiq_llm.sharding import unwrap_model
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats
 
 __all__ = [
     "CACHE_FORMAT",
@@ -104,7 +105,7 @@ def reference_mode(model: nn.Module):
 
 def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str:
     """sha256 hex digest of the reference model (config + strided parameter samples; module docstring)."""
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_model(model)
     digest = hashlib.sha256()
     config = getattr(hf_model, "config", None)
     if config is not None:
@@ -153,7 +154,7 @@ class _LastHidden:
 
     def __init__(self, model: nn.Module):
         self.value: torch.Tensor | None = None
-        self.handle = _unwrap_peft(model).base_model.register_forward_hook(self._hook)
+        self.handle = unwrap_model(model).base_model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]

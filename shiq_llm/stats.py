@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from shiq_llm.models import position_ids_from_mask
+from shiq_llm.sharding import call_as_forward, check_unsharded, head_sharding, inner_module, module_class, unwrap_model
 from shiq_toy.losses import TokenStats, token_stats
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "naive_response_token_stats",
     "linear_head_token_stats",
     "exact_path_reason",
+    "head_sharding",
 ]
 
 #: Rows of hidden states projected at once. Each pass holds one float32 ``chunk_size × V`` buffer
@@ -247,25 +249,19 @@ def linear_head_token_stats(
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """A peft ``PeftModel`` -> the transformers model inside it (adapters stay injected and active)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def exact_path_reason(model: nn.Module) -> str | None:
     """Why ``model``'s logits are not ``W h + b`` of its backbone's last hidden state, or None if they are.
 
     Detected: an output embedding that is not exactly ``torch.nn.Linear`` (a LoRA-wrapped or quantised head,
-    a custom module, none at all); no separate backbone (``model.base_model is model``); a
+    a custom module, none at all; FSDP's wrapping of a Linear is looked through); no separate backbone (``model.base_model is model``); a
     ``final_logits_bias`` buffer; a config attribute of :data:`LOGIT_TRANSFORM_ATTRIBUTES` set to a value
     that transforms the logits. Anything a model's ``forward`` does to the logits beyond these is not seen.
     """
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_model(model)
     get_head = getattr(hf_model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear:
-        return f"its output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
+    if module_class(head) is not nn.Linear:
+        return f"its output embedding is {module_class(head).__name__}, not a plain torch.nn.Linear"
     if getattr(hf_model, "base_model", hf_model) is hf_model:
         return "it has no separate backbone (model.base_model is the model itself)"
     if getattr(hf_model, "final_logits_bias", None) is not None:
@@ -352,25 +348,39 @@ def response_token_stats(
     emitted at p − 1); exactly 0 where ``response_mask`` is False (rows without response token: all 0).
     Pass ``response_mask`` as the loss's ``mask``. Values and gradients equal those of
     :func:`naive_response_token_stats`; models whose head is not a plain linear layer
-    (:func:`exact_path_reason`) take that exact path, with a warning once per model class.
+    (:func:`exact_path_reason`) take that exact path, with a warning once per model class. ``model`` may be
+    wrapped by DDP, FSDP1 or FSDP2 (:func:`head_sharding`; ValueError for DeepSpeed ZeRO-3): the statistics
+    then run as the wrapper's forward (``shiq_llm.sharding.call_as_forward``), so it unshards the head.
     """
     _check_inputs(input_ids, attention_mask, response_mask, position_ids)
     _check_chunk_size(chunk_size)
+    head_sharding(model)
     reason = exact_path_reason(model)
     if reason is not None:
         _warn_once(model, reason)
         return naive_response_token_stats(model, input_ids, attention_mask, response_mask, position_ids=position_ids)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    hf_model = _unwrap_peft(model)
+    hf_model = unwrap_model(model)
     head = hf_model.get_output_embeddings()
-    outputs = hf_model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    hidden = outputs.last_hidden_state  # (B, L, H)
-    states = hidden[:, :-1][response_mask[:, 1:]]  # (N, H): the state before each response token
-    targets = input_ids[response_mask]  # (N,), same row-major order (position 0 is never a response)
-    stats = linear_head_token_stats(states, head.weight, targets, bias=head.bias, chunk_size=chunk_size)
+
+    def head_stats(states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H), (N,) -> ℓ (N,), vℓ (N,); run as the head's forward, so the head's weight is whole here."""
+        linear = inner_module(head)  # the nn.Linear inside an FSDP1 wrapper
+        check_unsharded(linear.weight, f"the output head's weight of {type(hf_model).__name__}")
+        return tuple(linear_head_token_stats(states, linear.weight, targets, bias=linear.bias, chunk_size=chunk_size))
+
+    def stats_forward(input_ids, attention_mask, position_ids):
+        """(B, L) ids, mask, positions -> ℓ (N,), vℓ (N,); run as the model's forward."""
+        outputs = hf_model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = outputs.last_hidden_state  # (B, L, H)
+        states = hidden[:, :-1][response_mask[:, 1:]]  # (N, H): the state before each response token
+        targets = input_ids[response_mask]  # (N,), same row-major order (position 0 is never a response)
+        return call_as_forward(head, head_stats, states, targets)
+
+    stats = call_as_forward(model, stats_forward, input_ids, attention_mask, position_ids)
     return TokenStats(*(_scatter(x, response_mask) for x in stats))  # (B, L) each
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from shiq_llm.models import tiny_causal_lm
 from shiq_llm.stats import (
     LOGIT_TRANSFORM_ATTRIBUTES,
     exact_path_reason,
+    head_sharding,
     linear_head_token_stats,
     naive_response_token_stats,
     response_token_stats,
@@ -441,3 +443,105 @@ def test_bad_inputs():
         response_token_stats(_model("gpt2", True), ids, attention, response, chunk_size=0)
     with pytest.raises(ValueError, match="token ids must lie"):
         linear_head_token_stats(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 5]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapped and sharded models
+# --------------------------------------------------------------------------------------------------
+
+
+def test_wrapped_and_sharded_models_on_two_processes(tmp_path):
+    """``torchrun`` with 2 gloo processes (``tests/dist_fsdp_stats.py``): DDP, FSDP2 (head in the root's group,
+    tied or not, in its own ``fully_shard``, frozen) and FSDP1 (with and without ``use_orig_params``), each
+    rank on half of the batch, give the per-sequence ShiQ losses and the gathered gradients (one SGD step) of
+    one process without a wrapper on the whole batch and the full logits, through the chunked head."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "tests/dist_fsdp_stats.py", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    results = report.pop("results")
+    errors = results.pop("dtensor-head")["errors"]
+    for name in ("head_sharding", "response_token_stats"):
+        assert "DTensor outside FSDP2" in errors[name] and "supported:" in errors[name], name
+    sharding = {"ddp": "none", "fsdp1": "fsdp1", "fsdp1-flat": "fsdp1"}
+    assert sorted(results) == sorted(["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "fsdp2-frozen-head", "fsdp2-own-head", "fsdp2-tied"])
+    for scheme, result in results.items():
+        assert result["sharding"] == sharding.get(scheme, "fsdp2"), scheme
+        assert result["exact_path_reason"] is None and result["chunked_head_calls"] == 1, scheme
+        assert result["loss_max_abs_diff"] <= 1e-5 * result["loss_max_abs"], scheme
+        assert result["grad_max_abs_diff"] <= 1e-5 * result["grad_max_abs"], scheme
+        frozen = {"lm_head.weight"} if scheme == "fsdp2-frozen-head" else set()
+        assert set(result["parameters_with_gradient"]) == set(result["parameters"]) - frozen, scheme
+        assert result["head_weight_changed"] == (not frozen), scheme
+
+
+class _FakeZeroThreeParameter(torch.nn.Parameter):
+    """A parameter with DeepSpeed ZeRO-3's partitioning attributes (``ds_id``, ``ds_status``)."""
+
+    ds_id, ds_status = 0, "NOT_AVAILABLE"
+
+
+def _fake_zero_three_head(model: torch.nn.Module) -> torch.nn.Module:
+    """ZeRO-3's protocol on the head: its weight is empty except inside the head's forward, where a pre-hook
+    gathers it and a post-hook releases it (DeepSpeed's hooks also gather it again for the backward, which
+    this fake does not, so it is used under no_grad)."""
+    head = model.lm_head
+    full = head.weight.detach().clone()  # (V, H)
+    head.weight = _FakeZeroThreeParameter(torch.empty(0))
+
+    def gather(module, args):
+        module.weight.data = full
+
+    def release(module, args, output):
+        module.weight.data = torch.empty(0)
+
+    head.register_forward_pre_hook(gather)
+    head.register_forward_hook(release)
+    return model
+
+
+def test_zero_three_head_is_called_through_its_hooks():
+    """A ZeRO-3-partitioned head is read inside its own forward (the real DeepSpeed, trained and tied, is
+    checked by hand: ``tests/dist_fsdp_stats.py --schemes zero3 zero3-tied``)."""
+    model = _fake_zero_three_head(copy.deepcopy(_model("llama", False)))
+    assert head_sharding(model) == "zero3" and head_sharding(_model("llama", False)) == "none"
+    with torch.no_grad():
+        chunked = response_token_stats(model, *LEFT, chunk_size=4)
+        naive = naive_response_token_stats(_model("llama", False), *LEFT)
+    assert model.lm_head.weight.numel() == 0  # released again
+    for got, want in zip(chunked, naive):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_call_as_forward_restores_the_forward():
+    """The redirection runs the function through the module's hooks and puts back an instance-level forward
+    (accelerate's autocast wrapper is one), also when the function raises."""
+    from shiq_llm.sharding import call_as_forward
+
+    module = torch.nn.Linear(2, 3)
+    assert call_as_forward(module, lambda x: x + 1, torch.zeros(1)).tolist() == [1.0]  # unwrapped: called directly
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = torch.nn.Linear(2, 3)
+    wrapped.__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})  # what fully_shard does
+    seen = []
+    wrapped.register_forward_pre_hook(lambda module, args: seen.append(args[0].tolist()))
+    instance_forward = wrapped.forward = lambda x: ("instance", x)
+    assert call_as_forward(wrapped, lambda x: (x * 2,), torch.ones(1))[0].tolist() == [2.0]
+    assert seen == [[1.0]] and wrapped.forward is instance_forward
+    with pytest.raises(RuntimeError, match="boom"):
+        call_as_forward(wrapped, lambda x: (_ for _ in ()).throw(RuntimeError("boom")), torch.ones(1))
+    assert wrapped.forward is instance_forward
+    del wrapped.forward
+    with pytest.raises(RuntimeError, match="boom"):
+        call_as_forward(wrapped, lambda x: (_ for _ in ()).throw(RuntimeError("boom")), torch.ones(1))
+    assert "forward" not in wrapped.__dict__
