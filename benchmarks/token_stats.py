@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         result = worker(
-            args.worker, head=args.heads[0], tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0], chunk_size=args.chunk_sizes[0],
-            dtype=args.dtype, device=args.devices[0],
+            args.worker, head=args.heads[0], tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0],
+            chunk_size=args.chunk_sizes[0], dtype=args.dtype, device=args.devices[0],
         )  # fmt: skip
         print(json.dumps(result))
         return
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                     runs["naive"].append(run_in_subprocess("naive", args, chunk_size=1, **common))
                     for variant in variants:
                         runs[variant].append(run_in_subprocess(variant[1], args, chunk_size=variant[2], **common))
-                best = {key: {k: min(run[k] for run in value) for k in ("peak_bytes", "wall", "cpu")} for key, value in runs.items()}
+                measures = ("peak_bytes", "wall", "cpu")
+                best = {key: {k: min(run[k] for run in value) for k in measures} for key, value in runs.items()}
                 naive = best["naive"]
                 for variant in variants:
                     (label, _, size), chunked = variant, best[variant]

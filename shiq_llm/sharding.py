@@ -43,8 +43,12 @@ def _fsdp_types() -> tuple[type, ...]:
     """(FSDP1's FullyShardedDataParallel, FSDP2's FSDPModule), or () where torch.distributed is unavailable."""
     if not torch.distributed.is_available():
         return ()
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
     return FullyShardedDataParallel, FSDPModule
 
 
@@ -55,8 +59,10 @@ def _is_fsdp2(module: nn.Module) -> bool:
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
     return isinstance(tensor, DTensor)
 
 

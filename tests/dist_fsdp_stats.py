@@ -64,7 +64,10 @@ def _wrap(scheme: str, model: torch.nn.Module) -> torch.nn.Module:
         import deepspeed
 
         stage = int(scheme[4])
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        config = {
+            "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,  # plain SGD
+        }  # fmt: skip
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
     if scheme == "ddp":
@@ -105,7 +108,10 @@ def run_dtensor_head(world: int) -> dict:
     model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
     ids, attention, response, _ = _batch(world)
     errors = {}
-    calls = {"head_sharding": lambda: head_sharding(model), "response_token_stats": lambda: response_token_stats(model, ids, attention, response)}
+    calls = {
+        "head_sharding": lambda: head_sharding(model),
+        "response_token_stats": lambda: response_token_stats(model, ids, attention, response),
+    }
     for name, call in calls.items():
         try:
             call()
