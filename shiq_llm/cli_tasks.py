@@ -184,8 +184,8 @@ def _make_data(args: argparse.Namespace) -> int:
 def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None, str]:
     """The training prompts the evaluation prompts are checked against, and where they came from.
 
-    ``--train-data none``: no check. ``auto`` (default): the ``data`` of the ``config.yaml`` that
-    ``shiq-llm train`` wrote next to the model (``RUN/final`` → ``RUN/config.yaml``) when it is a local file.
+    ``--train-data none``: no check. ``auto`` (default): the ``dataset_name`` of the ``run_args.yaml`` that
+    ``shiq-llm train`` wrote next to the model (``RUN/final`` → ``RUN/run_args.yaml``) when it is a local file.
     """
     import yaml
 
@@ -195,14 +195,14 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
     if source == "none":
         return None, "not checked (--train-data none)"
     if source == "auto":
-        configs = [Path(model) / "config.yaml", Path(model).parent / "config.yaml"]
+        configs = [Path(model) / "run_args.yaml", Path(model).parent / "run_args.yaml"]
         config = next((c for c in configs if c.is_file()), None)
         values = yaml.safe_load(config.read_text()) if config is not None else None
-        data = values.get("data") if isinstance(values, dict) else None
+        data = values.get("dataset_name") if isinstance(values, dict) else None
         if not isinstance(data, str) or not Path(data).is_file():
             return None, "not checked (no training data found next to --model; give --train-data)"
         source, data_format = data, values.get("data_format")
-        split = values.get("split") or split
+        split = values.get("dataset_train_split") or split
     train = load_prompts(source, split=split, format=data_format, default_split="train",
                          format_options=parse_format_options(args.train_format_option) or None)
     return train, source

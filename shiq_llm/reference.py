@@ -55,7 +55,8 @@ from torch import nn
 
 from shiq_llm.data import collate
 from shiq_llm.integrity import file_manifest, verify_file_manifest
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats, unwrap_peft
+from shiq_llm.sharding import unwrap_model
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats
 
 __all__ = [
     "CACHE_FORMAT",
@@ -108,7 +109,7 @@ def reference_mode(model: nn.Module):
 
 def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str:
     """sha256 hex digest of the reference model (config + strided parameter samples; module docstring)."""
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     digest = hashlib.sha256()
     config = getattr(hf_model, "config", None)
     if config is not None:
@@ -159,7 +160,7 @@ class _LastHidden:
 
     def __init__(self, model: nn.Module):
         self.value: torch.Tensor | None = None
-        self.handle = unwrap_peft(model).base_model.register_forward_hook(self._hook)
+        self.handle = unwrap_model(model).base_model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]

@@ -59,7 +59,8 @@ from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
 from shiq_llm.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_llm.models import check_tokenizer_fits_model
 from shiq_llm.reference import data_fingerprint, model_fingerprint, reference_cache
-from shiq_llm.stats import response_token_stats, unwrap_peft
+from shiq_llm.sharding import unwrap_model
+from shiq_llm.stats import response_token_stats
 from shiq_toy.losses import TokenStats, reduce_loss
 from shiq_toy.methods import METHODS, Method, per_item_loss
 
@@ -93,7 +94,7 @@ def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
     and, when the model has a value head (:data:`VALUE_HEAD`), ``value = V_φ(state)`` (B,). Without
     ``shiq_response_mask`` the forward is the original one (generation is unchanged). Idempotent.
     """
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     hf_model._shiq_chunk_size = chunk_size
     if getattr(hf_model, "_shiq_stats_forward", False):
         return
@@ -104,7 +105,7 @@ def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
         if shiq_response_mask is None:
             return original(*args, **kwargs)
         stats = response_token_stats(hf_model, kwargs["input_ids"], kwargs["attention_mask"], shiq_response_mask,
-                                     chunk_size=hf_model._shiq_chunk_size)
+                                     chunk_size=hf_model._shiq_chunk_size, in_forward=True)
         head = getattr(hf_model, VALUE_HEAD, None)
         value = head(shiq_prompt_state.to(head.weight.dtype)).squeeze(-1).float() if head is not None else None  # (B,)
         return ShiQStatsOutput(logit_taken=stats.logit_taken, logsumexp=stats.logsumexp, value=value)
@@ -406,7 +407,7 @@ def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> 
     """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA merged."""
     from safetensors.torch import save_file
 
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     head = getattr(hf_model, VALUE_HEAD, None)
     if head is not None:
         head_module = getattr(head, "modules_to_save", None)
