@@ -211,7 +211,8 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
 def _evaluate(args: argparse.Namespace) -> int:
     from shiq_llm.evaluate import evaluate_policy
     from shiq_llm.generate import make_sampler, resolve_backend
-    from shiq_llm.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from shiq_llm.models import (check_tokenizer_fits_model, load_causal_lm, load_tokenizer, resolve_device,
+                                 resolve_dtype, resolve_model_source)
     from shiq_llm.prompts import check_held_out, parse_format_options
     from shiq_llm.rewards import load_reward
 
@@ -227,9 +228,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend, device)
     scorer = load_reward(args.reward, args.reward_model, device=device, dtype=args.dtype,
                          batch_size=args.reward_batch_size)
+    for source in (args.model, args.ref):  # a bad model path is named as a model, before its tokenizer is read
+        resolve_model_source(source)
     tokenizer = load_tokenizer(args.model)
     policy = load_causal_lm(args.model, device=device, dtype=dtype)
     ref = load_causal_lm(args.ref, device=device, dtype=dtype)
+    for name, model in (("--model", policy), ("--ref", ref)):  # one tokenizer serves both
+        try:
+            check_tokenizer_fits_model(tokenizer, model)
+        except ValueError as error:
+            raise ValueError(f"{name} {getattr(args, name[2:])}: {error}") from None
     sampler = None
     if backend == "vllm":
         sampler = make_sampler("vllm", args.model, tokenizer, device=device, dtype=dtype, seed=args.seed,

@@ -5,7 +5,8 @@ For each scheme (DDP, FSDP2 with the head in the root's group, tied or not, or w
 each rank half of a global batch, and runs ``LOSSES["shiq"]`` on ``response_token_stats`` and one SGD step
 (lr = 1, so that a parameter's change is minus its gradient, gathered by ``get_model_state_dict`` the same way
 for every scheme). The reference is one process without any wrapper on the whole batch, on the full-logit
-statistics (``naive_response_token_stats``). Rank 0 writes, per scheme, the largest differences of the
+statistics (``naive_response_token_stats``). The ``trainer-*`` schemes go through ``ShiQTrainer``'s statistics
+forward (``shiq_llm.trainer.add_stats_forward``: ``model(…, shiq_response_mask=…)`` on the wrapped model). Rank 0 writes, per scheme, the largest differences of the
 per-sequence losses and of the gradients, and what ran, to ``--out`` (JSON); the test asserts on them.
 
 DeepSpeed (schemes ``zero2``, ``zero3``, ``zero3-tied``; DeepSpeed is not a dependency, so the test does not
@@ -35,10 +36,12 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from shiq_llm import stats as stats_module
 from shiq_llm.models import tiny_causal_lm
 from shiq_llm.stats import exact_path_reason, head_sharding, naive_response_token_stats, response_token_stats
-from shiq_toy.losses import LOSSES
+from shiq_llm.trainer import add_stats_forward
+from shiq_toy.losses import LOSSES, TokenStats
 
 VOCAB, BETA, GAMMA = 97, 0.5, 0.9
-SCHEMES = ["ddp", "fsdp2", "fsdp2-tied", "fsdp2-own-head", "fsdp2-frozen-head", "fsdp1", "fsdp1-flat", "dtensor-head"]
+SCHEMES = ["ddp", "fsdp2", "fsdp2-tied", "fsdp2-own-head", "fsdp2-frozen-head", "fsdp1", "fsdp1-flat", "dtensor-head",
+           "trainer-ddp", "trainer-fsdp2", "trainer-fsdp2-own-head"]
 DEEPSPEED_SCHEMES = ["zero2", "zero3", "zero3-tied"]
 
 
@@ -142,10 +145,16 @@ def run(scheme: str, rank: int, world: int) -> dict:
     loss_single = LOSSES["shiq"](stats, ref, rewards, response, beta=BETA, gamma=GAMMA)  # (B,)
     grads_single = _sgd_step_gradients(single, loss_single.mean(), before)
 
-    wrapped = _wrap(scheme, model)
     rows = slice(rank * ids.shape[0] // world, (rank + 1) * ids.shape[0] // world)
     local = [x[rows] for x in (ids, attention, response)]
-    stats = response_token_stats(wrapped, *local, chunk_size=3)
+    if scheme.startswith("trainer-"):  # ShiQTrainer's path: the statistics forward called as the wrapped model
+        add_stats_forward(model, chunk_size=3)
+        wrapped = _wrap(scheme[len("trainer-"):], model)
+        out = wrapped(input_ids=local[0], attention_mask=local[1], shiq_response_mask=local[2])
+        stats = TokenStats(out.logit_taken, out.logsumexp)
+    else:
+        wrapped = _wrap(scheme, model)
+        stats = response_token_stats(wrapped, *local, chunk_size=3)
     local_ref = type(ref)(*(x[rows] for x in ref))
     loss = LOSSES["shiq"](stats, local_ref, rewards[rows], local[2], beta=BETA, gamma=GAMMA)  # (B / world,)
     grads = _sgd_step_gradients(wrapped, loss.mean(), before)

@@ -454,7 +454,8 @@ def test_wrapped_and_sharded_models_on_two_processes(tmp_path):
     """``torchrun`` with 2 gloo processes (``tests/dist_fsdp_stats.py``): DDP, FSDP2 (head in the root's group,
     tied or not, in its own ``fully_shard``, frozen) and FSDP1 (with and without ``use_orig_params``), each
     rank on half of the batch, give the per-sequence ShiQ losses and the gathered gradients (one SGD step) of
-    one process without a wrapper on the whole batch and the full logits, through the chunked head."""
+    one process without a wrapper on the whole batch and the full logits, through the chunked head; so does
+    ShiQTrainer's statistics forward called as the DDP / FSDP2-wrapped model."""
     import json
     import os
     import subprocess
@@ -472,8 +473,9 @@ def test_wrapped_and_sharded_models_on_two_processes(tmp_path):
     errors = results.pop("dtensor-head")["errors"]
     for name in ("head_sharding", "response_token_stats"):
         assert "DTensor outside FSDP2" in errors[name] and "supported:" in errors[name], name
-    sharding = {"ddp": "none", "fsdp1": "fsdp1", "fsdp1-flat": "fsdp1"}
-    assert sorted(results) == ["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "fsdp2-frozen-head", "fsdp2-own-head", "fsdp2-tied"]
+    sharding = {"ddp": "none", "trainer-ddp": "none", "fsdp1": "fsdp1", "fsdp1-flat": "fsdp1"}
+    assert sorted(results) == ["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "fsdp2-frozen-head", "fsdp2-own-head", "fsdp2-tied",
+                               "trainer-ddp", "trainer-fsdp2", "trainer-fsdp2-own-head"]
     for scheme, result in results.items():
         assert result["sharding"] == sharding.get(scheme, "fsdp2"), scheme
         assert result["exact_path_reason"] is None and result["chunked_head_calls"] == 1, scheme
