@@ -3,6 +3,7 @@
     shiq_toy.testing.reference    the independent slow references (Python loops, float64), written from the spec
     shiq_toy.testing.exact        inputs at the exact solution of a token tree (every sequence, each fixed point)
     shiq_toy.testing.strategies   hypothesis strategies: bandits, trees, logits, batches with padding and holes, β, γ
+    shiq_toy.testing.properties   the properties and the variants they apply to (a table)
     shiq_toy.testing.oracle       the battery: reference, fixed point, initialisation, telescoping, mask, gradient
     shiq_toy.testing.adapters     from_numpy: check a NumPy (or JAX) implementation with the same battery
 
@@ -22,8 +23,8 @@ _LAZY = {
     "Report": "oracle",
     "PropertyResult": "oracle",
     "OracleFailure": "oracle",
-    "PROPERTIES": "oracle",
-    "VARIANTS": "oracle",
+    "PROPERTIES": "properties",
+    "VARIANTS": "properties",
     "from_numpy": "adapters",
 }
 
