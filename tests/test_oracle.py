@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from shiq_toy import baselines, losses
 from shiq_toy.cli import main

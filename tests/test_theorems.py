@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, RESIDUALS, logit_q_soft_value, token_stats
+from shiq_toy.losses import LOSSES, RESIDUALS, token_stats
 from shiq_toy.mdp import TokenTree, all_sequences, gather_levels, prefix_index, random_tree
 from shiq_toy.solvers import solve_tree
 from shiq_toy.testing.exact import fixed_point_logits, residuals_on_all_sequences

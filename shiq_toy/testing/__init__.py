@@ -5,6 +5,9 @@
     shiq_toy.testing.strategies   hypothesis strategies: bandits, trees, logits, batches with padding and holes, β, γ
     shiq_toy.testing.properties   the properties and the variants they apply to (a table)
     shiq_toy.testing.oracle       the battery: reference, fixed point, initialisation, telescoping, mask, gradient
+    shiq_toy.testing.token_checks    its properties for the ShiQ-style variants (per-token statistics in)
+    shiq_toy.testing.baseline_checks its properties for DPO, CoPG, DRO (sequence log-ratios in)
+    shiq_toy.testing.failures     the results, and the comparisons that report a counterexample
     shiq_toy.testing.adapters     from_numpy: check a NumPy (or JAX) implementation with the same battery
 
 The command line runs the same battery: ``shiq-toy verify MODULE:FUNCTION --as VARIANT``.
@@ -20,9 +23,9 @@ import importlib
 _LAZY = {
     "verify": "oracle",
     "check": "oracle",
-    "Report": "oracle",
-    "PropertyResult": "oracle",
-    "OracleFailure": "oracle",
+    "Report": "failures",
+    "PropertyResult": "failures",
+    "OracleFailure": "failures",
     "PROPERTIES": "properties",
     "VARIANTS": "properties",
     "from_numpy": "adapters",

@@ -35,6 +35,7 @@ __all__ = [
     "betas",
     "gammas",
     "finite_floats",
+    "float_arrays",
     "masks",
     "Batch",
     "batch_from_arrays",
@@ -64,7 +65,8 @@ def finite_floats(bound: float) -> st.SearchStrategy[float]:
     return st.floats(-bound, bound, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 
 
-def _array(shape: tuple[int, ...], bound: float) -> st.SearchStrategy[torch.Tensor]:
+def float_arrays(shape: tuple[int, ...], bound: float) -> st.SearchStrategy[torch.Tensor]:
+    """float64 tensors of ``shape`` with entries from :func:`finite_floats` (``bound``)."""
     return hnp.arrays(np.float64, shape, elements=finite_floats(bound)).map(torch.from_numpy)
 
 
@@ -160,10 +162,10 @@ def batches(
     mask = draw(masks(max_batch, max_length, holes=holes, padding=padding))
     batch, length = mask.shape
     vocab = draw(st.integers(2, max_vocab))
-    logits = draw(_array((batch, length, vocab), logit_scale))
-    ref_logits = draw(_array((batch, length, vocab), logit_scale))
+    logits = draw(float_arrays((batch, length, vocab), logit_scale))
+    ref_logits = draw(float_arrays((batch, length, vocab), logit_scale))
     tokens = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=batch * length, max_size=batch * length))).reshape(batch, length)
-    rewards = draw(_array((batch, length), 2.0))
+    rewards = draw(float_arrays((batch, length), 2.0))
     if reward == "terminal":
         last = torch.arange(length)[None, :] == (mask * torch.arange(1, length + 1)).argmax(dim=1, keepdim=True)
         rewards = torch.where(last, rewards, 0.0)
