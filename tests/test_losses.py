@@ -1,5 +1,5 @@
-"""shiq_toy.losses against the slow loop references of shiq_toy.testing.reference and the facts of spec §3 that hold on
-any logits (telescoping, initialisation, bandit reduction, DRO at t = 1). The facts that need the exact
+"""shiq_toy.losses against the slow loop references of shiq_toy.testing.reference and the facts of spec §3 that
+hold on any logits (telescoping, initialisation, bandit reduction, DRO at t = 1). The facts that need the exact
 solution (zero residual at the fixed point, uniqueness) are in tests/test_theorems.py."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from shiq_toy import losses
 from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, RESIDUALS, TokenStats, token_stats
-
 from shiq_toy.testing.reference import next_on_mask, residual_reference, soft_value_reference
 from shiq_toy.testing.strategies import Batch, batch_from_arrays, batches
 from shiq_toy.testing.strategies import gammas as gamma_values
