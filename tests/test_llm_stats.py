@@ -28,6 +28,7 @@ from shiq_llm.stats import (
     response_token_stats,
 )
 from shiq_toy.losses import LOSSES, TokenStats, token_stats
+from shiq_toy.testing.strategies import response_layouts
 
 VOCAB = 97
 #: float32 tolerances: both paths do the same float32 operations up to the order of the sums over the
@@ -125,21 +126,11 @@ def test_left_padded_batch_equals_unpadded_sequences(arch):
     assert bool((stats.logit_taken[~response] == 0).all()) and bool((stats.logsumexp[~response] == 0).all())
 
 
-@st.composite
-def _random_batches(draw):
-    side = draw(st.sampled_from(["left", "right"]))
-    rows = draw(st.integers(1, 3))
-    lengths = [draw(st.integers(2, 10)) for _ in range(rows)]
-    responses = [[i for i in range(1, n) if draw(st.booleans())] for n in lengths]  # holes allowed
-    n_tokens = sum(map(len, responses))
-    chunk_size = draw(st.integers(1, max(1, n_tokens) + 2))
-    return _batch(lengths, responses, side=side, seed=draw(st.integers(0, 2**16))), chunk_size
-
-
 @settings(max_examples=10)
-@given(_random_batches())
-def test_chunked_equals_naive_on_random_batches(case):
-    batch, chunk_size = case
+@given(layout=response_layouts(), data=st.data())
+def test_chunked_equals_naive_on_random_batches(layout, data):
+    chunk_size = data.draw(st.integers(1, max(1, layout.num_response_tokens) + 2), label="chunk_size")
+    batch = _batch(layout.lengths, layout.responses, side=layout.side, seed=layout.seed)
     model = _model("llama", False)
     _assert_same(
         _stats_and_grads(response_token_stats, model, batch, chunk_size=chunk_size),
