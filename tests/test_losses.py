@@ -38,9 +38,14 @@ def long_batches(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     length = draw(st.integers(64, 128))
     holes = draw(st.floats(0.3, 0.7))
-    mask = torch.rand(2, length, generator=torch.Generator().manual_seed(seed)) >= holes
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, length, generator=gen) >= holes
     mask[:, 0] = True  # at least one masked-in position per row
-    return Batch(mask, draw(st.integers(2, 5)), seed, draw(st.floats(0.05, 5.0)))
+    vocab = draw(st.integers(2, 5))
+    logits, ref_logits = (4 * torch.rand(2, length, vocab, generator=gen, dtype=torch.float64) - 2 for _ in range(2))
+    tokens = torch.randint(0, vocab, (2, length), generator=gen)
+    rewards = 2 * torch.rand(2, length, generator=gen, dtype=torch.float64) - 1
+    return Batch(logits, ref_logits, tokens, rewards, mask, draw(st.floats(0.05, 5.0)))
 
 
 @pytest.mark.parametrize("name", ALL)

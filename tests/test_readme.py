@@ -24,23 +24,26 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("shiq-toy", "shiq-llm")
 
 
-def readme_commands(text: str) -> list[str]:
-    """The shiq-toy / shiq-llm commands of the ```bash blocks, in order (``&&`` chains split, comments cut)."""
+def readme_commands(text: str) -> list[tuple[str, int]]:
+    """The shiq-toy / shiq-llm commands of the ```bash blocks, in order (``&&`` chains split, comments cut),
+    each with the exit status its comment announces ("exit status N"), else 0. ```text blocks are templates."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
+            announced = re.search(r"#.*exit status (\d+)", line)
             line = re.sub(r"\s+#.*$", "", line).strip()
             for part in (p.strip() for p in line.split("&&")):
                 if part.split(" ", 1)[0] in PROGRAMS:
-                    commands.append(part)
+                    commands.append((part, int(announced.group(1)) if announced else 0))
     return commands
 
 
 def test_the_readme_has_the_documented_commands():
-    commands = readme_commands((ROOT / "README.md").read_text())
+    commands = [c for c, _ in readme_commands((ROOT / "README.md").read_text())]
     assert any(c.startswith("shiq-toy bandit") for c in commands)
     assert any(c.startswith("shiq-llm train --config configs/shiq_synthetic.yaml") for c in commands)
-    assert readme_commands("```bash\nfoo && shiq-toy tree --out x/   # a comment\n```\n") == ["shiq-toy tree --out x/"]
+    assert readme_commands("```bash\nfoo && shiq-toy tree --out x/   # a comment\n```\n") == [("shiq-toy tree --out x/", 0)]
+    assert readme_commands("```bash\nshiq-toy verify x:y   # fails: exit status 1\n```\n") == [("shiq-toy verify x:y", 1)]
 
 
 def test_every_readme_command_runs_as_written_in_order(tmp_path):
@@ -52,8 +55,8 @@ def test_every_readme_command_runs_as_written_in_order(tmp_path):
             shutil.copy2(ROOT / name, repo / name)
     env = dict(os.environ, SHIQ_STEP_CAP="2", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     bin_dir = Path(sys.executable).parent
-    for command in readme_commands((repo / "README.md").read_text()):
+    for command, status in readme_commands((repo / "README.md").read_text()):
         argv = shlex.split(command)
         argv[0] = str(bin_dir / argv[0]) if (bin_dir / argv[0]).exists() else argv[0]
         done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"README command failed: {command}\n{done.stderr[-3000:]}"
+        assert done.returncode == status, f"README command exited {done.returncode}, not {status}: {command}\n{done.stderr[-3000:]}"
