@@ -430,12 +430,13 @@ def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_pat
     assert main(base + ["--train-data", str(train), "--leak", "warn"]) == 0
     report = json.loads(out.read_text())
     assert report["leaked_prompts"] == 1 and report["train_data"] == str(train)
-    # a run directory: config.yaml (written by shiq-llm train) next to final/ names the training data
+    # a run directory: run_args.yaml (written by shiq-llm train) next to final/ names the training data
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     for f in policy.iterdir():
         (run / "final" / f.name).write_bytes(f.read_bytes())
-    (run / "config.yaml").write_text(f"data: {train}\ndata_format: null\n")
+    (run / "run_args.yaml").write_text(f"dataset_name: {train}\ndataset_train_split: train\ndata_format: null\n"
+                                       "data_format_options: null\n")
     auto = base[:1] + ["--model", str(run / "final")] + base[3:]
     assert main(auto) == 1 and "also occur in the training data" in capsys.readouterr().err
     assert main(auto + ["--train-data", "none"]) == 0
