@@ -248,8 +248,10 @@ class ShiQTrainer(Trainer):
                 from shiq_llm.rows import validate_rows
 
                 validate_rows(rows)
-            examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
-                                             max_prompt_length=args.max_prompt_length, long_response=args.long_response)
+            with self.accelerator.main_process_first():  # rows read from files: the others load the map's cache
+                examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
+                                                 max_prompt_length=args.max_prompt_length,
+                                                 long_response=args.long_response, num_proc=args.dataset_num_proc)
             if self.is_world_process_zero():
                 logger.info("%s data: %s", split, report)
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
