@@ -98,7 +98,11 @@ def cache_reference(model_args, data_args, args, *, verify: bool = False) -> Pat
     path = Path(args.ref_cache) if args.ref_cache else out / "reference"
     if not data_args.dataset_name:
         raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
-    tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed)
+    from accelerate import PartialState
+
+    state = PartialState()
+    tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed, main_process=state.is_main_process,
+                                                barrier=state.wait_for_everyone)
     check_tokenizer_fits_model(tokenizer, model)
     extra = {"name": data_args.dataset_config} if data_args.dataset_config else {}
     rows = load_rows(data_args.dataset_name, format=data_args.data_format, split=data_args.dataset_train_split,
