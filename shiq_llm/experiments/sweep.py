@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -93,6 +94,9 @@ class SweepConfig:
     reward: str | None = None
     """Reward of the evaluation: 'synthetic' or 'module:function', f(prompt, completion) -> float (default
     'synthetic' unless ``reward_model`` is given)."""
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to the ``reward`` callable (e.g. ``{answers: runs/bfcl/eval_rows.jsonl}`` for
+    ``shiq_llm.bfcl:first_step_reward``)."""
     reward_model: str | None = None
     """A sequence-classification reward model (hub name or path, one label) instead of ``reward``
     (``shiq_llm.rewards.RewardModel``, on ``evaluation.device``)."""
@@ -153,6 +157,8 @@ def _check(config: SweepConfig, where: str) -> None:
         raise ValueError(f"{where}: leak must be one of {list(LEAK_POLICIES)}, got {config.leak!r}")
     if config.reward is not None and config.reward_model is not None:
         raise ValueError(f"{where}: give either reward or reward_model, not both")
+    if config.reward_options and config.reward in (None, "synthetic"):
+        raise ValueError(f"{where}: reward_options need a reward 'module:function'")
     model_fields = {f.name for f in dataclasses.fields(ModelArguments)} - {"model_name_or_path"}
     unknown = sorted(set(config.model_options) - model_fields)
     if unknown:
@@ -181,7 +187,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     from shiq_llm.config import DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.evaluate import evaluate_policy
     from shiq_llm.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from shiq_llm.rewards import load_reward
+    from shiq_llm.rewards import RewardFunction, load_reward
     from shiq_llm.run import train_run
     from shiq_toy.methods import METHODS
 
@@ -193,8 +199,13 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     eval_options = {"num_samples": 16, "max_new_tokens": 16, "seed": 1, **config.evaluation}
     device = resolve_device(eval_options.pop("device", "auto"))
     dtype = resolve_dtype(eval_options.pop("dtype", "auto"), device)
-    reward_fn = load_reward(config.reward or (None if config.reward_model else "synthetic"), config.reward_model, device=device,
-                            dtype=str(dtype).removeprefix("torch."), batch_size=eval_options.pop("reward_batch_size", 16))
+    reward_fn = load_reward(config.reward or (None if config.reward_model else "synthetic"), config.reward_model,
+                            device=device, dtype=str(dtype).removeprefix("torch."),
+                            batch_size=eval_options.pop("reward_batch_size", 16))
+    if config.reward_options:
+        bound = functools.partial(reward_fn.fn, **config.reward_options)
+        bound.batched = reward_fn.batched
+        reward_fn = RewardFunction(bound, name=reward_fn.name)
     tokenizer = load_tokenizer(config.model)
     ref = load_causal_lm(config.model, device=device, dtype=dtype)
 
