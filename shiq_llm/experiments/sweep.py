@@ -15,6 +15,11 @@ the training options shared by every cell::
     train: {learning_rate: 1.0e-3, max_steps: 150, per_device_train_batch_size: 32}   # any ShiQConfig option
     evaluation: {num_samples: 16, max_new_tokens: 12, seed: 1}
 
+Hub-scale sweeps (``recipes/``) add the adapter of the rows (``data_format``, ``data_format_options``), hub
+prompts (``eval_prompts: HuggingFaceH4/ultrafeedback_binarized``, ``eval_split: test_prefs[:500]``,
+``eval_format``), a reward model (``reward_model``) or a reward with options (``reward_options``), LoRA and
+dtype for every cell (``model_options``) and the evaluation's ``device`` / ``dtype`` (:class:`SweepConfig`).
+
 What it does (:func:`run_sweep`): the evaluation prompts are checked against the training data first (none
 may occur there: ``leak: error``, the default, refuses the sweep naming the counts; ``leak: warn`` logs them);
 the reference statistics are computed once, in ``OUT/reference`` (with DRO's
