@@ -184,14 +184,16 @@ def _make_data(args: argparse.Namespace) -> int:
 def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None, str]:
     """The training prompts the evaluation prompts are checked against, and where they came from.
 
-    ``--train-data none``: no check. ``auto`` (default): the ``dataset_name`` of the ``run_args.yaml`` that
-    ``shiq-llm train`` wrote next to the model (``RUN/final`` → ``RUN/run_args.yaml``) when it is a local file.
+    ``--train-data none``: no check. ``auto`` (default): the training data of the ``run_args.yaml`` that
+    ``shiq-llm train`` wrote in its output directory (``RUN/final`` → ``RUN/run_args.yaml``: ``dataset_name``,
+    ``dataset_train_split``, ``data_format``, ``data_format_options``) when it is a local file.
     """
     import yaml
 
     from shiq_llm.prompts import parse_format_options
 
     source, split, data_format = args.train_data, args.train_split, args.train_format
+    options = parse_format_options(args.train_format_option)
     if source == "none":
         return None, "not checked (--train-data none)"
     if source == "auto":
@@ -203,8 +205,8 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
             return None, "not checked (no training data found next to --model; give --train-data)"
         source, data_format = data, values.get("data_format")
         split = values.get("dataset_train_split") or split
-    train = load_prompts(source, split=split, format=data_format, default_split="train",
-                         format_options=parse_format_options(args.train_format_option) or None)
+        options = parse_format_options(values.get("data_format_options"), option=f"{config}: data_format_options")
+    train = load_prompts(source, split=split, format=data_format, default_split="train", format_options=options or None)
     return train, source
 
 
@@ -399,8 +401,8 @@ def _register_evaluate(subparsers) -> None:
     ev.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                     help="vllm backend: fraction of the GPU memory vLLM may take (the two models need the rest)")
     ev.add_argument("--train-data", default="auto", help="training rows (same forms as --prompts) whose prompts the "
-                    "evaluation prompts must not include; 'auto': the data in config.yaml next to --model (a run's "
-                    "OUT/final), when it is a local file; 'none': no check")
+                    "evaluation prompts must not include; 'auto': the training data in the run_args.yaml of the run "
+                    "whose OUT/final is --model, when it is a local file; 'none': no check")
     ev.add_argument("--train-split", default="train", help="split of --train-data")
     ev.add_argument("--train-format", default=None, help="adapter of --train-data (as --format)")
     ev.add_argument("--train-format-option", action="append", default=[], metavar="KEY=VALUE",

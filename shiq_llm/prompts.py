@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["load_prompts", "prompt_of_row", "normalized_prompt", "check_held_out", "parse_format_options",
-           "LEAK_POLICIES"]
+__all__ = ["load_prompts", "prompt_of_row", "distinct_prompts", "normalized_prompt", "check_held_out",
+           "parse_format_options", "LEAK_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +133,25 @@ def load_prompts(
             rows = _read_rows(source, split=split, format=format, format_options=format_options)
         except ValueError as error:
             raise ValueError(f"{where}{error}") from error
-        prompts, seen = [], set()
-        for i, row in enumerate(rows):
-            prompt = prompt_of_row(row, i, field=prompt_field, where=where)
-            key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(prompt)
+        prompts = distinct_prompts(rows, field=prompt_field, where=where)
     if not prompts:
         raise ValueError(f"{where}no prompt found (the source is empty)")
+    return prompts
+
+
+def distinct_prompts(rows, *, field: str | None = None, where: str = "") -> list:
+    """The prompts of ``rows`` (:func:`prompt_of_row`; without ``field``, a row's non-null ``messages`` are a
+    conversation, else its ``prompt``), each kept once in order of first appearance."""
+    prompts, seen = [], set()
+    for i, row in enumerate(rows):
+        name = field
+        if name is None and isinstance(row, Mapping):
+            name = "messages" if row.get("messages") is not None else "prompt" if "prompt" in row else None
+        prompt = prompt_of_row(row, i, field=name, where=where)
+        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
     return prompts
 
 
@@ -152,11 +162,12 @@ def normalized_prompt(prompt: Any) -> str:
 
 
 def check_held_out(eval_prompts: Sequence, train_prompts: Sequence, *, on_leak: str = "error",
-                   where: str = "evaluation") -> int:
+                   where: str = "evaluation",
+                   advice: str = "evaluate on held-out prompts (another --split), or pass --leak warn") -> int:
     """Count the evaluation prompts that also occur among the training prompts (:func:`normalized_prompt`).
 
-    on_leak: ``"error"`` raises a ValueError with the counts and an example when any does; ``"warn"`` logs
-    the same as a warning. Returns the count.
+    on_leak: ``"error"`` raises a ValueError with the counts, an example and ``advice`` (what to change) when
+    any does; ``"warn"`` logs the same as a warning. Returns the count.
     """
     if on_leak not in LEAK_POLICIES:
         raise ValueError(f"on_leak must be one of {LEAK_POLICIES}, got {on_leak!r}")
@@ -167,22 +178,32 @@ def check_held_out(eval_prompts: Sequence, train_prompts: Sequence, *, on_leak: 
         message = (f"{len(leaked)} of {len(eval_prompts)} {where} prompts ({100 * len(leaked) / len(eval_prompts):.1f} %) "
                    f"also occur in the training data ({len(train)} distinct prompts), e.g. {example[:60]!r}")
         if on_leak == "error":
-            raise ValueError(message + "; evaluate on held-out prompts (another --split), or pass --leak warn")
+            raise ValueError(f"{message}; {advice}")
         logger.warning("%s", message)
     return len(leaked)
 
 
-def parse_format_options(items: Sequence[str] | None) -> dict[str, Any]:
+def parse_format_options(items: Sequence[str] | None, *, option: str = "--format-option") -> dict[str, Any]:
     """``["score=fine-grained_score", "chosen_reward=2"]`` → ``{"score": "fine-grained_score", "chosen_reward": 2}``.
 
-    Each item is ``KEY=VALUE``; the value is read as JSON when it parses (numbers, true/false, null, lists),
-    else kept as a string. ValueError naming an item without ``=``.
+    Each item is ``KEY=VALUE``, the value read as JSON when it parses (numbers, true/false, null, lists), else
+    kept as a string; or a JSON object (``'{"score": "fine-grained_score"}'``) whose keys are added as they
+    are. ValueError naming ``option`` and the item that is neither.
     """
     options: dict[str, Any] = {}
     for item in items or ():
+        if item.strip().startswith("{"):
+            try:
+                mapping = json.loads(item)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{option}: {item!r} is not a JSON object ({error.msg})") from None
+            if not isinstance(mapping, dict):
+                raise ValueError(f"{option}: {item!r} is not a JSON object")
+            options.update(mapping)
+            continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--format-option must be KEY=VALUE, got {item!r}")
+            raise ValueError(f"{option} must be KEY=VALUE or a JSON object, got {item!r}")
         try:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

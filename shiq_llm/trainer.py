@@ -249,8 +249,10 @@ class ShiQTrainer(Trainer):
                 from shiq_llm.rows import validate_rows
 
                 validate_rows(rows)
-            examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
-                                             max_prompt_length=args.max_prompt_length, long_response=args.long_response)
+            with self.accelerator.main_process_first():  # rows read from files: the others load the map's cache
+                examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
+                                                 max_prompt_length=args.max_prompt_length,
+                                                 long_response=args.long_response, num_proc=args.dataset_num_proc)
             if self.is_world_process_zero():
                 logger.info("%s data: %s", split, report)
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -268,16 +270,17 @@ class ShiQTrainer(Trainer):
             self._check_resume_inputs(fingerprint)  # before the cache: a resumed run names the checkpoint
         root = Path(args.ref_cache) if args.ref_cache else Path(args.output_dir) / "reference"
         path = root if split == "train" else root.with_name(root.name + f"_{split}")
-        with self.accelerator.main_process_first():
-            ref = reference_cache(
-                path, self.model, examples, settings={"precision": args.precision},
-                recompute=args.recompute_ref and self.is_world_process_zero(), need_prompt_state=self.method.needs_value,
-                fingerprints=(self.model_fingerprint, fingerprint), log=logger.info,
-                pad_token_id=self.processing_class.pad_token_id,
-                batch_size=args.ref_batch_size or 2 * args.per_device_train_batch_size, padding_side=args.padding_side,
-                chunk_size=args.chunk_size, autocast=self.accelerator.autocast, device=self.args.device,
-                progress=not args.disable_tqdm and self.is_world_process_zero(),
-            )
+        accelerator = self.accelerator  # each rank computes its shard of the reference pass; rank 0 assembles
+        ref = reference_cache(
+            path, self.model, examples, settings={"precision": args.precision},
+            recompute=args.recompute_ref, need_prompt_state=self.method.needs_value,
+            fingerprints=(self.model_fingerprint, fingerprint), log=logger.info,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+            pad_token_id=self.processing_class.pad_token_id,
+            batch_size=args.ref_batch_size or 2 * args.per_device_train_batch_size, padding_side=args.padding_side,
+            chunk_size=args.chunk_size, autocast=accelerator.autocast, device=self.args.device,
+            progress=not args.disable_tqdm and self.is_world_process_zero(),
+        )
         examples = datasets.concatenate_datasets([examples, ref], axis=1)
         return TrainingItems(examples, pairs), fingerprint
 

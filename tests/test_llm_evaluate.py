@@ -435,7 +435,8 @@ def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_pat
     (run / "final").mkdir(parents=True)
     for f in policy.iterdir():
         (run / "final" / f.name).write_bytes(f.read_bytes())
-    (run / "run_args.yaml").write_text(f"dataset_name: {train}\ndata_format: null\n")
+    (run / "run_args.yaml").write_text(f"dataset_name: {train}\ndataset_train_split: train\ndata_format: null\n"
+                                       "data_format_options: null\n")
     auto = base[:1] + ["--model", str(run / "final")] + base[3:]
     assert main(auto) == 1 and "also occur in the training data" in capsys.readouterr().err
     assert main(auto + ["--train-data", "none"]) == 0

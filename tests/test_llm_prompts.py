@@ -74,5 +74,5 @@ def test_parse_format_options():
     assert parse_format_options(["score=fine-grained_score", "chosen_reward=2", "as_messages=false"]) == {
         "score": "fine-grained_score", "chosen_reward": 2, "as_messages": False}
     assert parse_format_options(None) == {}
-    with pytest.raises(ValueError, match="--format-option must be KEY=VALUE, got 'score'"):
+    with pytest.raises(ValueError, match="--format-option must be KEY=VALUE or a JSON object, got 'score'"):
         parse_format_options(["score"])
