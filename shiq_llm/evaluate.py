@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from shiq_llm.models import position_ids_from_mask
 from shiq_llm.sampling import Samples, encode_prompts, generate, response_mask_from_generated
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, _scatter, exact_path_reason, response_hidden_states
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, exact_path_reason, response_hidden_states, scatter_to_mask
 
 __all__ = [
     "Samples",
@@ -87,7 +87,7 @@ def naive_token_kl(
         raise ValueError(f"policy and reference vocabularies differ: {logp.shape[-1]} vs {logq.shape[-1]} logits")
     exact = F.kl_div(logq, logp, reduction="none", log_target=True).sum(dim=-1)  # (N,) Σ_a p (ln p − ln q)
     rho = (logp - logq).gather(-1, taken[:, None])[:, 0]  # (N,)
-    return _scatter(exact, response_mask), _scatter(rho, response_mask)
+    return scatter_to_mask(exact, response_mask), scatter_to_mask(rho, response_mask)
 
 
 def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ def token_kl(
     ref_states, ref_head = response_hidden_states(ref, input_ids, attention_mask, response_mask)
     exact, rho = linear_head_kl(policy_states, policy_head, ref_states, ref_head, input_ids[response_mask],
                                 chunk_size=chunk_size)
-    return _scatter(exact, response_mask), _scatter(rho, response_mask)
+    return scatter_to_mask(exact, response_mask), scatter_to_mask(rho, response_mask)
 
 
 @torch.no_grad()

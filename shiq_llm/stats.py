@@ -60,6 +60,7 @@ __all__ = [
     "naive_response_token_stats",
     "linear_head_token_stats",
     "response_hidden_states",
+    "scatter_to_mask",
     "exact_path_reason",
     "head_sharding",
 ]
@@ -336,7 +337,7 @@ def _check_inputs(input_ids, attention_mask, response_mask, position_ids) -> Non
         )
 
 
-def _scatter(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def scatter_to_mask(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(N,) values of the response positions (row-major order) -> (B, L), 0 elsewhere."""
     return torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device).masked_scatter(response_mask, values)
 
@@ -401,7 +402,7 @@ def response_token_stats(
         stats = stats_forward(input_ids, attention_mask, position_ids)
     else:
         stats = call_as_forward(model, stats_forward, input_ids, attention_mask, position_ids)
-    return TokenStats(*(_scatter(x, response_mask) for x in stats))  # (B, L) each
+    return TokenStats(*(scatter_to_mask(x, response_mask) for x in stats))  # (B, L) each
 
 
 def response_hidden_states(
