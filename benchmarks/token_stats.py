@@ -7,6 +7,11 @@ random upstream gradient into h and W:
     naive    logits = F.linear(h, W) (N, V) -> shiq_toy.losses.token_stats   (what model(...).logits does)
     chunked  shiq_llm.stats.linear_head_token_stats(h, W, targets, chunk_size=c)   (what the library runs)
 
+Two heads: ``trained`` (W requires grad: gradients into h and W) and ``frozen`` (W does not, as with LoRA:
+gradient into h only). A frozen head is run twice by the chunked path: ``recompute`` (backward recomputes
+each chunk's logits, ``KEEP_EXPECTED_FOR_FROZEN_HEAD = False``) and ``keep E`` (forward keeps
+E = softmax(z) W, the default); both are compared with the naive path on the same frozen head.
+
 The backbone is excluded: ``response_token_stats`` runs the same backbone as the naive path. The naive path
 is given only the N response rows, its best case: a model's ``forward`` projects all B·L positions,
 prompt and padding included, so the saving in a real step is larger than shown here.
@@ -21,6 +26,7 @@ large buffers fault on every step of a real run too).
 
     python benchmarks/token_stats.py                     # N = 4,096, H = 1,024, V = 32,000 and 128,256
     python benchmarks/token_stats.py --vocab 32000 --chunk-sizes 512 1024 2048   # tune chunk_size
+    python benchmarks/token_stats.py --vocab 32000 --heads frozen --repeats 3       # the frozen head only
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shiq_llm import stats as stats_module  # noqa: E402
 from shiq_llm.stats import DEFAULT_CHUNK_SIZE, linear_head_token_stats  # noqa: E402
 from shiq_toy.losses import token_stats  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Chunked variants per head: (label, worker method).
+CHUNKED = {"trained": [("trained", "chunked")], "frozen": [("frozen, recompute", "recompute"), ("frozen, keep E", "chunked")]}
 
 
 def _peak_rss_bytes() -> int:
@@ -52,14 +61,20 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def worker(method: str, *, tokens: int, hidden: int, vocab: int, chunk_size: int, dtype: str, device: str) -> dict:
-    """One step of one configuration in this (fresh) process: peak memory growth (bytes), wall and CPU seconds."""
+def worker(
+    method: str, *, head: str, tokens: int, hidden: int, vocab: int, chunk_size: int, dtype: str, device: str
+) -> dict:
+    """One step of one configuration in this (fresh) process: peak memory growth (bytes), wall and CPU seconds.
+
+    method: naive, chunked, or recompute (chunked with KEEP_EXPECTED_FOR_FROZEN_HEAD off); head: trained or frozen.
+    """
+    stats_module.KEEP_EXPECTED_FOR_FROZEN_HEAD = method != "recompute"
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     dt = DTYPES[dtype]
     h = torch.empty(tokens, hidden, device=device, dtype=dt).normal_(generator=gen).requires_grad_()  # (N, H)
     weight = torch.empty(vocab, hidden, device=device, dtype=dt).normal_(0.0, hidden**-0.5, generator=gen)
-    weight.requires_grad_()  # (V, H)
+    weight.requires_grad_(head == "trained")  # (V, H)
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=gen)  # (N,)
     upstream = torch.randn(2, tokens, device=device, generator=gen)  # fixed g_ℓ, g_vℓ
 
@@ -83,14 +98,16 @@ def worker(method: str, *, tokens: int, hidden: int, vocab: int, chunk_size: int
     return {"peak_bytes": peak - base, "wall": wall, "cpu": cpu}
 
 
-def run_in_subprocess(method: str, args: argparse.Namespace, *, vocab: int, chunk_size: int, device: str) -> dict:
+def run_in_subprocess(
+    method: str, args: argparse.Namespace, *, head: str, vocab: int, chunk_size: int, device: str
+) -> dict:
     command = [
-        sys.executable, __file__, "--worker", method, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
+        sys.executable, __file__, "--worker", method, "--heads", head, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
         "--vocab", str(vocab), "--chunk-sizes", str(chunk_size), "--dtype", args.dtype, "--devices", device,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"worker {method} V={vocab} on {device} failed:\n{done.stderr}")
+        raise RuntimeError(f"worker {method} ({head} head) V={vocab} on {device} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -107,13 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--devices", nargs="+", default=default_devices, help="cpu and/or cuda")
-    parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--heads", nargs="+", choices=sorted(CHUNKED), default=["trained", "frozen"],
+        help="trained: W requires grad; frozen: it does not (LoRA), chunked with and without the kept E",
+    )  # fmt: skip
+    parser.add_argument("--worker", choices=["naive", "chunked", "recompute"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         result = worker(
-            args.worker, tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0], chunk_size=args.chunk_sizes[0],
-            dtype=args.dtype, device=args.devices[0],
+            args.worker, head=args.heads[0], tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0],
+            chunk_size=args.chunk_sizes[0], dtype=args.dtype, device=args.devices[0],
         )  # fmt: skip
         print(json.dumps(result))
         return
@@ -123,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} CPU threads; head only (backbone excluded), forward + backward, one step per process"
     )
     header = (
-        f"{'device':>6} {'V':>7} {'chunk':>5} {'runs':>4} | {'naive MiB':>9} {'chunked MiB':>11} {'ratio':>6} | "
+        f"{'device':>6} {'V':>7} {'head':>17} {'chunk':>5} {'runs':>4} | {'naive MiB':>9} {'chunked MiB':>11} {'ratio':>6} | "
         f"{'naive s':>7} {'chunked s':>9} {'ratio':>6} | {'naive cpu-s':>11} {'chunked cpu-s':>13} {'ratio':>6}"
     )
     print(header)
@@ -131,23 +152,27 @@ def main(argv: list[str] | None = None) -> None:
     for device in args.devices:
         for index, vocab in enumerate(args.vocab):
             repeats = args.repeats[min(index, len(args.repeats) - 1)]
-            runs: dict[object, list[dict]] = {"naive": [], **{size: [] for size in args.chunk_sizes}}
-            for _ in range(repeats):  # alternate the methods so that they share the machine's noise
-                runs["naive"].append(run_in_subprocess("naive", args, vocab=vocab, chunk_size=1, device=device))
-                for size in args.chunk_sizes:
-                    runs[size].append(run_in_subprocess("chunked", args, vocab=vocab, chunk_size=size, device=device))
-            best = {key: {k: min(run[k] for run in value) for k in ("peak_bytes", "wall", "cpu")} for key, value in runs.items()}
-            naive = best["naive"]
-            for size in args.chunk_sizes:
-                chunked = best[size]
-                mem_n, mem_c = naive["peak_bytes"] / 2**20, chunked["peak_bytes"] / 2**20
-                cpu = f"{naive['cpu']:>11.2f} {chunked['cpu']:>13.2f} {chunked['cpu'] / naive['cpu']:>6.3f}"
-                print(
-                    f"{device:>6} {vocab:>7} {size:>5} {repeats:>4} | {mem_n:>9.0f} {mem_c:>11.0f} {mem_c / mem_n:>6.3f} | "
-                    f"{naive['wall']:>7.2f} {chunked['wall']:>9.2f} {chunked['wall'] / naive['wall']:>6.3f} | "
-                    f"{cpu if device == 'cpu' else '':>32}",
-                    flush=True,
-                )
+            for head in args.heads:
+                variants = [(label, method, size) for label, method in CHUNKED[head] for size in args.chunk_sizes]
+                runs: dict[object, list[dict]] = {"naive": [], **{variant: [] for variant in variants}}
+                for _ in range(repeats):  # alternate the methods so that they share the machine's noise
+                    common = dict(head=head, vocab=vocab, device=device)
+                    runs["naive"].append(run_in_subprocess("naive", args, chunk_size=1, **common))
+                    for variant in variants:
+                        runs[variant].append(run_in_subprocess(variant[1], args, chunk_size=variant[2], **common))
+                measures = ("peak_bytes", "wall", "cpu")
+                best = {key: {k: min(run[k] for run in value) for k in measures} for key, value in runs.items()}
+                naive = best["naive"]
+                for variant in variants:
+                    (label, _, size), chunked = variant, best[variant]
+                    mem_n, mem_c = naive["peak_bytes"] / 2**20, chunked["peak_bytes"] / 2**20
+                    cpu = f"{naive['cpu']:>11.2f} {chunked['cpu']:>13.2f} {chunked['cpu'] / naive['cpu']:>6.3f}"
+                    print(
+                        f"{device:>6} {vocab:>7} {label:>17} {size:>5} {repeats:>4} | {mem_n:>9.0f} {mem_c:>11.0f} "
+                        f"{mem_c / mem_n:>6.3f} | {naive['wall']:>7.2f} {chunked['wall']:>9.2f} "
+                        f"{chunked['wall'] / naive['wall']:>6.3f} | {cpu if device == 'cpu' else '':>32}",
+                        flush=True,
+                    )
     print("targets (issue #4): memory ratio ≤ 0.25 at V = 32k; time ratio ≤ 1.2")
 
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         cli_tasks.register(subparsers)
+    importlib.import_module("shiq_llm.cli_multiturn").register(subparsers)
+    importlib.import_module("shiq_llm.cli_generate").register(subparsers)
     return parser
 
 
@@ -96,14 +98,20 @@ def cache_reference(model_args, data_args, args, *, verify: bool = False) -> Pat
     path = Path(args.ref_cache) if args.ref_cache else out / "reference"
     if not data_args.dataset_name:
         raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
-    tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed)
+    from accelerate import PartialState
+
+    state = PartialState()
+    tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed, main_process=state.is_main_process,
+                                                barrier=state.wait_for_everyone)
     check_tokenizer_fits_model(tokenizer, model)
-    rows = load_rows(data_args.dataset_name, format=data_args.data_format, split=data_args.dataset_train_split)
+    extra = {"name": data_args.dataset_config} if data_args.dataset_config else {}
+    rows = load_rows(data_args.dataset_name, format=data_args.data_format, split=data_args.dataset_train_split,
+                     format_options=data_args.format_options() or None, **extra)
     if verify:
         if not path.exists():
             raise ValueError(f"reference cache {path} does not exist")
         examples, _ = tokenize_rows(rows, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                    long_response=args.long_response)
+                                    long_response=args.long_response, num_proc=args.dataset_num_proc)
         expected = expected_manifest(model, examples, settings={"precision": args.precision})
         load_reference_cache(path, expected, need_prompt_state=METHODS[args.loss_type].needs_value)
         print(f"reference cache {path} matches the model and data")

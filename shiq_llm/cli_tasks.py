@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -23,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shiq_toy.experiments import num_threads
+from shiq_llm.prompts import load_prompts
+from shiq_llm.rewards import load_reward_fn
+from shiq_toy.experiments import num_threads, step_cap
 
 __all__ = [
     "register",
@@ -158,63 +159,6 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# evaluate: prompts and reward functions from the command line
-# --------------------------------------------------------------------------------------------------
-
-
-def load_prompts(source: str, *, split: str = "eval") -> list:
-    """Prompts for ``evaluate``: ``"synthetic"`` (``shiq_llm.synthetic.task_prompts(split)``), a ``.txt`` file
-    (one prompt per non-empty line) or a ``.jsonl`` / ``.json`` file of rows with a ``prompt`` field (string or
-    messages; repeated prompts, as in a reward-labelled dataset, are kept once, in order of appearance)."""
-    if source == "synthetic":
-        from shiq_llm.synthetic import task_prompts
-
-        return task_prompts(split)
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"--prompts: no such file {source!r} (give a .txt, .jsonl or .json file, or 'synthetic')")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    elif path.suffix in (".jsonl", ".json"):
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-        if not isinstance(rows, list):
-            raise ValueError(f"--prompts {source}: a .json file must hold a list of rows")
-        prompts, seen = [], set()
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"--prompts {source}: row {i} has no 'prompt' field")
-            key = json.dumps(row["prompt"], sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(row["prompt"])
-    else:
-        raise ValueError(f"--prompts {source}: unknown file type {path.suffix!r} (use .txt, .jsonl or .json)")
-    if not prompts:
-        raise ValueError(f"--prompts {source}: no prompt found")
-    return prompts
-
-
-def load_reward_fn(spec: str | None) -> Callable | None:
-    """``"synthetic"`` → ``shiq_llm.synthetic.reward``; ``"module:function"`` → that callable
-    ``(prompt, completion) -> float``; ``None`` / ``"none"`` → no reward (only the KL is reported)."""
-    if spec is None or spec == "none":
-        return None
-    if spec == "synthetic":
-        spec = "shiq_llm.synthetic:reward"
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"--reward must be 'synthetic', 'none' or 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"--reward {spec}: cannot import it ({error})") from error
-    if not callable(fn):
-        raise ValueError(f"--reward {spec} is not callable")
-    return fn
-
-
-# --------------------------------------------------------------------------------------------------
 # Command-line handlers
 # --------------------------------------------------------------------------------------------------
 
@@ -224,7 +168,7 @@ def _make_data(args: argparse.Namespace) -> int:
 
     if args.completions_per_prompt < 1 or args.max_new_tokens < 1 or args.ref_steps < 1:
         raise ValueError("--completions-per-prompt, --max-new-tokens and --ref-steps must be >= 1")
-    reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed)
+    reference = synthetic.ReferenceConfig(noise=args.noise, steps=step_cap(args.ref_steps), seed=args.seed)
     with num_threads(args.threads):
         paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
@@ -232,39 +176,85 @@ def _make_data(args: argparse.Namespace) -> int:
     print(f"reference model: {paths['reference']}")
     print(f"offline rows: {paths['train']} ({len(rows)} rows, mean reward {synthetic.mean_reward(rows):.3f})")
     print(f"held-out prompts: {paths['eval_prompts']}")
-    print(f"next: shiq-llm train --model {paths['reference']} --data {paths['train']} --out runs/shiq "
-          "--max-steps 150 --lr 1e-3 --batch-size 32")
+    print(f"next: shiq-llm train --model_name_or_path {paths['reference']} --dataset_name {paths['train']} "
+          "--output_dir runs/shiq --max_steps 150 --learning_rate 1e-3 --per_device_train_batch_size 32")
     return 0
 
 
+def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None, str]:
+    """The training prompts the evaluation prompts are checked against, and where they came from.
+
+    ``--train-data none``: no check. ``auto`` (default): the training data of the ``run_args.yaml`` that
+    ``shiq-llm train`` wrote in its output directory (``RUN/final`` → ``RUN/run_args.yaml``: ``dataset_name``,
+    ``dataset_train_split``, ``data_format``, ``data_format_options``) when it is a local file.
+    """
+    import yaml
+
+    from shiq_llm.prompts import parse_format_options
+
+    source, split, data_format = args.train_data, args.train_split, args.train_format
+    options = parse_format_options(args.train_format_option)
+    if source == "none":
+        return None, "not checked (--train-data none)"
+    if source == "auto":
+        configs = [Path(model) / "run_args.yaml", Path(model).parent / "run_args.yaml"]
+        config = next((c for c in configs if c.is_file()), None)
+        values = yaml.safe_load(config.read_text()) if config is not None else None
+        data = values.get("dataset_name") if isinstance(values, dict) else None
+        if not isinstance(data, str) or not Path(data).is_file():
+            return None, "not checked (no training data found next to --model; give --train-data)"
+        source, data_format = data, values.get("data_format")
+        split = values.get("dataset_train_split") or split
+        options = parse_format_options(values.get("data_format_options"), option=f"{config}: data_format_options")
+    train = load_prompts(source, split=split, format=data_format, default_split="train", format_options=options or None)
+    return train, source
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from shiq_llm.evaluate import evaluate_policy
-    from shiq_llm.models import check_tokenizer_fits_model, resolve_model_source
+    from shiq_llm.generate import make_sampler, resolve_backend
+    from shiq_llm.models import (check_tokenizer_fits_model, load_causal_lm, load_tokenizer, resolve_device,
+                                 resolve_dtype, resolve_model_source)
+    from shiq_llm.prompts import check_held_out, parse_format_options
+    from shiq_llm.rewards import load_reward
 
-    reward_spec = getattr(args, "reward", "synthetic" if args.prompts == "synthetic" else "none")
-    reward_fn = load_reward_fn(reward_spec)
-    prompts = load_prompts(args.prompts, split=args.split)
-    model_source, ref_source = resolve_model_source(args.model), resolve_model_source(args.ref)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_source, kind="tokenizer"))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(model_source).eval()
-    ref = AutoModelForCausalLM.from_pretrained(ref_source).eval()
+    if args.reward is None and args.reward_model is None:
+        args.reward = "synthetic" if args.prompts == "synthetic" else "none"
+    prompts = load_prompts(args.prompts, split=args.split, prompt_field=args.prompt_field, format=args.format,
+                           format_options=parse_format_options(args.format_option) or None, default_split=(
+                               "eval" if args.prompts == "synthetic" else "test"))
+    train_prompts, train_source = _training_prompts(args, args.model)
+    leaked = None if train_prompts is None else check_held_out(prompts, train_prompts, on_leak=args.leak)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    backend = resolve_backend(args.backend, device)
+    scorer = load_reward(args.reward, args.reward_model, device=device, dtype=args.dtype,
+                         batch_size=args.reward_batch_size)
+    for source in (args.model, args.ref):  # a bad model path is named as a model, before its tokenizer is read
+        resolve_model_source(source)
+    tokenizer = load_tokenizer(args.model)
+    policy = load_causal_lm(args.model, device=device, dtype=dtype)
+    ref = load_causal_lm(args.ref, device=device, dtype=dtype)
     for name, model in (("--model", policy), ("--ref", ref)):  # one tokenizer serves both
         try:
             check_tokenizer_fits_model(tokenizer, model)
         except ValueError as error:
             raise ValueError(f"{name} {getattr(args, name[2:])}: {error}") from None
-    metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, num_samples=args.num_samples,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
+    sampler = None
+    if backend == "vllm":
+        sampler = make_sampler("vllm", args.model, tokenizer, device=device, dtype=dtype, seed=args.seed,
+                               gpu_memory_utilization=args.gpu_memory_utilization)
+    metrics = evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=scorer, num_samples=args.num_samples,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                              sampler=sampler, chunk_size=args.chunk_size)
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}  # JSON null
     report = {"model": args.model, "ref": args.ref, "prompts": args.prompts, "num_prompts": len(prompts),
-              "reward": reward_spec, **metrics}
+              "reward": args.reward_model or args.reward, "backend": backend, "device": str(device),
+              "dtype": str(dtype).removeprefix("torch."), "train_data": train_source, "leaked_prompts": leaked,
+              **metrics}
     text = json.dumps(report, indent=2)
     print(text)
-    if getattr(args, "out", None):
+    if args.out is not None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     return 0
@@ -278,6 +268,7 @@ def _demo(args: argparse.Namespace) -> int:
         values["betas"] = tuple(_parse_betas(values["betas"]))
     values["progress"] = not args.no_progress
     config = DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
+    config = dataclasses.replace(config, steps=step_cap(config.steps), ref_steps=step_cap(config.ref_steps))
     run_demo(config)
     return 0
 
@@ -360,27 +351,65 @@ def _register_make_data(subparsers) -> None:
 
 
 def _register_evaluate(subparsers) -> None:
+    from shiq_llm.generate import BACKENDS
+    from shiq_llm.models import INFERENCE_DTYPES
+    from shiq_llm.prompts import LEAK_POLICIES
+    from shiq_llm.stats import DEFAULT_CHUNK_SIZE
+
     ev = subparsers.add_parser(
         "evaluate", formatter_class=_FORMATTER, help="mean reward and KL(π‖π_ref) of a policy on its own samples",
-        description="Sample completions of each prompt from the policy (temperature 1, no top-k/top-p) and report "
-        "their mean reward and KL(π‖π_ref): exact per token from both models' next-token distributions, summed "
-        "over each sample, and the Monte-Carlo Σ_t ln π/π_ref (shiq_llm.evaluate). Prints JSON; --out writes it.")
+        description="Sample completions of each prompt from the policy (pure sampling: temperature 1, no top-k/top-p, "
+        "so the samples are π's) and report their mean reward and KL(π‖π_ref), each with its standard error: exact "
+        "per token from both models' next-token distributions (computed from hidden states in chunks of "
+        "--chunk-size rows, never the (B, L, V) logits), summed over each sample, and the Monte-Carlo Σ_t ln π/π_ref "
+        "(shiq_llm.evaluate); also the mean length and the fraction of samples that ended with EOS. Before "
+        "sampling, the evaluation prompts are checked against the training prompts (--train-data): any overlap is "
+        "an error (or a warning with the counts, --leak warn). Prints JSON; --out writes it.")
     ev.add_argument("--model", required=True, default=argparse.SUPPRESS,
                     help="the policy: a directory saved with save_pretrained (e.g. a run's OUT/final) or a hub name; "
                     "its tokenizer is used for both models")
     ev.add_argument("--ref", required=True, default=argparse.SUPPRESS, help="the reference model (same vocabulary)")
     ev.add_argument("--prompts", default="synthetic", help="'synthetic' (the embedded task's prompts), a .txt file "
-                    "(one prompt per line) or a .jsonl/.json file of rows with a 'prompt' field")
-    ev.add_argument("--split", default="eval", choices=("train", "eval", "all"), help="split of the synthetic prompts")
-    ev.add_argument("--reward", default=argparse.SUPPRESS,
-                    help="reward function: 'synthetic', 'module:function' (called as f(prompt, completion) -> float) "
-                    "or 'none'; default: 'synthetic' for --prompts synthetic, else 'none'")
+                    "(one prompt per line), a .jsonl/.json/.parquet file or a hub dataset of rows with a prompt field")
+    ev.add_argument("--split", default=None, help="split of the prompts: for 'synthetic' train, eval or all "
+                    "(default eval, the held-out prompts); for a hub dataset its split name (default test)")
+    ev.add_argument("--prompt-field", default=None, help="field of the rows holding the prompt (default 'prompt', "
+                    "else the messages before the first assistant message of 'messages')")
+    ev.add_argument("--format", default=None, help="adapter applied to the prompt rows first (shiq_llm.adapters: "
+                    "paired, ultrafeedback, hh, bfcl)")
+    ev.add_argument("--format-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the --format adapter (repeatable), e.g. score=fine-grained_score")
+    ev.add_argument("--reward", default=None,
+                    help="reward function: 'synthetic', 'module:function' (per row f(prompt, completion) -> float, or "
+                    "batched with f.batched = True: f(prompts, completions) -> list) or 'none'; default: 'synthetic' "
+                    "for --prompts synthetic, else 'none' (only the KL is reported)")
+    ev.add_argument("--reward-model", default=None, metavar="RM",
+                    help="a sequence-classification reward model (hub name or path, one label) instead of --reward")
+    ev.add_argument("--reward-batch-size", type=int, default=16, help="texts per forward pass of --reward-model")
     ev.add_argument("--num-samples", type=int, default=16, help="completions sampled per prompt")
     ev.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per completion")
-    ev.add_argument("--batch-size", type=int, default=64, help="sequences per generation / KL batch")
+    ev.add_argument("--batch-size", type=int, default=64, help="sequences per generation (hf) and KL batch")
+    ev.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                    help="response tokens projected onto the vocabulary at once in the exact KL")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ev.add_argument("--out", default=argparse.SUPPRESS, help="also write the JSON report to this file "
-                    "(default: print only)")
+    ev.add_argument("--backend", choices=BACKENDS, default="auto", help="sampler: hf (transformers), vllm (pip "
+                    "install 'shiq[vllm]'), or auto (vllm on a GPU when installed); the KL always uses transformers")
+    ev.add_argument("--device", default="auto", help="torch device of both models and the reward model "
+                    "(auto: cuda when available, else cpu)")
+    ev.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto", help="weights dtype (auto: bfloat16 on a "
+                    "GPU that supports it, else float32); the KL's log-softmax runs in float32")
+    ev.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="vllm backend: fraction of the GPU memory vLLM may take (the two models need the rest)")
+    ev.add_argument("--train-data", default="auto", help="training rows (same forms as --prompts) whose prompts the "
+                    "evaluation prompts must not include; 'auto': the training data in the run_args.yaml of the run "
+                    "whose OUT/final is --model, when it is a local file; 'none': no check")
+    ev.add_argument("--train-split", default="train", help="split of --train-data")
+    ev.add_argument("--train-format", default=None, help="adapter of --train-data (as --format)")
+    ev.add_argument("--train-format-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the --train-format adapter (repeatable)")
+    ev.add_argument("--leak", choices=LEAK_POLICIES, default="error", help="what to do when evaluation prompts "
+                    "occur in the training data: stop with an error, or warn with the counts")
+    ev.add_argument("--out", default=None, help="also write the JSON report to this file (default: print only)")
     ev.set_defaults(handler=_evaluate)
 
 

@@ -18,6 +18,7 @@ YAML keys are field names; the command line overrides the file; both ``--learnin
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from shiq_llm.prompts import LEAK_POLICIES, parse_format_options
 from shiq_llm.stats import DEFAULT_CHUNK_SIZE
 from shiq_toy.methods import METHODS
 
@@ -93,6 +95,9 @@ class ShiQConfig(TrainingArguments):
     long_response: str = _opt("truncate", "A response longer than its budget: 'truncate' it or 'drop' the row.",
                               choices=("truncate", "drop"))
     padding_side: str = _opt("right", "Padding side of the batches.", choices=("right", "left"))
+    dataset_num_proc: int | None = _opt(None, "Processes that tokenise the rows (datasets.Dataset.map's num_proc, "
+                                        "as in TRL); None: in this process. Rows read from files are tokenised "
+                                        "once and reused from the datasets cache.")
     disable_dropout: bool = _opt(True, "Set every dropout probability to 0 (as TRL does), so the policy's statistics "
                                  "are deterministic like the cached reference's.")
     # --- reference cache -----------------------------------------------------------------------------
@@ -128,7 +133,8 @@ class ShiQConfig(TrainingArguments):
             raise ValueError(f"option 'gamma' must lie in (0, 1], got {self.gamma!r}")
         if METHODS[self.loss_type].sequence_level and self.gamma != 1.0:
             raise ValueError(f"option 'gamma' must be 1 for the sequence-level method {self.loss_type!r}, got {self.gamma!r}")
-        for name in ("chunk_size", "max_length") + ("ref_batch_size",) * (self.ref_batch_size is not None):
+        optional = tuple(n for n in ("ref_batch_size", "dataset_num_proc") if getattr(self, n) is not None)
+        for name in ("chunk_size", "max_length") + optional:
             if getattr(self, name) < 1:
                 raise ValueError(f"option {name!r} must be >= 1, got {getattr(self, name)!r}")
         if not (self.value_coef > 0 and math.isfinite(self.value_coef)):
@@ -187,6 +193,29 @@ class DataArguments:
     eval_dataset_name: str | None = _opt(None, "Evaluation rows (file or hub dataset) for eval_strategy != 'no'.")
     data_format: str | None = _opt(None, "Adapter applied to the rows first (shiq_llm.adapters.ADAPTERS: paired, "
                                    "ultrafeedback, hh, bfcl); none when the rows are already canonical.")
+    data_format_options: list[str] | None = _opt(None, "Options of the data_format adapter (its keyword arguments), "
+                                                 "for the training and the evaluation rows: KEY=VALUE items, values "
+                                                 "read as JSON when they parse (--data_format_options "
+                                                 "score=fine-grained_score: which UltraFeedback score is the reward), "
+                                                 "or one JSON object; in YAML a mapping {score: fine-grained_score}.")
+    eval_leak: str = _opt("error", "When prompts of eval_dataset_name also occur in the training rows (whitespace "
+                          "runs collapsed): 'error' refuses the run naming the counts and an example, 'warn' logs "
+                          "them and trains.", choices=LEAK_POLICIES)
+
+    def __post_init__(self):
+        if self.eval_leak not in LEAK_POLICIES:
+            raise ValueError(f"option 'eval_leak' must be one of {list(LEAK_POLICIES)}, got {self.eval_leak!r}")
+        if isinstance(self.data_format_options, (str, dict)):  # one item, or a mapping given from Python
+            self.data_format_options = [self.data_format_options if isinstance(self.data_format_options, str)
+                                        else json.dumps(self.data_format_options)]
+        options = self.format_options()
+        if options and self.data_format is None:
+            raise ValueError(f"option 'data_format_options' ({options}) needs a data_format")
+
+    def format_options(self) -> dict[str, Any]:
+        """The adapter's keyword arguments of ``data_format_options`` (``shiq_llm.prompts.parse_format_options``);
+        ValueError naming an item that is neither KEY=VALUE nor a JSON object."""
+        return parse_format_options(self.data_format_options, option="option 'data_format_options'")
 
 
 TRAIN_ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShiQConfig)

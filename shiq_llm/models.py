@@ -142,6 +142,29 @@ def tiny_causal_lm(
     return model
 
 
+def tiny_reward_model(tokenizer_or_vocab_size, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
+                      num_labels: int = 1, seed: int = 0):
+    """A small random-weight ``LlamaForSequenceClassification`` (a reward model when ``num_labels == 1``) built
+    from a config, with the tokenizer's pad / BOS / EOS ids (or 0 / 1 / 2 given a bare vocabulary size)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    if isinstance(tokenizer_or_vocab_size, int):
+        vocab_size, bos, eos, pad = tokenizer_or_vocab_size, 1, 2, 0
+    else:
+        tok = tokenizer_or_vocab_size
+        vocab_size, bos, eos, pad = len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=512, num_labels=num_labels,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(config)
+        torch.nn.init.normal_(model.score.weight, std=1.0)  # rewards of order 1, not 0.02
+    return model.eval()
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only attended tokens, so left padding does not shift positions.
 
@@ -264,3 +287,62 @@ def resolve_model_source(name: str | os.PathLike[str], *, kind: str = "model") -
             raise ValueError(f"{kind} {text}: no such local directory, and not in the Hugging Face cache; HF_HUB_OFFLINE "
                              "is set, so hub names need the network (unset it to download, or give a local path)")
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading models for inference on a chosen device and dtype (generate, score, evaluate)
+# --------------------------------------------------------------------------------------------------
+
+#: ``--dtype`` choices of the inference commands; ``auto`` is :func:`resolve_dtype`'s choice.
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when a GPU is visible, else ``cpu``; any other string is a torch device name
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``). ValueError for an unknown name or a GPU that is not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available (use --device cpu)")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` → bfloat16 on a CUDA device that supports it, float32 otherwise; else the named dtype."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"--dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(source: str, *, padding_side: str | None = None):
+    """``AutoTokenizer.from_pretrained(source)`` with a pad token: its own, else its EOS (ValueError without either)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source, kind="tokenizer"))
+    except OSError as error:  # an unknown hub name, no network
+        raise ValueError(f"cannot load the tokenizer of {source!r}: {error}") from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {source} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(source: str, *, device: torch.device, dtype: torch.dtype):
+    """``AutoModelForCausalLM.from_pretrained(source, dtype=dtype)`` moved to ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=dtype)
+    except OSError as error:
+        raise ValueError(f"cannot load the model {source!r}: {error}") from error
+    return model.to(device).eval()

@@ -27,6 +27,11 @@ has its base model's fingerprint. ``data``: sha256 over the number of examples, 
 bf16-autocast forward differ from fp32 ones by bf16 rounding; the cache is made with the training precision so
 that the policy starts exactly at ``ℓ = ℓ_ref``).
 
+**Several processes.** In a distributed run every rank computes the statistics of its contiguous shard of
+the examples and the main rank assembles the cache from the shards (:func:`reference_cache`), so a long
+reference pass is split across the ranks instead of leaving them waiting at a barrier; the cache's files are
+the same whatever the number of processes.
+
 **Checks.** A cache whose manifest differs from the current model, data or settings, or whose files are
 missing, unreadable or altered (a size or sha256 that differs from the manifest: hashing reads the whole cache,
 about a second per GB), is refused with a ValueError naming the file and what differs (never silently used);
@@ -55,7 +60,8 @@ from torch import nn
 
 from shiq_llm.data import collate
 from shiq_llm.integrity import file_manifest, verify_file_manifest
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats, unwrap_peft
+from shiq_llm.sharding import unwrap_model
+from shiq_llm.stats import DEFAULT_CHUNK_SIZE, response_token_stats
 
 __all__ = [
     "CACHE_FORMAT",
@@ -69,6 +75,8 @@ __all__ = [
     "load_reference_cache",
     "expected_manifest",
     "reference_cache",
+    "shard_directory",
+    "contiguous_shard",
     "scatter_response_values",
 ]
 
@@ -108,7 +116,7 @@ def reference_mode(model: nn.Module):
 
 def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str:
     """sha256 hex digest of the reference model (config + strided parameter samples; module docstring)."""
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     digest = hashlib.sha256()
     config = getattr(hf_model, "config", None)
     if config is not None:
@@ -159,7 +167,7 @@ class _LastHidden:
 
     def __init__(self, model: nn.Module):
         self.value: torch.Tensor | None = None
-        self.handle = unwrap_peft(model).base_model.register_forward_hook(self._hook)
+        self.handle = unwrap_model(model).base_model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
@@ -192,6 +200,10 @@ def compute_reference_stats(
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n = len(examples)
+    if n == 0:  # an empty shard of a distributed pass
+        empty = pa.LargeListArray.from_arrays(pa.array([0], pa.int64()), pa.array([], pa.float32()))
+        names = REF_COLUMNS + ("ref_prompt_state",) * with_prompt_state
+        return datasets.Dataset(pa.table({name: empty for name in names}))
     columns: dict[str, list[np.ndarray]] = {k: [] for k in REF_COLUMNS}
     counts: list[int] = []
     states: list[np.ndarray] = []
@@ -322,6 +334,35 @@ def expected_manifest(model: nn.Module, examples, *, settings: Mapping[str, Any]
             "num_examples": len(examples)}
 
 
+def shard_directory(path: str | Path) -> Path:
+    """Where the ranks of a distributed reference pass leave their shards: ``DIR.shards`` beside the cache."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.shards")
+
+
+def contiguous_shard(examples, num_shards: int, index: int):
+    """``examples.shard(num_shards=num_shards, index=index, contiguous=True)`` (the first ``len % num_shards``
+    shards hold one more row), also when that shard is empty (more ranks than examples)."""
+    if _shard_length(len(examples), num_shards, index) == 0:
+        return examples.select([])
+    return examples.shard(num_shards=num_shards, index=index, contiguous=True)
+
+
+def _shard_length(n: int, num_shards: int, index: int) -> int:
+    div, mod = divmod(n, num_shards)
+    return div + (index < mod)
+
+
+def _canonical_stats(stats, fingerprint: str):
+    """``stats`` as one contiguous Arrow table with a fingerprint derived from the manifest, so that the files
+    ``save_to_disk`` writes depend on the statistics only (not on how many shards made them, nor on a random
+    fingerprint in ``state.json``)."""
+    import datasets
+
+    table = stats.with_format("arrow")[:].combine_chunks()
+    return datasets.Dataset(table, fingerprint=fingerprint)
+
+
 def reference_cache(
     path: str | Path,
     model: nn.Module,
@@ -332,6 +373,9 @@ def reference_cache(
     need_prompt_state: bool = False,
     fingerprints: tuple[str, str] | None = None,
     log: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
     **compute_kwargs,
 ):
     """The reference statistics of ``examples``: loaded from ``path`` if it matches, else computed and saved.
@@ -339,21 +383,53 @@ def reference_cache(
     A cache at ``path`` that does not match the model, data or settings raises ValueError unless
     ``recompute``. ``fingerprints``: ``(model_fingerprint(model), data_fingerprint(examples))`` when the caller
     has them already. ``compute_kwargs`` go to :func:`compute_reference_stats`. Returns the stats Dataset.
+
+    **Several processes** (``world_size > 1``; every rank calls this with the same arguments, its ``rank`` and
+    a ``barrier`` that waits for all ranks): each rank computes its contiguous shard
+    (``examples.shard(num_shards=world_size, index=rank, contiguous=True)``) and saves it to
+    :func:`shard_directory`; after one barrier the main rank (0) concatenates the shards in order and writes
+    the cache (manifest and checksums, :func:`save_reference_cache`); after a second barrier every rank loads
+    it. No rank waits while another computes everything, and the files equal those of one process.
     """
+    import datasets
+
     path = Path(path)
+    if world_size > 1 and barrier is None:
+        raise ValueError("reference_cache: world_size > 1 needs a barrier (e.g. accelerator.wait_for_everyone)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"reference_cache: rank must lie in [0, {world_size}), got {rank}")
     expected = expected_manifest(model, examples, settings=settings, fingerprints=fingerprints)
-    if path.exists() and not recompute:
+    if path.exists() and not recompute:  # every rank decides before the first barrier, so all decide alike
         stats = load_reference_cache(path, expected, need_prompt_state=need_prompt_state)
         log(f"reference statistics: reusing the cache {path}")
         return stats
-    stats = compute_reference_stats(model, examples, with_prompt_state=need_prompt_state, **compute_kwargs)
-    manifest = {
-        **expected,
-        "num_response_tokens": _num_values(stats, "ref_logsumexp"),
-        "has_prompt_state": need_prompt_state,
-    }
-    save_reference_cache(path, stats, manifest)
-    log(f"reference statistics: computed for {len(examples)} examples and saved to {path}")
+    shard = contiguous_shard(examples, world_size, rank) if world_size > 1 else examples
+    stats = compute_reference_stats(model, shard, with_prompt_state=need_prompt_state, **compute_kwargs)
+    if world_size > 1:
+        shards = shard_directory(path)
+        own = shards / f"{rank:05d}-of-{world_size:05d}"
+        if own.exists():  # left by a crashed run
+            shutil.rmtree(own)
+        if len(stats):  # an empty shard (more ranks than examples) is not saved
+            stats.save_to_disk(str(own))
+        barrier()
+        if rank == 0:
+            parts = [datasets.load_from_disk(str(shards / f"{r:05d}-of-{world_size:05d}")) for r in range(world_size)
+                     if _shard_length(len(examples), world_size, r)]
+            stats = datasets.concatenate_datasets(parts)
+    if rank == 0:
+        stats = _canonical_stats(stats, hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16])
+        manifest = {
+            **expected,
+            "num_response_tokens": _num_values(stats, "ref_logsumexp"),
+            "has_prompt_state": need_prompt_state,
+        }
+        save_reference_cache(path, stats, manifest)
+        if world_size > 1:
+            shutil.rmtree(shard_directory(path))
+        log(f"reference statistics: computed for {len(examples)} examples ({world_size} process(es)) and saved to {path}")
+    if world_size > 1:
+        barrier()
     return load_reference_cache(path, expected, need_prompt_state=need_prompt_state)
 
 

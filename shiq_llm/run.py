@@ -5,7 +5,8 @@
 
 In order: refuse an ``output_dir`` that holds an earlier run unless resuming (``resume_from_checkpoint``) or
 ``overwrite_output_dir``; load the tokenizer and model (:mod:`shiq_llm.loading`; ``tiny-llama`` /
-``tiny-gpt2`` are built in ``OUTPUT_DIR/base_model``); load the rows (and the evaluation rows); build a
+``tiny-gpt2`` are built in ``OUTPUT_DIR/base_model``); load the rows (and the evaluation rows, whose prompts must not occur in the training rows:
+``eval_leak``); build a
 :class:`~shiq_llm.trainer.ShiQTrainer` (which tokenises, pairs and caches the reference statistics); train
 (resuming from the newest verified checkpoint when asked); write the final model to ``OUTPUT_DIR/final``
 atomically. A run whose last checkpoint is at ``max_steps`` but whose final model is missing (killed while
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from shiq_llm.config import TINY_MODELS, DataArguments, ModelArguments, ShiQConfig
 
-__all__ = ["TrainResult", "train_run", "RUN_OUTPUTS"]
+__all__ = ["TrainResult", "train_run", "check_eval_rows_held_out", "RUN_OUTPUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +81,34 @@ def _write_run_args(path: Path, model_args, data_args, args) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 
-def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQConfig, *, callbacks=None) -> TrainResult:
-    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are."""
+def check_eval_rows_held_out(eval_rows, train_rows, *, on_leak: str = "error") -> int:
+    """Count the distinct prompts of ``eval_rows`` that also occur in ``train_rows``
+    (``shiq_llm.prompts.check_held_out``): ValueError with the counts and an example when any does and
+    ``on_leak == "error"``, a warning with them when ``"warn"``. Returns the count."""
+    from shiq_llm.prompts import check_held_out, distinct_prompts
+
+    return check_held_out(distinct_prompts(eval_rows, where="eval_dataset_name: "), distinct_prompts(train_rows),
+                          on_leak=on_leak, where="evaluation (eval_dataset_name)",
+                          advice="evaluate on held-out rows (another eval_dataset_name or dataset_test_split), or "
+                                 "pass --eval_leak warn")
+
+
+def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQConfig, *, callbacks=None,
+              quiet: bool = False) -> TrainResult:
+    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are. ``quiet``: no log
+    records printed to the console (they still go to metrics.jsonl and the trackers), as in a sweep."""
     from accelerate import PartialState
 
     from shiq_llm.data import load_rows
     from shiq_llm.loading import load_model_and_tokenizer
     from shiq_llm.trainer import ShiQTrainer
 
+    from shiq_toy.experiments import step_cap
+
     if not data_args.dataset_name:
         raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
+    if args.max_steps > 0:
+        args.max_steps = step_cap(args.max_steps)
     state = PartialState()
     out = Path(args.output_dir)
     resume = args.resume_from_checkpoint
@@ -99,20 +118,27 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
     state.wait_for_everyone()
     tokenizer, model = load_model_and_tokenizer(model_args, out=out, seed=args.seed, main_process=state.is_main_process,
                                                 barrier=state.wait_for_everyone)
-    split_options = {"split": data_args.dataset_train_split}
+    split_options = {"split": data_args.dataset_train_split, "format": data_args.data_format,
+                     "format_options": data_args.format_options() or None}
     if data_args.dataset_config:
         split_options["name"] = data_args.dataset_config
-    rows = load_rows(data_args.dataset_name, format=data_args.data_format, **split_options)
+    rows = load_rows(data_args.dataset_name, **split_options)
     eval_rows = None
     if data_args.eval_dataset_name:
         eval_options = {**split_options, "split": data_args.dataset_test_split}
         if Path(data_args.eval_dataset_name).suffix in (".jsonl", ".json", ".parquet"):
             eval_options["split"] = "train"
-        eval_rows = load_rows(data_args.eval_dataset_name, format=data_args.data_format, **eval_options)
+        eval_rows = load_rows(data_args.eval_dataset_name, **eval_options)
+        check_eval_rows_held_out(eval_rows, rows, on_leak=data_args.eval_leak)
     if state.is_main_process:
         _write_run_args(out / "run_args.yaml", model_args, data_args, args)
     trainer = ShiQTrainer(model, args, train_dataset=rows, eval_dataset=eval_rows, processing_class=tokenizer,
                           peft_config=model_args.peft_config(), callbacks=callbacks)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     result = trainer.train(resume_from_checkpoint=True if resuming and resume in (True, "true", "True", "latest") else
                            (resume if resuming else None))
     final = trainer.save_final(out / "final")

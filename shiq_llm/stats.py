@@ -20,11 +20,22 @@ backward pass. :func:`response_token_stats` instead
 
    Peak extra memory is one ``chunk_size × V`` float32 buffer instead of ``B·L·V`` logits and their
    gradient; the price is one extra ``(N, H) × (H, V)`` matmul (the recomputation), i.e. 4 head matmuls
-   instead of 3, partly paid back by touching far less memory.
+   instead of 3, partly paid back by touching far less memory. A frozen head (LoRA: W and b need no
+   gradient) recomputes nothing: forward also keeps ``E = softmax(z) W`` (N, H) and backward is
+   ``∂/∂h = g_vℓ · E + g_ℓ · W[a]``, 2 head matmuls like the naive path (:data:`KEEP_EXPECTED_FOR_FROZEN_HEAD`).
 4. scatters the (N,) results back to (B, L), 0 wherever ``response_mask`` is False.
 
 Models whose logits are not ``W h + b`` (see :data:`LOGIT_TRANSFORM_ATTRIBUTES` and :func:`exact_path_reason`)
 go through the exact full-logit path, with one warning per model class.
+
+Sharded and wrapped models (``shiq_llm.sharding``, :func:`head_sharding`). Steps 1–3 run as the forward of the
+model the caller passes, and step 3 as the forward of the head module, so the wrapper's own hooks gather the
+parameters and reduce their gradients as they do for ``model(...)``. Supported and tested (two gloo processes
+against one process on the whole batch and the full logits: same losses and gathered gradients to 1e-5):
+``DistributedDataParallel``; FSDP2 (``fully_shard``, accelerate's ``fsdp_version=2``) with the head in the
+root's group (tied or not, trained or frozen) or in its own ``fully_shard``; FSDP1 (``FullyShardedDataParallel``,
+``use_orig_params`` True or False); DeepSpeed ZeRO-2 and ZeRO-3 (tied or not; checked by hand, DeepSpeed is not
+a dependency). A head weight that is a ``DTensor`` outside FSDP (tensor parallelism) raises a ValueError.
 
 Notation used for tensor shapes: ``B`` sequences, ``L`` positions, ``H`` hidden size, ``V`` vocabulary,
 ``N`` response tokens in the batch, ``c`` rows in a chunk.
@@ -38,16 +49,20 @@ import torch
 from torch import nn
 
 from shiq_llm.models import position_ids_from_mask
+from shiq_llm.sharding import call_as_forward, check_unsharded, head_sharding, inner_module, module_class, unwrap_model
 from shiq_toy.losses import TokenStats, token_stats
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "KEEP_EXPECTED_FOR_FROZEN_HEAD",
     "LOGIT_TRANSFORM_ATTRIBUTES",
     "response_token_stats",
     "naive_response_token_stats",
     "linear_head_token_stats",
+    "response_hidden_states",
+    "scatter_to_mask",
     "exact_path_reason",
-    "unwrap_peft",
+    "head_sharding",
 ]
 
 #: Rows of hidden states projected at once. Each pass holds one float32 ``chunk_size × V`` buffer
@@ -67,6 +82,12 @@ LOGIT_TRANSFORM_ATTRIBUTES: dict[str, float | None] = {
     "lm_head_multiplier": 1.0,  # Falcon-H1: z ← m·z
     "output_multiplier": 1.0,  # MuseSpark, MuseGlimmer: z ← m·z before a soft cap
 }
+
+#: Frozen head (``weight`` and ``bias`` need no gradient, e.g. LoRA): forward keeps the expected output
+#: embedding ``E = softmax(z) W`` (N, H) so that backward is ``∂/∂h = g_vℓ · E + g_ℓ · W[a]``, one chunked
+#: ``(N, V) × (V, H)`` matmul fewer than recomputing the logits (3 head matmuls → 2, as many as the naive path),
+#: for ``N × H`` more memory. False: always recompute (``benchmarks/token_stats.py`` measures both).
+KEEP_EXPECTED_FOR_FROZEN_HEAD = True
 
 _WARNED_CLASSES: set[str] = set()
 
@@ -102,16 +123,20 @@ class _LinearHeadStats(torch.autograd.Function):
     """(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,)) -> ℓ (N,), vℓ (N,), chunk by chunk.
 
     Forward keeps ``ℓ`` and ``vℓ`` only; backward recomputes each chunk's logits (see the module docstring).
-    All arithmetic runs with autocast off, in ``compute_dtype`` for the matmuls and in ``stats_dtype``
-    (float32 at least) for log-sum-exp and the softmax, so forward and backward see the same logits.
+    With ``keep_expected`` (a frozen head: only ``hidden`` needs a gradient) forward also keeps the expected
+    output embedding ``E = softmax(z) W`` (N, H), and backward is ``∂/∂h = g_vℓ · E + g_ℓ · W[a]`` with no
+    recomputation. All arithmetic runs with autocast off, in ``compute_dtype`` for the matmuls and in
+    ``stats_dtype`` (float32 at least) for log-sum-exp and the softmax, so forward and backward see the same
+    logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, keep_expected):
         stats_dtype = torch.promote_types(compute_dtype, torch.float32)
         n, vocab = hidden.shape[0], weight.shape[0]
         logit_taken = hidden.new_empty(n, dtype=stats_dtype)
         logsumexp = hidden.new_empty(n, dtype=stats_dtype)
+        expected = hidden.new_empty(hidden.shape, dtype=compute_dtype) if keep_expected else None  # (N, H)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(compute_dtype)
@@ -121,14 +146,23 @@ class _LinearHeadStats(torch.autograd.Function):
                 z = buffers.chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (c, V)
                 logit_taken[rows] = z.gather(1, targets[rows, None]).squeeze(1)
                 shift = z.amax(dim=1, keepdim=True)  # (c, 1); vℓ = m + ln Σ_a exp(z_a − m), in place
-                logsumexp[rows] = z.sub_(shift).exp_().sum(dim=1).log_().add_(shift.squeeze(1))
+                total = z.sub_(shift).exp_().sum(dim=1)  # (c,)
+                logsumexp[rows] = total.log().add_(shift.squeeze(1))
+                if keep_expected:  # E = softmax(z) W: (c, V) × (V, H)
+                    torch.mm(buffers.to_compute(z.div_(total[:, None])), w, out=expected[rows])
             del buffers
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        if keep_expected:
+            ctx.save_for_backward(weight, targets, expected)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.chunk_size, ctx.compute_dtype, ctx.keep_expected = chunk_size, compute_dtype, keep_expected
+        ctx.hidden_dtype = hidden.dtype
         return logit_taken, logsumexp
 
     @staticmethod
     def backward(ctx, grad_taken, grad_lse):
+        if ctx.keep_expected:
+            return _frozen_head_backward(ctx, grad_taken, grad_lse), None, None, None, None, None, None
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dtype, n, vocab = ctx.compute_dtype, hidden.shape[0], weight.shape[0]
@@ -163,7 +197,17 @@ class _LinearHeadStats(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+def _frozen_head_backward(ctx, grad_taken: torch.Tensor, grad_lse: torch.Tensor) -> torch.Tensor:
+    """∂/∂h = g_vℓ · E + g_ℓ · W[a]   (N, H), from the kept E = softmax(z) W (N, H); in the stats dtype, returned
+    in the hidden states' dtype."""
+    weight, targets, expected = ctx.saved_tensors
+    stats_dtype = grad_lse.dtype
+    with torch.autocast(expected.device.type, enabled=False):
+        taken_rows = weight[targets].to(ctx.compute_dtype).to(stats_dtype)  # (N, H): W[a], as the matmuls saw it
+        grad_hidden = torch.addcmul(grad_taken[:, None] * taken_rows, grad_lse[:, None], expected.to(stats_dtype))
+    return grad_hidden.to(ctx.hidden_dtype)
 
 
 def _check_chunk_size(chunk_size) -> None:
@@ -183,8 +227,10 @@ def linear_head_token_stats(
 
     hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N,) int64 in [0, V). Returns a TokenStats
     of two (N,) tensors in float32 (float64 for float64 inputs); differentiable w.r.t. hidden, weight, bias.
-    Under ``torch.autocast`` the matmuls run in the autocast dtype, like ``nn.Linear`` would. It is
-    equivalent to (but never holds the (N, V) logits of)::
+    Under ``torch.autocast`` the matmuls run in the autocast dtype, like ``nn.Linear`` would. When neither
+    ``weight`` nor ``bias`` requires grad (a frozen head, as with LoRA), forward keeps ``softmax(z) W`` (N, H)
+    and backward recomputes nothing (see :data:`KEEP_EXPECTED_FOR_FROZEN_HEAD`). It is equivalent to (but
+    never holds the (N, V) logits of)::
 
         token_stats(torch.nn.functional.linear(hidden, weight, bias)[None], targets[None])  # then [0]
     """
@@ -205,7 +251,11 @@ def linear_head_token_stats(
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    logit_taken, logsumexp = _LinearHeadStats.apply(hidden, weight, bias, targets.long(), chunk_size, compute_dtype)
+    frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    keep_expected = KEEP_EXPECTED_FOR_FROZEN_HEAD and frozen_head and hidden.requires_grad and torch.is_grad_enabled()
+    logit_taken, logsumexp = _LinearHeadStats.apply(
+        hidden, weight, bias, targets.long(), chunk_size, compute_dtype, keep_expected
+    )
     return TokenStats(logit_taken=logit_taken, logsumexp=logsumexp)
 
 
@@ -214,25 +264,19 @@ def linear_head_token_stats(
 # --------------------------------------------------------------------------------------------------
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """A peft ``PeftModel`` -> the transformers model inside it (adapters stay injected and active)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def exact_path_reason(model: nn.Module) -> str | None:
     """Why ``model``'s logits are not ``W h + b`` of its backbone's last hidden state, or None if they are.
 
     Detected: an output embedding that is not exactly ``torch.nn.Linear`` (a LoRA-wrapped or quantised head,
-    a custom module, none at all); no separate backbone (``model.base_model is model``); a
+    a custom module, none at all; FSDP's wrapping of a Linear is looked through); no separate backbone (``model.base_model is model``); a
     ``final_logits_bias`` buffer; a config attribute of :data:`LOGIT_TRANSFORM_ATTRIBUTES` set to a value
     that transforms the logits. Anything a model's ``forward`` does to the logits beyond these is not seen.
     """
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     get_head = getattr(hf_model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not nn.Linear:
-        return f"its output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
+    if module_class(head) is not nn.Linear:
+        return f"its output embedding is {module_class(head).__name__}, not a plain torch.nn.Linear"
     if getattr(hf_model, "base_model", hf_model) is hf_model:
         return "it has no separate backbone (model.base_model is the model itself)"
     if getattr(hf_model, "final_logits_bias", None) is not None:
@@ -293,7 +337,7 @@ def _check_inputs(input_ids, attention_mask, response_mask, position_ids) -> Non
         )
 
 
-def _scatter(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def scatter_to_mask(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(N,) values of the response positions (row-major order) -> (B, L), 0 elsewhere."""
     return torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device).masked_scatter(response_mask, values)
 
@@ -306,6 +350,7 @@ def response_token_stats(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     position_ids: torch.Tensor | None = None,
+    in_forward: bool = False,
 ) -> TokenStats:
     """Per-token statistics of a causal LM on its response tokens, without the (B, L, V) logits.
 
@@ -319,26 +364,70 @@ def response_token_stats(
     emitted at p − 1); exactly 0 where ``response_mask`` is False (rows without response token: all 0).
     Pass ``response_mask`` as the loss's ``mask``. Values and gradients equal those of
     :func:`naive_response_token_stats`; models whose head is not a plain linear layer
-    (:func:`exact_path_reason`) take that exact path, with a warning once per model class.
+    (:func:`exact_path_reason`) take that exact path, with a warning once per model class. ``model`` may be
+    wrapped by DDP, FSDP1, FSDP2 or DeepSpeed (ZeRO-3 included; :func:`head_sharding`): the statistics then
+    run as the wrapper's forward (``shiq_llm.sharding.call_as_forward``), so that it unshards the head;
+    ``in_forward=True`` when the caller already runs inside the wrapper's forward (the head is still called
+    through its own hooks).
     """
     _check_inputs(input_ids, attention_mask, response_mask, position_ids)
     _check_chunk_size(chunk_size)
+    head_sharding(model)
     reason = exact_path_reason(model)
     if reason is not None:
         _warn_once(model, reason)
         return naive_response_token_stats(model, input_ids, attention_mask, response_mask, position_ids=position_ids)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     head = hf_model.get_output_embeddings()
+
+    def head_stats(states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H), (N,) -> ℓ (N,), vℓ (N,); run as the head's forward, so the head's weight is whole here."""
+        linear = inner_module(head)  # the nn.Linear inside an FSDP1 wrapper
+        check_unsharded(linear.weight, f"the output head's weight of {type(hf_model).__name__}")
+        return tuple(linear_head_token_stats(states, linear.weight, targets, bias=linear.bias, chunk_size=chunk_size))
+
+    def stats_forward(input_ids, attention_mask, position_ids):
+        """(B, L) ids, mask, positions -> ℓ (N,), vℓ (N,); run as the model's forward."""
+        outputs = hf_model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = outputs.last_hidden_state  # (B, L, H)
+        states = hidden[:, :-1][response_mask[:, 1:]]  # (N, H): the state before each response token
+        targets = input_ids[response_mask]  # (N,), same row-major order (position 0 is never a response)
+        return call_as_forward(head, head_stats, states, targets)
+
+    if in_forward:  # already inside the wrapper's forward (ShiQTrainer's statistics forward): no second redirect
+        stats = stats_forward(input_ids, attention_mask, position_ids)
+    else:
+        stats = call_as_forward(model, stats_forward, input_ids, attention_mask, position_ids)
+    return TokenStats(*(scatter_to_mask(x, response_mask) for x in stats))  # (B, L) each
+
+
+def response_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, nn.Linear]:
+    """The backbone's last hidden states before each response token, and the output head: ``(states, head)``.
+
+    states: (N, H), row-major over the True entries of ``response_mask`` (B, L): ``states[n]`` is ``h_{p−1}``
+    for the n-th response position p, so ``head(states)`` are the logits that predict ``input_ids[response_mask]``.
+    Only the backbone runs (no (B, L, V) logits). For models with ``exact_path_reason(model) is None``;
+    arguments as in :func:`response_token_stats` (position ids default to counting attended tokens).
+    """
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    hf_model = unwrap_model(model)
     outputs = hf_model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     hidden = outputs.last_hidden_state  # (B, L, H)
-    states = hidden[:, :-1][response_mask[:, 1:]]  # (N, H): the state before each response token
-    targets = input_ids[response_mask]  # (N,), same row-major order (position 0 is never a response)
-    stats = linear_head_token_stats(states, head.weight, targets, bias=head.bias, chunk_size=chunk_size)
-    return TokenStats(*(_scatter(x, response_mask) for x in stats))  # (B, L) each
+    return hidden[:, :-1][response_mask[:, 1:]], hf_model.get_output_embeddings()  # (N, H): state before each token
 
 
 def naive_response_token_stats(

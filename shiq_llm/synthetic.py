@@ -63,6 +63,7 @@ __all__ = [
     "build_task_tokenizer",
     "pretrain_reference",
     "build_reference",
+    "fit_reference",
     "make_offline_dataset",
     "write_jsonl",
     "make_data",
@@ -211,6 +212,9 @@ def pretrain_reference(
 ) -> list[float]:
     """Maximum likelihood on the response tokens of ``rows``: minimise −Σ_t ln π(y_t | s_t) with AdamW.
 
+    ``rows`` are canonical rows of either form (``shiq_llm.rows``): in a multi-turn row only the assistant
+    tokens are trained on (the response mask has holes at the user / tool turns, which are state).
+
     Trains ``model`` in place (then sets it to eval mode) and returns the list of per-step mean token NLLs.
     """
     from tqdm.auto import tqdm
@@ -248,11 +252,22 @@ def build_reference(
     With ``out_dir``, both are saved there with ``save_pretrained`` so that ``AutoModelForCausalLM`` /
     ``AutoTokenizer.from_pretrained(out_dir)`` (and ``shiq-llm train --model out_dir``) load them.
     """
+    tokenizer = build_task_tokenizer(vocab_size=config.vocab_size)
+    rows = demonstration_rows(task_prompts("all"), config.demonstrations, noise=config.noise, seed=config.seed)
+    return fit_reference(tokenizer, rows, config, out_dir, progress=progress), tokenizer
+
+
+def fit_reference(tokenizer, rows: Sequence[dict], config: ReferenceConfig, out_dir: str | Path | None = None, *,
+                  progress: bool = False):
+    """A tiny Llama of ``config``'s size pre-trained on the action tokens of ``rows`` (canonical rows, single-
+    or multi-turn: :func:`pretrain_reference`); returns the model (eval mode). ``config.noise`` and
+    ``config.demonstrations`` are not read here (the caller made ``rows``; ``config.vocab_size`` its tokenizer).
+
+    With ``out_dir``, the model and ``tokenizer`` are saved there with ``save_pretrained``.
+    """
     from shiq_llm.models import tiny_causal_lm
 
-    tokenizer = build_task_tokenizer(vocab_size=config.vocab_size)
     model = tiny_causal_lm(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=config.seed)
-    rows = demonstration_rows(task_prompts("all"), config.demonstrations, noise=config.noise, seed=config.seed)
     pretrain_reference(
         model, tokenizer, rows, steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         progress=progress,
@@ -262,7 +277,7 @@ def build_reference(
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    return model, tokenizer
+    return model
 
 
 def make_offline_dataset(

@@ -29,13 +29,19 @@ is dropped (``dropped_long_response``). The response always keeps at least one a
 becomes empty. The counts are returned in a :class:`TokenizeReport` and logged, as a warning when any row
 was cut. A ``max_length`` that cuts more than :data:`MAX_TRUNCATED_FRACTION` of the rows is a ValueError
 naming the counts and the longest example (pass ``max_truncated_fraction`` to accept more).
+
+**At scale.** :func:`tokenize_rows` runs :func:`encode_rows` through ``datasets.Dataset.map`` (batched,
+``num_proc`` processes on contiguous shards), so rows read from files are tokenised once and then loaded from
+the ``datasets`` cache (by the other ranks of a distributed run too: the trainer tokenises on the main process
+first); the report and the prompt ids are computed from the mapped columns with Arrow, so a cached result
+gives the same report. Its outputs equal the row-by-row loop it replaced (``tests/ref_tokenization.py``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from shiq_llm.rows import prompt_key, row_conversation
 
@@ -44,7 +50,10 @@ __all__ = [
     "TokenizeReport",
     "encode_conversation",
     "truncate_encoded",
+    "encode_rows",
+    "example_features",
     "tokenize_rows",
+    "ENCODED_COLUMNS",
     "LONG_RESPONSE",
     "MAX_TRUNCATED_FRACTION",
 ]
@@ -211,6 +220,78 @@ def truncate_encoded(
     return Encoded(ids[: last + 1], mask[: last + 1], kept_rewards), prompt_cut, True
 
 
+#: Columns :func:`encode_rows` writes per row: the example (empty lists when the row is dropped), then what
+#: :func:`tokenize_rows` needs for its report and prompt ids.
+ENCODED_COLUMNS = ("input_ids", "response_mask", "rewards", "row_index", "prompt_key", "length", "prompt_cut",
+                   "response_cut", "dropped")
+#: Column of the pickled rows when :func:`tokenize_rows` is given a list (any Python values, kept exactly).
+_PICKLED = "__shiq_row__"
+
+
+def _encoded_features():
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int64")),
+        "response_mask": datasets.List(datasets.Value("bool")),
+        "rewards": datasets.List(datasets.Value("float64")),
+        "row_index": datasets.Value("int64"),
+        "prompt_key": datasets.Value("string"),
+        "length": datasets.Value("int64"),
+        "prompt_cut": datasets.Value("bool"),
+        "response_cut": datasets.Value("bool"),
+        "dropped": datasets.Value("bool"),
+    })
+
+
+def example_features():
+    """The ``datasets.Features`` of :func:`tokenize_rows`'s examples."""
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int64")),
+        "response_mask": datasets.List(datasets.Value("bool")),
+        "rewards": datasets.List(datasets.Value("float64")),
+        "prompt_id": datasets.Value("int64"),
+        "row_index": datasets.Value("int64"),
+    })
+
+
+def encode_rows(batch: Mapping[str, list], indices: Sequence[int], *, tokenizer, use_chat_template: bool,
+                max_length: int | None, max_prompt_length: int | None, long_response: str) -> dict[str, list]:
+    """``Dataset.map`` function (batched, with indices) of :func:`tokenize_rows`: each row of ``batch``
+    tokenised (:func:`encode_conversation`) and truncated (:func:`truncate_encoded`), as the
+    :data:`ENCODED_COLUMNS`. ``indices`` are the rows' indices in the whole dataset (errors name them)."""
+    if _PICKLED in batch:
+        import pickle
+
+        rows = [pickle.loads(data) for data in batch[_PICKLED]]
+    else:
+        rows = [{name: values[j] for name, values in batch.items()} for j in range(len(indices))]
+    out: dict[str, list] = {name: [] for name in ENCODED_COLUMNS}
+    for index, row in zip(indices, rows):
+        messages, turn_rewards, n_prompt = row_conversation(row, index)
+        example = encode_conversation(
+            messages, turn_rewards, n_prompt, tokenizer, use_chat_template=use_chat_template, where=f"row {index}"
+        )
+        out["length"].append(len(example.input_ids))
+        prompt_cut = response_cut = False
+        if max_length is not None:
+            example, prompt_cut, response_cut = truncate_encoded(
+                example, max_length=max_length, max_prompt_length=max_prompt_length, long_response=long_response,
+                bos_token_id=tokenizer.bos_token_id,
+            )
+        out["input_ids"].append(example.input_ids if example is not None else [])
+        out["response_mask"].append(example.response_mask if example is not None else [])
+        out["rewards"].append(example.rewards if example is not None else [])
+        out["row_index"].append(index)
+        out["prompt_key"].append(prompt_key(messages, n_prompt))
+        out["prompt_cut"].append(prompt_cut)
+        out["response_cut"].append(response_cut)
+        out["dropped"].append(example is None)
+    return out
+
+
 def tokenize_rows(
     rows,
     tokenizer,
@@ -220,20 +301,28 @@ def tokenize_rows(
     long_response: str = "truncate",
     use_chat_template: bool | None = None,
     max_truncated_fraction: float = MAX_TRUNCATED_FRACTION,
+    num_proc: int | None = None,
 ):
     """Tokenise canonical rows into a ``datasets.Dataset`` of training examples, with a :class:`TokenizeReport`.
 
     rows: a ``Dataset`` or list of dicts in a canonical form (``shiq_llm.rows``).
     Returns ``(dataset, report)``; the dataset has one example per kept row with columns ``input_ids``
     (list[int], L), ``response_mask`` (list[bool], L), ``rewards`` (list[float], L), ``prompt_id`` (int,
-    equal for rows with the same prompt) and ``row_index`` (int, the row's index in ``rows``).
+    equal for rows with the same prompt, numbered in order of first appearance among the kept rows) and
+    ``row_index`` (int, the row's index in ``rows``).
     use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
     max_length / max_prompt_length / long_response: the truncation policy of the module docstring
     (``long_response`` ∈ ``LONG_RESPONSE``). ValueError names the row and field of any bad row, and the
     counts when more than ``max_truncated_fraction`` (default :data:`MAX_TRUNCATED_FRACTION`) of the rows are
     cut; cutting fewer is logged as a warning.
+    num_proc: processes of ``datasets.Dataset.map`` (:func:`encode_rows` on contiguous shards; None: this
+    process). A ``Dataset`` read from files is tokenised once: a second call with the same rows, tokenizer
+    and options loads the result from the ``datasets`` cache (and recomputes the report from it). A list is
+    first stored as one pickled row per entry, so its values reach the tokeniser exactly as given.
     """
     import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
@@ -241,6 +330,8 @@ def tokenize_rows(
         raise ValueError(f"max_truncated_fraction must be in [0, 1], got {max_truncated_fraction!r}")
     if long_response not in LONG_RESPONSE:
         raise ValueError(f"long_response must be one of {LONG_RESPONSE}, got {long_response!r}")
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise ValueError(f"num_proc must be an integer >= 1 or None, got {num_proc!r}")
     if max_length is not None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (one prompt and one response token), got {max_length}")
@@ -249,46 +340,31 @@ def tokenize_rows(
             raise ValueError(f"max_prompt_length must be in [1, max_length), got {max_prompt_length} with max_length={max_length}")
     elif max_prompt_length is not None:
         raise ValueError("max_prompt_length needs max_length")
-
-    report = TokenizeReport()
-    cut_rows, longest = 0, 0
-    prompt_ids: dict[str, int] = {}
-    columns: dict[str, list[Any]] = {k: [] for k in ("input_ids", "response_mask", "rewards", "prompt_id", "row_index")}
-    for index, row in enumerate(rows):
-        report.rows += 1
-        messages, turn_rewards, n_prompt = row_conversation(row, index)
-        example = encode_conversation(
-            messages, turn_rewards, n_prompt, tokenizer, use_chat_template=use_chat_template, where=f"row {index}"
-        )
-        longest = max(longest, len(example.input_ids))
-        if max_length is not None:
-            example, prompt_cut, response_cut = truncate_encoded(
-                example,
-                max_length=max_length,
-                max_prompt_length=max_prompt_length,
-                long_response=long_response,
-                bos_token_id=tokenizer.bos_token_id,
-            )
-            report.prompt_truncated += prompt_cut
-            cut_rows += prompt_cut or response_cut
-            if example is None:
-                report.dropped_long_response += 1
-                continue
-            report.response_truncated += response_cut
-        report.kept += 1
-        key = prompt_key(messages, n_prompt)
-        columns["input_ids"].append(example.input_ids)
-        columns["response_mask"].append(example.response_mask)
-        columns["rewards"].append(example.rewards)
-        columns["prompt_id"].append(prompt_ids.setdefault(key, len(prompt_ids)))
-        columns["row_index"].append(index)
-    if report.rows == 0:
+    if len(rows) == 0:
         raise ValueError("the dataset has no rows")
+    if not isinstance(rows, datasets.Dataset):
+        import pickle
+
+        rows = datasets.Dataset.from_dict({_PICKLED: [pickle.dumps(row) for row in rows]})
+    encoded = rows.map(
+        encode_rows, with_indices=True, batched=True, num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=rows.column_names, features=_encoded_features(), desc="tokenising",
+        fn_kwargs={"tokenizer": tokenizer, "use_chat_template": use_chat_template, "max_length": max_length,
+                   "max_prompt_length": max_prompt_length, "long_response": long_response},
+    )
+    table = encoded.with_format("arrow")[:]  # pa.Table in row order
+    dropped, prompt_cut, response_cut = (table.column(c).combine_chunks() for c in ("dropped", "prompt_cut", "response_cut"))
+    count = lambda mask: int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)  # noqa: E731
+    report = TokenizeReport(rows=len(table), kept=len(table) - count(dropped), prompt_truncated=count(prompt_cut),
+                            response_truncated=count(pc.and_(response_cut, pc.invert(dropped))),
+                            dropped_long_response=count(dropped))
+    cut_rows = count(pc.or_(prompt_cut, response_cut))
     if report.kept == 0:
         raise ValueError(f"every row was dropped by truncation ({report}); raise max_length or use long_response='truncate'")
     if cut_rows:
         cut = (f"{cut_rows} of {report.rows} rows ({cut_rows / report.rows:.0%}) were cut by max_length={max_length}")
         if cut_rows > max_truncated_fraction * report.rows:
+            longest = pc.max(table.column("length")).as_py()
             raise ValueError(
                 f"{cut}, more than MAX_TRUNCATED_FRACTION = {max_truncated_fraction:.0%}: {report}; raise max_length "
                 f"(the longest example has {longest} tokens), or pass max_truncated_fraction to accept it"
@@ -296,13 +372,11 @@ def tokenize_rows(
         logger.warning("%s: %s", cut, report)
     else:
         logger.info("tokenized %s (max_length=%s)", report, max_length)
-    features = datasets.Features(
-        {
-            "input_ids": datasets.List(datasets.Value("int64")),
-            "response_mask": datasets.List(datasets.Value("bool")),
-            "rewards": datasets.List(datasets.Value("float64")),
-            "prompt_id": datasets.Value("int64"),
-            "row_index": datasets.Value("int64"),
-        }
-    )
-    return datasets.Dataset.from_dict(columns, features=features), report
+    kept = table.filter(pc.invert(dropped))
+    prompt_id = pc.dictionary_encode(kept.column("prompt_key").combine_chunks()).indices  # first appearance order
+    columns = {"input_ids": kept.column("input_ids"), "response_mask": kept.column("response_mask"),
+               "rewards": kept.column("rewards"), "prompt_id": pc.cast(prompt_id, pa.int64()),
+               "row_index": kept.column("row_index")}
+    features = example_features()
+    examples = pa.table(columns).cast(features.arrow_schema).combine_chunks()
+    return datasets.Dataset(examples, info=datasets.DatasetInfo(features=features)), report

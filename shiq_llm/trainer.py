@@ -59,7 +59,8 @@ from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
 from shiq_llm.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_llm.models import check_tokenizer_fits_model
 from shiq_llm.reference import data_fingerprint, model_fingerprint, reference_cache
-from shiq_llm.stats import response_token_stats, unwrap_peft
+from shiq_llm.sharding import unwrap_model
+from shiq_llm.stats import response_token_stats
 from shiq_toy.losses import TokenStats, reduce_loss
 from shiq_toy.methods import METHODS, Method, per_item_loss
 
@@ -93,7 +94,7 @@ def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
     and, when the model has a value head (:data:`VALUE_HEAD`), ``value = V_φ(state)`` (B,). Without
     ``shiq_response_mask`` the forward is the original one (generation is unchanged). Idempotent.
     """
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     hf_model._shiq_chunk_size = chunk_size
     if getattr(hf_model, "_shiq_stats_forward", False):
         return
@@ -104,7 +105,7 @@ def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
         if shiq_response_mask is None:
             return original(*args, **kwargs)
         stats = response_token_stats(hf_model, kwargs["input_ids"], kwargs["attention_mask"], shiq_response_mask,
-                                     chunk_size=hf_model._shiq_chunk_size)
+                                     chunk_size=hf_model._shiq_chunk_size, in_forward=True)
         head = getattr(hf_model, VALUE_HEAD, None)
         value = head(shiq_prompt_state.to(head.weight.dtype)).squeeze(-1).float() if head is not None else None  # (B,)
         return ShiQStatsOutput(logit_taken=stats.logit_taken, logsumexp=stats.logsumexp, value=value)
@@ -248,8 +249,10 @@ class ShiQTrainer(Trainer):
                 from shiq_llm.rows import validate_rows
 
                 validate_rows(rows)
-            examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
-                                             max_prompt_length=args.max_prompt_length, long_response=args.long_response)
+            with self.accelerator.main_process_first():  # rows read from files: the others load the map's cache
+                examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
+                                                 max_prompt_length=args.max_prompt_length,
+                                                 long_response=args.long_response, num_proc=args.dataset_num_proc)
             if self.is_world_process_zero():
                 logger.info("%s data: %s", split, report)
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -267,16 +270,17 @@ class ShiQTrainer(Trainer):
             self._check_resume_inputs(fingerprint)  # before the cache: a resumed run names the checkpoint
         root = Path(args.ref_cache) if args.ref_cache else Path(args.output_dir) / "reference"
         path = root if split == "train" else root.with_name(root.name + f"_{split}")
-        with self.accelerator.main_process_first():
-            ref = reference_cache(
-                path, self.model, examples, settings={"precision": args.precision},
-                recompute=args.recompute_ref and self.is_world_process_zero(), need_prompt_state=self.method.needs_value,
-                fingerprints=(self.model_fingerprint, fingerprint), log=logger.info,
-                pad_token_id=self.processing_class.pad_token_id,
-                batch_size=args.ref_batch_size or 2 * args.per_device_train_batch_size, padding_side=args.padding_side,
-                chunk_size=args.chunk_size, autocast=self.accelerator.autocast, device=self.args.device,
-                progress=not args.disable_tqdm and self.is_world_process_zero(),
-            )
+        accelerator = self.accelerator  # each rank computes its shard of the reference pass; rank 0 assembles
+        ref = reference_cache(
+            path, self.model, examples, settings={"precision": args.precision},
+            recompute=args.recompute_ref, need_prompt_state=self.method.needs_value,
+            fingerprints=(self.model_fingerprint, fingerprint), log=logger.info,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+            pad_token_id=self.processing_class.pad_token_id,
+            batch_size=args.ref_batch_size or 2 * args.per_device_train_batch_size, padding_side=args.padding_side,
+            chunk_size=args.chunk_size, autocast=accelerator.autocast, device=self.args.device,
+            progress=not args.disable_tqdm and self.is_world_process_zero(),
+        )
         examples = datasets.concatenate_datasets([examples, ref], axis=1)
         return TrainingItems(examples, pairs), fingerprint
 
@@ -406,7 +410,7 @@ def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> 
     """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA merged."""
     from safetensors.torch import save_file
 
-    hf_model = unwrap_peft(model)
+    hf_model = unwrap_model(model)
     head = getattr(hf_model, VALUE_HEAD, None)
     if head is not None:
         head_module = getattr(head, "modules_to_save", None)

@@ -6,6 +6,7 @@
     shiq-toy online --out figures/        # Q2: offline data mixed with fresh samples of the current policy
     shiq-toy misspecified --out figures/  # Q3: over-optimisation of a flawed (proxy) reward
     shiq-toy solve-tree --vocab-size 2 --horizon 3 --beta 0.5   # print the exact solution of a random tree
+    shiq-toy verify my_module:my_shiq --as shiq                 # check your own loss against the spec
 
 Every option of every command is listed, with its default, by ``shiq-toy COMMAND --help``.
 """
@@ -57,7 +58,95 @@ def build_parser() -> argparse.ArgumentParser:
             description="Backward induction on a random token tree: v*, π* and q* of every state (spec §1).",
         )
     )
+    verify_parser = commands.add_parser(
+        "verify",
+        help="check your own residual or loss against the spec (shiq_toy.testing)",
+        description=_VERIFY_DESCRIPTION,
+        formatter_class=raw,
+    )
+    _add_verify(verify_parser)
     return parser
+
+
+_VERIFY_DESCRIPTION = """Run the property battery of shiq_toy.testing.oracle on FUNCTION and print property → pass / FAIL / n/a,
+with the smallest counterexample hypothesis finds for each failure. Exit status 0 only when every property passes.
+
+Signatures (like shiq_toy.losses.RESIDUALS and shiq_toy.baselines):
+  shiq, shiq_init, shiq_ms, shiq_tk, shifted_q, logit_q:
+      fn(policy: TokenStats, ref: TokenStats, rewards (B, T), mask (B, T) bool, *, beta, gamma)
+      -> (B, T) per-token residuals (0 where masked out) or (B,) per-sequence losses Σ_t residual²
+      (logit_q also gets soft_value=(B, T)); TokenStats = (logit_taken, logsumexp), each (B, T)
+  dpo:  fn(log_ratio_chosen (P,), log_ratio_rejected (P,), *, beta) -> (P,)
+  copg: fn(log_ratio_a, log_ratio_b, reward_a, reward_b, *, beta) -> (P,)
+  dro:  fn(log_ratio (B,), reward (B,), value (B,), *, beta) -> (B,)
+With --numpy the function receives NumPy arrays (TokenStats of arrays) instead of torch tensors."""
+
+
+def _add_verify(parser: argparse.ArgumentParser) -> None:
+    from shiq_toy.testing.properties import PROPERTIES, VARIANTS
+
+    parser.add_argument("target", metavar="MODULE:FUNCTION", help="the function to check: an importable module (the current directory is on the path) or a path/to/file.py, a colon, and the function's name")
+    parser.add_argument("--as", dest="variant", required=True, choices=VARIANTS, metavar="VARIANT", help=f"which loss it claims to be: {', '.join(VARIANTS)}")
+    parser.add_argument("--numpy", action="store_true", help="the function takes NumPy arrays (shiq_toy.testing.adapters.from_numpy); gradient checks are skipped")
+    parser.add_argument("--examples", type=int, default=40, help="hypothesis examples per property (default: 40; the gradient check uses at most 10)")
+    parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (default: 0)")
+    parser.add_argument("--no-shrink", action="store_true", help="report the first failing example found instead of shrinking it to the smallest (faster)")
+    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: 1e-8 for float64 output, 1e-4 for float32)")
+    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: as --rtol)")
+    parser.add_argument("--properties", default=",".join(PROPERTIES), help=f"comma-separated subset of {','.join(PROPERTIES)} (default: all)")
+
+
+def _load_target(target: str):
+    """``module:function`` or ``path/to/file.py:function`` -> the callable."""
+    import importlib
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"target {target!r} must be MODULE:FUNCTION (e.g. my_losses:shiq or path/to/file.py:shiq)")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like python -m: modules of the current directory are importable
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            raise ValueError(f"cannot import module {module_name!r}: {error}") from None
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"{module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"{target} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _verify(ns: argparse.Namespace) -> int:
+    from shiq_toy.testing.adapters import from_numpy
+
+    try:
+        from shiq_toy.testing.oracle import verify
+    except ModuleNotFoundError as error:
+        if error.name != "hypothesis":
+            raise
+        raise ValueError('verify needs hypothesis: pip install "shiq[testing]"') from None
+
+    fn = _load_target(ns.target)
+    if ns.numpy:
+        fn = from_numpy(fn)
+    properties = tuple(p.strip() for p in ns.properties.split(",") if p.strip())
+    report = verify(fn, ns.variant, max_examples=ns.examples, seed=ns.seed, rtol=ns.rtol, atol=ns.atol, properties=properties, shrink=not ns.no_shrink, target=ns.target)
+    print(report.table())
+    return 0 if report.ok else 1
 
 
 def _solve_tree(ns: argparse.Namespace) -> None:
@@ -104,7 +193,7 @@ def _report(name: str, out, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``shiq-toy``; returns the exit code (0 success, 2 bad arguments or input)."""
+    """Run ``shiq-toy``; returns the exit code (0 success, 1 a property of ``verify`` failed, 2 bad arguments or input)."""
     from shiq_toy.experiments import bandit, gym, misspecified, online, tree
 
     parser = build_parser()
@@ -139,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             _report("misspecified", ns.out, summary)
             for key, result in summary["runs"].items():
                 print(f"  {key:<28} KL {result['final_kl']:.3f}  true reward {result['final_true_reward']:.3f} (peak {result['peak_true_reward']:.3f} at KL {result['kl_at_peak']:.3f})")
+        elif ns.command == "verify":
+            with num_threads(1):
+                return _verify(ns)
         else:
             with num_threads(1):
                 _solve_tree(ns)

@@ -1,6 +1,7 @@
 """Slow, independent references for the solvers, written from spec §1 with Python floats and loops.
 
-Never imported by the library. Trees here are small (V**H paths are enumerated).
+Never imported by the library. Trees here are small (V**H paths are enumerated); the strategy that draws
+them is ``shiq_toy.testing.strategies.trees``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-from hypothesis import strategies as st
 from scipy.special import xlogy
 
 
@@ -128,23 +128,3 @@ def policy_evaluation_linear(mdp, policy: torch.Tensor, *, beta: float, gamma: f
     transition[:, ~live] = 0.0
     reward[~live] = 0.0
     return np.linalg.solve(np.eye(num_states) - gamma * transition, reward)
-
-
-@st.composite
-def trees(draw, max_paths: int = 81):
-    """Hypothesis strategy: a random TokenTree with V**H <= max_paths (terminal or dense rewards)."""
-    from shiq_toy.mdp import random_tree
-
-    vocab = draw(st.integers(1, 4))
-    horizon = draw(st.integers(1, 4))
-    while vocab**horizon > max_paths:
-        horizon -= 1
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    return random_tree(
-        vocab,
-        horizon,
-        generator=generator,
-        reward=draw(st.sampled_from(["terminal", "dense"])),
-        ref_scale=draw(st.floats(0.0, 2.0)),
-        reward_scale=draw(st.floats(0.1, 2.0)),
-    )

@@ -1,4 +1,4 @@
-"""shiq_toy.baselines against the slow references of tests/ref_baselines.py, closed forms and gradcheck."""
+"""shiq_toy.baselines against the slow references of shiq_toy.testing.reference, closed forms and gradcheck."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from .ref_baselines import (
+from shiq_toy.testing.reference import (
     copg_loss_ref,
     dpo_loss_ref,
     dro_grads_ref,
@@ -18,8 +18,9 @@ from .ref_baselines import (
 )
 from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, make_pairs, make_preference_pairs, sequence_log_ratio
 from shiq_toy.losses import TokenStats, token_stats
+from shiq_toy.testing.strategies import betas as beta_values
 
-betas = st.floats(0.05, 5.0)
+betas = beta_values()
 
 
 def _vec(seed: int, n: int, scale: float = 2.0) -> torch.Tensor:
@@ -89,7 +90,7 @@ def test_copg_fixed_point_and_ipo_case():
 
 @pytest.mark.parametrize("value_coef", [1.0, 0.25])
 def test_dro_split_gradients(value_coef):
-    """Forward = ½e²; ∂/∂Δ = −β e; ∂/∂V = −value_coef · e (hand derivatives in ref_baselines)."""
+    """Forward = ½e²; ∂/∂Δ = −β e; ∂/∂V = −value_coef · e (hand derivatives in shiq_toy.testing.reference)."""
     beta = 0.7
     delta, reward, value = _vec(3, 6).requires_grad_(), _vec(4, 6), _vec(5, 6).requires_grad_()
     loss = dro_loss(delta, reward, value, beta=beta, value_coef=value_coef)

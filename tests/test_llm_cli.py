@@ -137,7 +137,7 @@ def test_train_then_cache_ref_reuse_and_verify(tmp_path, capsys, caplog):
                          tmp_path / "run", "--ref_cache", cache, "--verify")
     assert status == 0 and "matches the model and data" in out
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="shiq_llm"):  # (the demo quiets this logger for the session)
         status, out, err = run(capsys, *train_args(tmp_path, data, "run", "--ref-cache", cache))  # the dashed spelling
     assert status == 0, err
     assert "reusing the cache" in caplog.text  # computed once, by cache-ref
@@ -165,8 +165,8 @@ def test_train_then_cache_ref_reuse_and_verify(tmp_path, capsys, caplog):
     assert at >= 0
     data_bytes[at] ^= 0x01
     arrow.write_bytes(bytes(data_bytes))
-    status, _, err = run(capsys, "cache-ref", "--config", TINY, "--data", data, "--out", tmp_path / "run",
-                         "--ref-cache", cache, "--verify")
+    status, _, err = run(capsys, "cache-ref", "--config", TINY, "--dataset_name", data, "--output_dir",
+                         tmp_path / "run", "--ref_cache", cache, "--verify")
     assert status == 1 and f"{arrow} does not match its sha256" in err, err
 
 
@@ -213,7 +213,7 @@ def test_long_prompts_are_truncated_and_counted(tmp_path, capsys, caplog):
     long_prompt = "tell me " + "very " * 60 + "much"
     records = rows() + [{"prompt": long_prompt, "completion": "ok", "reward": 1.0}, {"prompt": long_prompt + "!", "completion": "no", "reward": 0.0}]
     data = write_jsonl(tmp_path / "rows.jsonl", records)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="shiq_llm"):
         status, _, err = run(capsys, *train_args(tmp_path, data, "run", "--max_length", "32", "--max_steps", "1"))
     assert status == 0, err
     report = json.loads((tmp_path / "run" / "data_report_train.json").read_text())

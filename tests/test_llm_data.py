@@ -732,7 +732,7 @@ def test_pairs_from_tokenized_multi_turn_use_summed_rewards(tok):
 
 
 def test_no_usable_pair():
-    with pytest.raises(ValueError, match="no usable pair for DPO/CoPG: none of the 2 prompts"):
+    with pytest.raises(ValueError, match="no usable pair for the pair methods: none of the 2 prompts"):
         preference_pairs(_examples([0, 1], [1.0, 0.0]))  # one response per prompt
     with pytest.raises(ValueError, match=r"no usable pair .*1 prompt\(s\) have several responses"):
         preference_pairs(_examples([0, 0, 1], [1.0, 1.0, 2.0]))  # tie only

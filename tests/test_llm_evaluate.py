@@ -2,8 +2,10 @@
 
 The exact per-token KL against enumeration of every response of a tiny vocabulary (sequence-level
 KL(π‖π_ref) = Σ_y π(y) ln π(y)/π_ref(y), and a per-token sum written out in a loop); KL(π_ref‖π_ref) = 0;
-left-padding invariance; generation: EOS and padding, prompts as the data pipeline tokenises them, seeded
-determinism, and samples drawn from π itself (no top-k); evaluate_policy against a recomputation; the CLI.
+left-padding invariance; the chunked KL (from hidden states) equal to the full-logit one; generation: EOS and
+padding, prompts as the data pipeline tokenises them, seeded determinism, and samples drawn from π itself
+(no top-k); evaluate_policy against a recomputation (means and standard errors); the CLI, with the held-out
+check against the training data and a reward model.
 """
 
 import itertools
@@ -20,6 +22,7 @@ from shiq_llm.evaluate import (
     encode_prompts,
     evaluate_policy,
     generate,
+    naive_token_kl,
     response_mask_from_generated,
     sequence_kl,
     token_kl,
@@ -235,17 +238,20 @@ def test_generate_samples_from_the_full_distribution(tokenizer):
 def test_generation_and_kl_forward_see_the_same_distribution(tokenizer, arch):
     """Under left padding, the next-token distributions transformers samples from (``output_logits``) equal
     those the KL forward reads at the response positions (position ids from the attention mask)."""
-    from shiq_llm.evaluate import _assemble, _left_pad, _pure_sampling_config, _response_log_probs
+    from shiq_llm.evaluate import _response_log_probs
+    from shiq_llm.sampling import Completion, assemble_samples, left_pad, sampling_config
 
     model = tiny_causal_lm(tokenizer, arch=arch, seed=0)
     encoded = encode_prompts(tokenizer, ["a b", "the quick brown fox jumps over the lazy dog"])
-    ids, mask = _left_pad(encoded, tokenizer.pad_token_id)  # prompts of different lengths
-    config = _pure_sampling_config(tokenizer, 5)
+    ids, mask = left_pad(encoded, tokenizer.pad_token_id)  # prompts of different lengths
+    config = sampling_config(tokenizer, 5)
     config.output_logits, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    rows = [(torch.tensor(e), out.sequences[b, ids.shape[1]:]) for b, e in enumerate(encoded)]
-    samples = _assemble(rows, [0, 1], tokenizer)
+    generated = out.sequences[:, ids.shape[1]:]
+    keep = response_mask_from_generated(generated, tokenizer.eos_token_id)
+    completions = [Completion(b, 0, generated[b][keep[b]].tolist(), False) for b in range(len(encoded))]
+    samples = assemble_samples(encoded, completions, tokenizer)
     with torch.no_grad():
         logp, _ = _response_log_probs(model, samples.input_ids, samples.attention_mask, samples.response_mask)
     sampled = torch.log_softmax(torch.stack(out.logits, dim=1), dim=-1)  # (B, T, V)
@@ -344,3 +350,112 @@ def test_load_prompts_from_text_and_json(tmp_path):
     with pytest.raises(ValueError, match="row 0 has no 'prompt'"):
         load_prompts(str(tmp_path / "bad.jsonl"))
     assert load_prompts("synthetic", split="train") == task_prompts("train")
+
+
+# --------------------------------------------------------------------------------------------------
+# The chunked exact KL (no (B, L, V) logits) against the full-logit one
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("gpt2", True)])
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+def test_chunked_token_kl_equals_the_full_logit_kl(tokenizer, arch, tied, chunk_size):
+    """Left-padded prompts of different lengths, right-padded responses; float64 (values to 1e-12) and float32."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        policy, ref = (tiny_causal_lm(tokenizer, arch=arch, tie_word_embeddings=tied, seed=s, dtype=dtype)
+                       for s in (0, 1))
+        samples = generate(policy, tokenizer, PROMPTS, num_samples=2, max_new_tokens=5, seed=0)
+        args = (samples.input_ids, samples.attention_mask, samples.response_mask)
+        exact, rho = token_kl(policy, ref, *args, chunk_size=chunk_size)
+        naive_exact, naive_rho = naive_token_kl(policy, ref, *args)
+        assert exact.dtype == naive_exact.dtype == torch.promote_types(dtype, torch.float32)
+        torch.testing.assert_close(exact, naive_exact, rtol=tol, atol=tol)
+        torch.testing.assert_close(rho, naive_rho, rtol=tol, atol=tol)
+        assert torch.all(exact[~samples.response_mask] == 0) and bool((exact[samples.response_mask] > 0).all())
+
+
+def test_token_kl_of_a_head_that_is_not_linear_takes_the_full_logit_path(tokenizer):
+    """A soft-capped head (Gemma-style config attribute) is seen by exact_path_reason: warned, still exact."""
+    policy, ref = (tiny_causal_lm(tokenizer, seed=s, dtype=torch.float64) for s in (0, 1))
+    policy.config.final_logit_softcapping = 30.0  # read by exact_path_reason only (Llama ignores it)
+    samples = generate(ref, tokenizer, PROMPTS[:2], num_samples=1, max_new_tokens=4, seed=0)
+    args = (samples.input_ids, samples.attention_mask, samples.response_mask)
+    with pytest.warns(UserWarning, match="final_logit_softcapping"):
+        exact, _ = token_kl(policy, ref, *args)
+    torch.testing.assert_close(exact, naive_token_kl(policy, ref, *args)[0], rtol=0, atol=0)
+
+
+def test_evaluate_policy_reports_standard_errors_and_lengths(task_models):
+    tok, policy, ref = task_models
+    prompts = task_prompts("eval")[:4]
+    kwargs = dict(num_samples=5, max_new_tokens=6, seed=2, batch_size=8)
+    metrics = evaluate_policy(policy, ref, tok, prompts, reward_fn=reward, chunk_size=3, **kwargs)
+    samples = generate(policy, tok, prompts, **kwargs)
+    exact, mc = sequence_kl(policy, ref, samples, batch_size=8, chunk_size=3)
+    lengths = samples.response_mask.sum(-1).double()
+    n = len(lengths)
+    for key, values in (("kl", exact), ("kl_mc", mc), ("mean_length", lengths)):
+        sem_key = {"kl": "kl_sem", "kl_mc": "kl_mc_sem", "mean_length": "length_sem"}[key]
+        mean = sum(values.tolist()) / n
+        sem = math.sqrt(sum((v - mean) ** 2 for v in values.tolist()) / (n - 1) / n)
+        assert metrics[key] == pytest.approx(mean, rel=1e-6) and metrics[sem_key] == pytest.approx(sem, rel=1e-5)
+    assert metrics["finished"] == pytest.approx(samples.finished.double().mean().item())
+
+
+def test_evaluate_policy_names_the_sample_of_a_bad_reward(task_models):
+    tok, policy, ref = task_models
+    with pytest.raises(ValueError, match=r"row 0 \(prompt 'count up from 4:'\): the reward must be finite, got nan"):
+        evaluate_policy(policy, ref, tok, ["count up from 4:"], reward_fn=lambda p, c: math.nan, num_samples=1,
+                        max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# shiq-llm evaluate: held-out prompts, reward models, devices
+# --------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_path, capsys):
+    policy, ref = saved_models
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": p, "completion": " 1", "reward": 0.0}) + "\n"
+                             for p in ["repeat 5:", "repeat 6:", "repeat 6:"]))
+    held = tmp_path / "eval.txt"
+    held.write_text("repeat  5:\nrepeat 7:\n")  # "repeat  5:" is "repeat 5:" up to whitespace
+    out = tmp_path / "eval.json"
+    base = ["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(held), "--num-samples", "1",
+            "--max-new-tokens", "3", "--out", str(out)]
+    assert main(base + ["--train-data", str(train)]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 evaluation prompts (50.0 %) also occur in the training data (2 distinct prompts)" in err
+    assert main(base + ["--train-data", str(train), "--leak", "warn"]) == 0
+    report = json.loads(out.read_text())
+    assert report["leaked_prompts"] == 1 and report["train_data"] == str(train)
+    # a run directory: run_args.yaml (written by shiq-llm train) next to final/ names the training data
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    for f in policy.iterdir():
+        (run / "final" / f.name).write_bytes(f.read_bytes())
+    (run / "run_args.yaml").write_text(f"dataset_name: {train}\ndataset_train_split: train\ndata_format: null\n"
+                                       "data_format_options: null\n")
+    auto = base[:1] + ["--model", str(run / "final")] + base[3:]
+    assert main(auto) == 1 and "also occur in the training data" in capsys.readouterr().err
+    assert main(auto + ["--train-data", "none"]) == 0
+    assert json.loads(out.read_text())["leaked_prompts"] is None
+
+
+def test_evaluate_cli_with_a_reward_model_on_a_device(saved_models, tmp_path):
+    from shiq_llm.models import build_tokenizer, tiny_reward_model
+
+    policy, ref = saved_models
+    rm_tokenizer = build_tokenizer()  # the reward model has a tokenizer of its own
+    tiny_reward_model(rm_tokenizer).save_pretrained(tmp_path / "rm")
+    rm_tokenizer.save_pretrained(tmp_path / "rm")
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--model", str(policy), "--ref", str(ref), "--num-samples", "2", "--max-new-tokens", "4",
+            "--reward-model", str(tmp_path / "rm"), "--device", "cpu", "--dtype", "float32", "--backend", "hf",
+            "--chunk-size", "7", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["reward"] == str(tmp_path / "rm") and report["device"] == "cpu" and report["backend"] == "hf"
+    assert math.isfinite(report["mean_reward"]) and report["reward_sem"] > 0
+    assert {"kl_sem", "kl_mc_sem", "length_sem", "finished"} <= set(report)

@@ -11,6 +11,7 @@ import huggingface_hub
 import pytest
 
 from shiq_llm.cli import main
+from shiq_llm.config import ModelArguments
 from shiq_llm.loading import load_model_and_tokenizer
 from shiq_llm.models import (
     EMBEDDING_PAD_MULTIPLE,
@@ -82,10 +83,10 @@ def test_hub_names_offline_say_that_they_need_the_network(monkeypatch):
 
 
 def test_load_model_and_tokenizer_refuses_bad_sources_in_one_line(saved, tmp_path):
-    config = SimpleNamespace(model=str(tmp_path / "nope"), tokenizer=None, seed=0)
+    config = ModelArguments(model_name_or_path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"^model path .*nope does not exist$"):
         load_model_and_tokenizer(config, out=tmp_path)
-    config = SimpleNamespace(model=str(saved / "model"), tokenizer=str(saved / "empty"), seed=0)
+    config = ModelArguments(model_name_or_path=str(saved / "model"), tokenizer_name_or_path=str(saved / "empty"))
     with pytest.raises(ValueError, match=r"^tokenizer path .*empty holds no tokenizer"):
         load_model_and_tokenizer(config, out=tmp_path)
 

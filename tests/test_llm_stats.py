@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +22,13 @@ from shiq_llm.models import tiny_causal_lm
 from shiq_llm.stats import (
     LOGIT_TRANSFORM_ATTRIBUTES,
     exact_path_reason,
+    head_sharding,
     linear_head_token_stats,
     naive_response_token_stats,
     response_token_stats,
 )
 from shiq_toy.losses import LOSSES, TokenStats, token_stats
+from shiq_toy.testing.strategies import response_layouts
 
 VOCAB = 97
 #: float32 tolerances: both paths do the same float32 operations up to the order of the sums over the
@@ -123,21 +126,11 @@ def test_left_padded_batch_equals_unpadded_sequences(arch):
     assert bool((stats.logit_taken[~response] == 0).all()) and bool((stats.logsumexp[~response] == 0).all())
 
 
-@st.composite
-def _random_batches(draw):
-    side = draw(st.sampled_from(["left", "right"]))
-    rows = draw(st.integers(1, 3))
-    lengths = [draw(st.integers(2, 10)) for _ in range(rows)]
-    responses = [[i for i in range(1, n) if draw(st.booleans())] for n in lengths]  # holes allowed
-    n_tokens = sum(map(len, responses))
-    chunk_size = draw(st.integers(1, max(1, n_tokens) + 2))
-    return _batch(lengths, responses, side=side, seed=draw(st.integers(0, 2**16))), chunk_size
-
-
 @settings(max_examples=10)
-@given(_random_batches())
-def test_chunked_equals_naive_on_random_batches(case):
-    batch, chunk_size = case
+@given(layout=response_layouts(), data=st.data())
+def test_chunked_equals_naive_on_random_batches(layout, data):
+    chunk_size = data.draw(st.integers(1, max(1, layout.num_response_tokens) + 2), label="chunk_size")
+    batch = _batch(layout.lengths, layout.responses, side=layout.side, seed=layout.seed)
     model = _model("llama", False)
     _assert_same(
         _stats_and_grads(response_token_stats, model, batch, chunk_size=chunk_size),
@@ -186,6 +179,55 @@ def test_linear_head_gradcheck_and_naive(with_bias):
         torch.testing.assert_close(got, want[0])
 
 
+@pytest.mark.parametrize("keep_expected", [True, False])
+def test_frozen_head_gradcheck_and_naive(monkeypatch, keep_expected):
+    """A head that needs no gradient: forward keeps E = softmax(z) W (or, switched off, backward recomputes);
+    both give the values and the gradient in h of the full-logit path, and pass gradcheck (float64)."""
+    monkeypatch.setattr(stats_module, "KEEP_EXPECTED_FOR_FROZEN_HEAD", keep_expected)
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(11, 5, generator=gen, dtype=torch.float64), torch.randn(11, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([4, 4, 0, 10, 3, 4, 7])  # a repeated target
+    upstream = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+
+    def chunked(h):
+        return tuple(linear_head_token_stats(h, weight, targets, bias=bias, chunk_size=3))
+
+    def naive(h):
+        return tuple(x[0] for x in token_stats(torch.nn.functional.linear(h, weight, bias)[None], targets[None]))
+
+    assert chunked(hidden)[1].grad_fn.keep_expected == keep_expected  # the path under test ran
+    assert torch.autograd.gradcheck(chunked, (hidden,))
+    results = []
+    for fn in (chunked, naive):
+        stats = fn(hidden)
+        results.append((stats, torch.autograd.grad((upstream[0] * stats[0] + upstream[1] * stats[1]).sum(), hidden)[0]))
+    (got, grad_got), (want, grad_want) = results
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_got, grad_want)
+
+
+def _count_frozen_backward(monkeypatch) -> list:
+    """Record each run of the frozen-head backward (the kept-E path)."""
+    calls, original = [], stats_module._frozen_head_backward
+    monkeypatch.setattr(stats_module, "_frozen_head_backward", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_frozen_head_model_equals_naive(monkeypatch):
+    """A model whose output head is frozen (tied: the embedding too): chunked path with E kept, same values
+    and gradients of every trainable parameter as the full-logit path."""
+    calls = _count_frozen_backward(monkeypatch)
+    for tied in (False, True):
+        model = copy.deepcopy(_model("llama", tied))
+        model.get_output_embeddings().requires_grad_(False)
+        chunked = _stats_and_grads(response_token_stats, model, LEFT, chunk_size=4)
+        assert len(calls) == 1 + tied
+        _assert_same(chunked, _stats_and_grads(naive_response_token_stats, model, LEFT))
+        assert len(chunked[1]) == len([p for p in model.parameters() if p.requires_grad]) > 0
+
+
 def test_linear_head_accumulates_in_float32_for_bf16():
     """bf16 hidden states and weight, V = 4096: ℓ and vℓ are within one bf16 rounding of the exact logits
     of those bf16 values (|vℓ(ẑ) − vℓ(z)| ≤ max_a |ẑ_a − z_a|, and a matmul with a float32 accumulator
@@ -208,12 +250,15 @@ def test_linear_head_accumulates_in_float32_for_bf16():
     assert bool(((bf16_running.double() - bf16_sum.double()).abs() > bound * bf16_sum.double()).any())
 
 
-def test_bf16_model_matches_float32_within_bf16_error():
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_bf16_model_matches_float32_within_bf16_error(frozen_head):
     """Same weights in bf16 and float32. The chunked bf16 statistics use the same bf16 logits as the naive
     bf16 path (then float32 sums), so they differ from it by at most one bf16 rounding of a logit, u·max|z|;
     their error against float32 is the naive bf16 error plus at most that. Gradients: the chunked path adds
-    one bf16 rounding per chunk when it accumulates the head's weight gradient (relative u each)."""
-    model = _model("llama", False)
+    one bf16 rounding per chunk when it accumulates the head's weight gradient (relative u each); a frozen
+    head's kept E = softmax(z) W is rounded to bf16 once per row."""
+    model = copy.deepcopy(_model("llama", False))
+    model.lm_head.requires_grad_(not frozen_head)
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     batch, chunk_size = RIGHT, 4
     n_chunks = -(-int(batch[2].sum()) // chunk_size)
@@ -314,16 +359,19 @@ def test_non_linear_head_takes_the_exact_path(monkeypatch):
     _assert_same(chunked, _stats_and_grads(naive_response_token_stats, model, LEFT))
 
 
-def test_lora_model():
-    """LoRA on attention: chunked path with the adapters active, same LoRA gradients as naive.
-    LoRA on the head: the head is a peft module, so the exact path runs."""
+def test_lora_model(monkeypatch):
+    """LoRA on attention: chunked path with the adapters active (the head is frozen: E is kept), same LoRA
+    gradients as naive. LoRA on the head: the head is a peft module, so the exact path runs."""
     from peft import LoraConfig, get_peft_model
+
+    calls = _count_frozen_backward(monkeypatch)
 
     base = copy.deepcopy(_model("llama", False))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, config)
     assert exact_path_reason(model) is None
     chunked = _stats_and_grads(response_token_stats, model, LEFT, chunk_size=5)
+    assert calls == [1]
     naive = _stats_and_grads(naive_response_token_stats, model, LEFT)
     assert chunked[1] and all("lora_" in name for name in chunked[1])
     _assert_same(chunked, naive)
@@ -386,3 +434,107 @@ def test_bad_inputs():
         response_token_stats(_model("gpt2", True), ids, attention, response, chunk_size=0)
     with pytest.raises(ValueError, match="token ids must lie"):
         linear_head_token_stats(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 5]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapped and sharded models
+# --------------------------------------------------------------------------------------------------
+
+
+def test_wrapped_and_sharded_models_on_two_processes(tmp_path):
+    """``torchrun`` with 2 gloo processes (``tests/dist_fsdp_stats.py``): DDP, FSDP2 (head in the root's group,
+    tied or not, in its own ``fully_shard``, frozen) and FSDP1 (with and without ``use_orig_params``), each
+    rank on half of the batch, give the per-sequence ShiQ losses and the gathered gradients (one SGD step) of
+    one process without a wrapper on the whole batch and the full logits, through the chunked head; so does
+    ShiQTrainer's statistics forward called as the DDP / FSDP2-wrapped model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "tests/dist_fsdp_stats.py", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    results = report.pop("results")
+    errors = results.pop("dtensor-head")["errors"]
+    for name in ("head_sharding", "response_token_stats"):
+        assert "DTensor outside FSDP2" in errors[name] and "supported:" in errors[name], name
+    sharding = {"ddp": "none", "trainer-ddp": "none", "fsdp1": "fsdp1", "fsdp1-flat": "fsdp1"}
+    assert sorted(results) == ["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "fsdp2-frozen-head", "fsdp2-own-head", "fsdp2-tied",
+                               "trainer-ddp", "trainer-fsdp2", "trainer-fsdp2-own-head"]
+    for scheme, result in results.items():
+        assert result["sharding"] == sharding.get(scheme, "fsdp2"), scheme
+        assert result["exact_path_reason"] is None and result["chunked_head_calls"] == 1, scheme
+        assert result["loss_max_abs_diff"] <= 1e-5 * result["loss_max_abs"], scheme
+        assert result["grad_max_abs_diff"] <= 1e-5 * result["grad_max_abs"], scheme
+        frozen = {"lm_head.weight"} if scheme == "fsdp2-frozen-head" else set()
+        assert set(result["parameters_with_gradient"]) == set(result["parameters"]) - frozen, scheme
+        assert result["head_weight_changed"] == (not frozen), scheme
+
+
+class _FakeZeroThreeParameter(torch.nn.Parameter):
+    """A parameter with DeepSpeed ZeRO-3's partitioning attributes (``ds_id``, ``ds_status``)."""
+
+    ds_id, ds_status = 0, "NOT_AVAILABLE"
+
+
+def _fake_zero_three_head(model: torch.nn.Module) -> torch.nn.Module:
+    """ZeRO-3's protocol on the head: its weight is empty except inside the head's forward, where a pre-hook
+    gathers it and a post-hook releases it (DeepSpeed's hooks also gather it again for the backward, which
+    this fake does not, so it is used under no_grad)."""
+    head = model.lm_head
+    full = head.weight.detach().clone()  # (V, H)
+    head.weight = _FakeZeroThreeParameter(torch.empty(0))
+
+    def gather(module, args):
+        module.weight.data = full
+
+    def release(module, args, output):
+        module.weight.data = torch.empty(0)
+
+    head.register_forward_pre_hook(gather)
+    head.register_forward_hook(release)
+    return model
+
+
+def test_zero_three_head_is_called_through_its_hooks():
+    """A ZeRO-3-partitioned head is read inside its own forward (the real DeepSpeed, trained and tied, is
+    checked by hand: ``tests/dist_fsdp_stats.py --schemes zero3 zero3-tied``)."""
+    model = _fake_zero_three_head(copy.deepcopy(_model("llama", False)))
+    assert head_sharding(model) == "zero3" and head_sharding(_model("llama", False)) == "none"
+    with torch.no_grad():
+        chunked = response_token_stats(model, *LEFT, chunk_size=4)
+        naive = naive_response_token_stats(_model("llama", False), *LEFT)
+    assert model.lm_head.weight.numel() == 0  # released again
+    for got, want in zip(chunked, naive):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_call_as_forward_restores_the_forward():
+    """The redirection runs the function through the module's hooks and puts back an instance-level forward
+    (accelerate's autocast wrapper is one), also when the function raises."""
+    from shiq_llm.sharding import call_as_forward
+
+    module = torch.nn.Linear(2, 3)
+    assert call_as_forward(module, lambda x: x + 1, torch.zeros(1)).tolist() == [1.0]  # unwrapped: called directly
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = torch.nn.Linear(2, 3)
+    wrapped.__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})  # what fully_shard does
+    seen = []
+    wrapped.register_forward_pre_hook(lambda module, args: seen.append(args[0].tolist()))
+    instance_forward = wrapped.forward = lambda x: ("instance", x)
+    assert call_as_forward(wrapped, lambda x: (x * 2,), torch.ones(1))[0].tolist() == [2.0]
+    assert seen == [[1.0]] and wrapped.forward is instance_forward
+    with pytest.raises(RuntimeError, match="boom"):
+        call_as_forward(wrapped, lambda x: (_ for _ in ()).throw(RuntimeError("boom")), torch.ones(1))
+    assert wrapped.forward is instance_forward
+    del wrapped.forward
+    with pytest.raises(RuntimeError, match="boom"):
+        call_as_forward(wrapped, lambda x: (_ for _ in ()).throw(RuntimeError("boom")), torch.ones(1))
+    assert "forward" not in wrapped.__dict__

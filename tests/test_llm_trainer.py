@@ -227,7 +227,7 @@ def test_metrics_evaluation_and_tensorboard(tmp_path):
     eval_rows = write_jsonl(tmp_path / "eval.jsonl", rows())
     result = train(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, beta=0.5,
                    eval_dataset_name=str(eval_rows), eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=12,
-                   report_to="tensorboard")
+                   report_to="tensorboard", eval_leak="warn")  # the training rows on purpose (closed form below)
     records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     train_lines = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_lines] == [1, 2, 3]
@@ -459,3 +459,14 @@ def test_multi_turn_rows_train_on_the_action_tokens_only(tmp_path):
     losses = [line["loss"] for line in read_metrics(result.metrics_file)]
     assert losses[0] == pytest.approx(float(torch.stack(per).mean()), rel=1e-5)
     assert math.isfinite(losses[1])
+
+
+def test_two_runs_with_the_same_seed_are_identical(tmp_path):
+    """Same seed, same environment: bit-identical weights and the same metrics log (timing keys aside)."""
+    first = train(tmp_path, "a", per_device_train_batch_size=4, max_steps=3, beta=0.5)
+    second = train(tmp_path, "b", per_device_train_batch_size=4, max_steps=3, beta=0.5)
+    a, b = weights(first.final_dir), weights(second.final_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _same_log(first.metrics_file, second.metrics_file)
+    other = train(tmp_path, "c", per_device_train_batch_size=4, max_steps=3, beta=0.5, seed=1)  # the seed matters
+    assert not all(torch.equal(a[k], weights(other.final_dir)[k]) for k in a)

@@ -1,5 +1,5 @@
-"""shiq_toy.losses against slow loop references (tests/ref_losses.py) and the facts of spec §3 that hold on
-any logits (telescoping, initialisation, bandit reduction, DRO at t = 1). The facts that need the exact
+"""shiq_toy.losses against the slow loop references of shiq_toy.testing.reference and the facts of spec §3 that
+hold on any logits (telescoping, initialisation, bandit reduction, DRO at t = 1). The facts that need the exact
 solution (zero residual at the fixed point, uniqueness) are in tests/test_theorems.py."""
 
 from __future__ import annotations
@@ -13,51 +13,12 @@ from hypothesis import strategies as st
 
 from shiq_toy import losses
 from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, RESIDUALS, TokenStats, token_stats
-
-from .ref_losses import residual_reference, soft_value_reference
+from shiq_toy.testing.reference import next_on_mask, residual_reference, soft_value_reference
+from shiq_toy.testing.strategies import Batch, batch_from_arrays, batches
+from shiq_toy.testing.strategies import gammas as gamma_values
 
 ALL = sorted(RESIDUALS)
-
-
-class Batch:
-    """Random float64 logits, tokens, rewards and a mask; statistics via token_stats."""
-
-    def __init__(self, mask, vocab, seed, beta):
-        gen = torch.Generator().manual_seed(seed)
-        batch, length = mask.shape
-        self.mask, self.beta = mask, beta
-        self.logits = torch.randn(batch, length, vocab, dtype=torch.float64, generator=gen) * 2
-        self.ref_logits = torch.randn(batch, length, vocab, dtype=torch.float64, generator=gen) * 2
-        self.tokens = torch.randint(0, vocab, (batch, length), generator=gen)
-        self.rewards = torch.randn(batch, length, dtype=torch.float64, generator=gen)
-        self.policy = token_stats(self.logits, self.tokens)
-        self.ref = token_stats(self.ref_logits, self.tokens)
-        self.soft_value = losses.logit_q_soft_value(self.logits, self.ref_logits, beta=beta)
-
-    def extra(self, name):
-        return {"soft_value": self.soft_value} if name in NEEDS_SOFT_VALUE else {}
-
-    def residual(self, name, gamma):
-        return RESIDUALS[name](self.policy, self.ref, self.rewards, self.mask, beta=self.beta, gamma=gamma, **self.extra(name))
-
-
-@st.composite
-def batches(draw, max_batch=3, max_length=7):
-    batch = draw(st.integers(1, max_batch))
-    length = draw(st.integers(1, max_length))
-    rows = []
-    for _ in range(batch):
-        row = draw(st.lists(st.booleans(), min_size=length, max_size=length))
-        if not any(row):
-            row[draw(st.integers(0, length - 1))] = True
-        rows.append(row)
-    mask = torch.tensor(rows, dtype=torch.bool)
-    vocab = draw(st.integers(2, 5))
-    beta = draw(st.floats(0.05, 5.0))
-    return Batch(mask, vocab, draw(st.integers(0, 2**31 - 1)), beta)
-
-
-gammas = st.one_of(st.just(1.0), st.floats(0.3, 1.0))
+gammas = gamma_values()
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -77,9 +38,14 @@ def long_batches(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     length = draw(st.integers(64, 128))
     holes = draw(st.floats(0.3, 0.7))
-    mask = torch.rand(2, length, generator=torch.Generator().manual_seed(seed)) >= holes
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, length, generator=gen) >= holes
     mask[:, 0] = True  # at least one masked-in position per row
-    return Batch(mask, draw(st.integers(2, 5)), seed, draw(st.floats(0.05, 5.0)))
+    vocab = draw(st.integers(2, 5))
+    logits, ref_logits = (4 * torch.rand(2, length, vocab, generator=gen, dtype=torch.float64) - 2 for _ in range(2))
+    tokens = torch.randint(0, vocab, (2, length), generator=gen)
+    rewards = 2 * torch.rand(2, length, generator=gen, dtype=torch.float64) - 1
+    return Batch(logits, ref_logits, tokens, rewards, mask, draw(st.floats(0.05, 5.0)))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -102,22 +68,12 @@ def test_losses_are_per_sequence_sums_of_squares(b, gamma):
         torch.testing.assert_close(per_sequence, (b.residual(name, gamma) ** 2).sum(-1))
 
 
-def _next_masked(x, mask):
-    """x at the next masked-in position of each row (0 after the last): an independent loop."""
-    out = torch.zeros_like(x)
-    for row in range(mask.shape[0]):
-        positions = mask[row].nonzero().flatten().tolist()
-        for j, t in enumerate(positions[:-1]):
-            out[row, t] = x[row, positions[j + 1]]
-    return out
-
-
 @given(b=batches(), gamma=gammas)
 def test_fact1_telescoping(b, gamma):
     """shiq_t − γ shiq_{t+1} = shiq_ms_t and shiq_init_t − γ shiq_init_{t+1} = shifted_q_t (spec §3, fact 1)."""
     for multi, single in (("shiq", "shiq_ms"), ("shiq_init", "shifted_q")):
         res = b.residual(multi, gamma)
-        torch.testing.assert_close(res - gamma * _next_masked(res, b.mask), b.residual(single, gamma), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(res - gamma * next_on_mask(res, b.mask), b.residual(single, gamma), rtol=1e-9, atol=1e-9)
 
 
 @given(b=batches(), gamma=gammas, pad=st.integers(1, 4))
@@ -142,12 +98,7 @@ def test_right_padding_with_garbage_changes_nothing(b, gamma, pad):
 def test_holes_equal_the_sequence_without_them(b, gamma):
     """Masked-out positions inside a row behave as if absent (environment tokens in a dialogue)."""
     keep = b.mask[0]
-    dense = Batch.__new__(Batch)
-    dense.mask = torch.ones(1, int(keep.sum()), dtype=torch.bool)
-    dense.beta = b.beta
-    dense.policy = TokenStats(*(x[:, keep] for x in b.policy))
-    dense.ref = TokenStats(*(x[:, keep] for x in b.ref))
-    dense.rewards, dense.soft_value = b.rewards[:, keep], b.soft_value[:, keep]
+    dense = Batch(b.logits[:, keep], b.ref_logits[:, keep], b.tokens[:, keep], b.rewards[:, keep], b.mask[:, keep], b.beta)
     for name in ALL:
         torch.testing.assert_close(b.residual(name, gamma)[:, keep], dense.residual(name, gamma))
 
@@ -183,7 +134,7 @@ def test_fact3_initialisation(b, gamma):
         assert float(grad.abs().max()) < 1e-12
     vref = torch.where(b.mask, b.ref.logsumexp, 0.0)
     torch.testing.assert_close(losses.shiq_init(policy, b.ref, zero, b.mask, beta=b.beta, gamma=gamma), b.beta * vref)
-    expected = torch.where(b.mask, b.beta * vref - gamma * b.beta * _next_masked(vref, b.mask), 0.0)
+    expected = torch.where(b.mask, b.beta * vref - gamma * b.beta * next_on_mask(vref, b.mask), 0.0)
     torch.testing.assert_close(losses.shifted_q(policy, b.ref, zero, b.mask, beta=b.beta, gamma=gamma), expected)
 
 
@@ -268,7 +219,12 @@ def test_reduce_loss_refuses_a_sequence_without_response_tokens(average):
 
 
 def _good():
-    b = Batch(torch.ones(2, 3, dtype=torch.bool), 4, 0, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    b = batch_from_arrays(
+        torch.randn(2, 3, 4, dtype=torch.float64, generator=gen), torch.randn(2, 3, 4, dtype=torch.float64, generator=gen),
+        torch.randint(0, 4, (2, 3), generator=gen), torch.randn(2, 3, dtype=torch.float64, generator=gen),
+        torch.ones(2, 3, dtype=torch.bool), 0.5,
+    )
     return b.policy, b.ref, b.rewards, b.mask
 
 

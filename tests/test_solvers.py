@@ -20,19 +20,20 @@ from shiq_toy.mdp import (
     finite_mdp_from_tree,
     gather_levels,
     prefix_index,
-    random_bandit,
     random_tree,
 )
 from shiq_toy.solvers import soft_value_iteration, solve_bandit, solve_tree
+from shiq_toy.testing.strategies import bandits, trees
+from shiq_toy.testing.strategies import betas as beta_values
+from shiq_toy.testing.strategies import gammas as gamma_values
 
 from . import ref_solvers as ref
-from .ref_solvers import trees
 
 # float64 round-off on sums of at most V**H = 81 terms of size O(10) is ~1e-13; 1e-10 leaves room.
 TOL = dict(rtol=1e-10, atol=1e-10)
 
-betas = st.floats(0.1, 5.0)
-gammas = st.floats(0.3, 1.0)
+betas = beta_values(0.1, 5.0)
+gammas = gamma_values(0.3)
 
 # --------------------------------------------------------------------------------------------------
 # Tree structure helpers
@@ -133,9 +134,8 @@ def test_zero_reward_solution_is_the_reference():
 # --------------------------------------------------------------------------------------------------
 
 
-@given(num_arms=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), beta=betas)
-def test_bandit_closed_form_equals_one_level_tree(num_arms, seed, beta):
-    bandit = random_bandit(num_arms, generator=torch.Generator().manual_seed(seed))
+@given(bandit=bandits(), beta=betas)
+def test_bandit_closed_form_equals_one_level_tree(bandit, beta):
     sol = solve_bandit(bandit.ref_logits, bandit.rewards, beta=beta)
     tree = TokenTree(ref_logits=[bandit.ref_logits[None]], rewards=[bandit.rewards[None]])
     tree_sol = solve_tree(tree, beta=beta)
@@ -150,11 +150,11 @@ def test_bandit_closed_form_equals_one_level_tree(num_arms, seed, beta):
     np.testing.assert_allclose(sol.policy.numpy(), weights / weights.sum(), rtol=1e-10, atol=1e-12)
 
 
-@given(num_arms=st.integers(2, 6), seed=st.integers(0, 2**31 - 1), beta=betas, scale=st.floats(0.01, 3.0))
-def test_bandit_regret_identity(num_arms, seed, beta, scale):
+@given(bandit=bandits(min_arms=2), beta=betas, seed=st.integers(0, 2**31 - 1), scale=st.floats(0.01, 3.0))
+def test_bandit_regret_identity(bandit, beta, seed, scale):
     """J(π*) − J(π) = β KL(π ‖ π*), J(π) = Σ_a π(a) r(a) − β KL(π ‖ π_ref)."""
     generator = torch.Generator().manual_seed(seed)
-    bandit = random_bandit(num_arms, generator=generator)
+    num_arms = bandit.num_arms
     sol = solve_bandit(bandit.ref_logits, bandit.rewards, beta=beta)
     log_ref = torch.log_softmax(bandit.ref_logits, -1)
 
@@ -224,7 +224,7 @@ def test_soft_value_is_sandwiched_by_the_shortest_path(name, start, steps, rewar
     assert deterministic - 1e-9 <= float(v[start]) <= hard + 1e-9
 
 
-@given(tree=trees(max_paths=27), beta=betas, gamma=st.floats(0.3, 0.95))
+@given(tree=trees(max_paths=27), beta=betas, gamma=gamma_values(0.3, 0.95))
 def test_soft_value_iteration_on_a_tree_equals_backward_induction(tree, beta, gamma):
     mdp = finite_mdp_from_tree(tree)
     q, v, policy = soft_value_iteration(mdp, beta=beta, gamma=gamma)

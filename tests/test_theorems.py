@@ -12,43 +12,18 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, RESIDUALS, logit_q_soft_value, token_stats
+from shiq_toy.losses import LOSSES, RESIDUALS, token_stats
 from shiq_toy.mdp import TokenTree, all_sequences, gather_levels, prefix_index, random_tree
 from shiq_toy.solvers import solve_tree
+from shiq_toy.testing.exact import fixed_point_logits, residuals_on_all_sequences
+from shiq_toy.testing.strategies import betas as beta_values
+from shiq_toy.testing.strategies import gammas as gamma_values
+from shiq_toy.testing.strategies import tree_logits, trees
 
-from .ref_solvers import trees
-
-betas = st.floats(0.1, 5.0)
-gammas = st.floats(0.3, 1.0)
+betas = beta_values(0.1, 5.0)
+gammas = gamma_values(0.3)
 # float64: residuals are sums of at most H = 4 terms of size O(|q*|/β · β) ≤ O(100); round-off ≪ 1e-9.
 ZERO = dict(rtol=0.0, atol=1e-9)
-
-
-def residuals_on_all_sequences(tree: TokenTree, logits: list[torch.Tensor], name: str, *, beta: float, gamma: float):
-    """(V**H, H) residual ``name`` of a tabular model on every sequence of the tree (all positions masked in)."""
-    tokens = all_sequences(tree.vocab_size, tree.horizon)  # (B, H)
-    model_logits = gather_levels(logits, tokens)  # (B, H, V)
-    ref_logits = gather_levels(tree.ref_logits, tokens)  # (B, H, V)
-    rewards = gather_levels(tree.rewards, tokens).gather(-1, tokens[..., None]).squeeze(-1)  # (B, H)
-    mask = torch.ones(tokens.shape, dtype=torch.bool)
-    extra = {}
-    if name in NEEDS_SOFT_VALUE:
-        extra["soft_value"] = logit_q_soft_value(model_logits, ref_logits, beta=beta)
-    return RESIDUALS[name](
-        token_stats(model_logits, tokens), token_stats(ref_logits, tokens), rewards, mask, beta=beta, gamma=gamma, **extra
-    )
-
-
-def fixed_point(tree: TokenTree, name: str, *, beta: float, gamma: float) -> list[torch.Tensor]:
-    """The logits at which residual ``name`` vanishes (spec §3 table), built from solve_tree's q*."""
-    q = solve_tree(tree, beta=beta, gamma=gamma).q
-    if name in ("shiq", "shiq_ms", "shiq_tk"):  # ℓ* = ℓ_ref + q*/β
-        return [ref + qh / beta for ref, qh in zip(tree.ref_logits, q)]
-    if name in ("shiq_init", "shifted_q"):  # ln π_ref + q*/β
-        return [torch.log_softmax(ref, -1) + qh / beta for ref, qh in zip(tree.ref_logits, q)]
-    if name == "logit_q":  # q*
-        return q
-    raise AssertionError(f"no fixed point listed for residual {name!r}")
 
 
 def _next(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +40,7 @@ def test_every_residual_vanishes_at_its_fixed_point(tree, beta, gamma):
     """Each row is one sequence, and each is 0 on its own: so the residuals vanish under any data distribution,
     on-policy or off-policy, with no importance weights."""
     for name in RESIDUALS:
-        logits = fixed_point(tree, name, beta=beta, gamma=gamma)
+        logits = fixed_point_logits(tree, name, beta=beta, gamma=gamma)
         residual = residuals_on_all_sequences(tree, logits, name, beta=beta, gamma=gamma)
         torch.testing.assert_close(residual, torch.zeros_like(residual), **ZERO, msg=lambda m: f"{name}: {m}")
 
@@ -75,7 +50,7 @@ def test_fixed_points_sample_pi_star_except_logit_q(tree, beta, gamma):
     """softmax(ℓ*) = softmax(ln π_ref + q*/β) = π*; softmax(q*) is not π* (logit_q needs π_ref and β)."""
     sol = solve_tree(tree, beta=beta, gamma=gamma)
     for name in ("shiq", "shiq_init"):
-        for h, logits in enumerate(fixed_point(tree, name, beta=beta, gamma=gamma)):
+        for h, logits in enumerate(fixed_point_logits(tree, name, beta=beta, gamma=gamma)):
             torch.testing.assert_close(torch.softmax(logits, -1), sol.policy[h], rtol=1e-10, atol=1e-12)
 
 
@@ -94,7 +69,7 @@ def test_fixed_points_cover_every_registered_residual():
     expected = {"shiq": 1.0, "shiq_ms": 1.0, "shiq_tk": 1.0, "shiq_init": 1.0 - math.log(2), "shifted_q": 1.0 - math.log(2), "logit_q": 1.0}
     assert set(RESIDUALS) == set(expected)
     for name in RESIDUALS:
-        (level,) = fixed_point(tree, name, beta=1.0, gamma=1.0)  # raises for a residual missing from the table
+        (level,) = fixed_point_logits(tree, name, beta=1.0, gamma=1.0)  # raises for a residual missing from the table
         torch.testing.assert_close(level, torch.full((1, 2), expected[name], dtype=torch.float64))
 
 
@@ -128,10 +103,10 @@ def logits_from_shiq_residual(tree: TokenTree, residual: torch.Tensor, *, beta: 
     return logits
 
 
-@given(tree=trees(), beta=betas, gamma=gammas, seed=st.integers(0, 2**31 - 1))
-def test_shiq_residual_determines_the_logits(tree, beta, gamma, seed):
-    generator = torch.Generator().manual_seed(seed)
-    logits = [3.0 * torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in tree.ref_logits]
+@given(tree=trees(), beta=betas, gamma=gammas, data=st.data())
+def test_shiq_residual_determines_the_logits(tree, beta, gamma, data):
+    """Logits near ℓ* and far from it are rebuilt from their shiq residual."""
+    logits = data.draw(tree_logits(tree, beta=beta, gamma=gamma))
     residual = residuals_on_all_sequences(tree, logits, "shiq", beta=beta, gamma=gamma)
     rebuilt = logits_from_shiq_residual(tree, residual, beta=beta, gamma=gamma)
     for h in range(tree.horizon):
@@ -175,8 +150,8 @@ def test_shiq_and_shiq_init_pin_different_shifts_of_the_same_policy(tree, beta, 
     vref = [torch.logsumexp(x, -1) for x in tree.ref_logits]  # (V**h,)
     tokens = all_sequences(tree.vocab_size, tree.horizon)
     beta_vref = beta * gather_levels(vref, tokens, vocab_size=tree.vocab_size)  # (B, H)
-    init_point = fixed_point(tree, "shiq_init", beta=beta, gamma=gamma)  # ln π_ref + q*/β
-    l_star = fixed_point(tree, "shiq", beta=beta, gamma=gamma)  # ℓ_ref + q*/β
+    init_point = fixed_point_logits(tree, "shiq_init", beta=beta, gamma=gamma)  # ln π_ref + q*/β
+    l_star = fixed_point_logits(tree, "shiq", beta=beta, gamma=gamma)  # ℓ_ref + q*/β
     at_init_point = residuals_on_all_sequences(tree, init_point, "shiq", beta=beta, gamma=gamma)
     at_l_star = residuals_on_all_sequences(tree, l_star, "shiq_init", beta=beta, gamma=gamma)
     torch.testing.assert_close(at_init_point, -beta_vref, rtol=1e-9, atol=1e-9)
@@ -188,11 +163,11 @@ def test_shiq_and_shiq_init_pin_different_shifts_of_the_same_policy(tree, beta, 
 # --------------------------------------------------------------------------------------------------
 
 
-@given(tree=trees(), beta=betas, gamma=gammas, seed=st.integers(0, 2**31 - 1))
-def test_telescoping_on_random_logits(tree, beta, gamma, seed):
-    """shiq_t − γ shiq_{t+1} = shiq_ms_t and shiq_init_t − γ shiq_init_{t+1} = shifted_q_t (0 after the end)."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = [2.0 * torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in tree.ref_logits]
+@given(tree=trees(), beta=betas, gamma=gammas, data=st.data())
+def test_telescoping_on_random_logits(tree, beta, gamma, data):
+    """shiq_t − γ shiq_{t+1} = shiq_ms_t and shiq_init_t − γ shiq_init_{t+1} = shifted_q_t (0 after the end),
+    on logits near the exact solution and far from it."""
+    logits = data.draw(tree_logits(tree, beta=beta, gamma=gamma))
     names = ("shiq", "shiq_ms", "shiq_init", "shifted_q")
     res = {name: residuals_on_all_sequences(tree, logits, name, beta=beta, gamma=gamma) for name in names}
     torch.testing.assert_close(res["shiq"] - gamma * _next(res["shiq"]), res["shiq_ms"], rtol=1e-9, atol=1e-9)

@@ -138,10 +138,10 @@ def main(args: ProxyArgs) -> list[dict]:
     from shiq_llm import synthetic
     from shiq_llm.cli_tasks import DemoConfig, demo_sweep_config
     from shiq_llm.experiments.sweep import run_sweep
-    from shiq_toy.experiments import num_threads, write_csv
+    from shiq_toy.experiments import num_threads, step_cap, write_csv
 
-    if args.quick:
-        args = dataclasses.replace(args, **QUICK)
+    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
+        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
     if not (args.bonus >= 0 and math.isfinite(args.bonus)):
         raise ValueError(f"bonus must be a finite number >= 0, got {args.bonus}")
     start = time.perf_counter()

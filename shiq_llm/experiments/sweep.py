@@ -15,7 +15,14 @@ the training options shared by every cell::
     train: {learning_rate: 1.0e-3, max_steps: 150, per_device_train_batch_size: 32}   # any ShiQConfig option
     evaluation: {num_samples: 16, max_new_tokens: 12, seed: 1}
 
-What it does (:func:`run_sweep`): the reference statistics are computed once, in ``OUT/reference`` (with DRO's
+Hub-scale sweeps (``recipes/``) add the adapter of the rows (``data_format``, ``data_format_options``), hub
+prompts (``eval_prompts: HuggingFaceH4/ultrafeedback_binarized``, ``eval_split: test_prefs[:500]``,
+``eval_format``), a reward model (``reward_model``) or a reward with options (``reward_options``), LoRA and
+dtype for every cell (``model_options``) and the evaluation's ``device`` / ``dtype`` (:class:`SweepConfig`).
+
+What it does (:func:`run_sweep`): the evaluation prompts are checked against the training data first (none
+may occur there: ``leak: error``, the default, refuses the sweep naming the counts; ``leak: warn`` logs them);
+the reference statistics are computed once, in ``OUT/reference`` (with DRO's
 prompt states when a method needs them), and shared by every cell; each cell trains with
 :func:`shiq_llm.run.train_run` into ``OUT/runs/<algo>_beta<β>_seed<s>`` (pair methods take half as many pairs
 as ``per_device_train_batch_size``, i.e. as many sequences) and is evaluated on the held-out prompts
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -39,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
-           "aggregate_over_seeds", "cell_name"]
+__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "RESULT_COLUMNS", "EVALUATION_KEYS",
+           "write_results", "plot_reward_vs_kl", "aggregate_over_seeds", "cell_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +77,41 @@ class SweepConfig:
     """Training seeds of the grid (data order, value head); the evaluation seed is ``evaluation.seed``."""
     data_format: str | None = None
     """Adapter of the training rows (``shiq_llm.adapters``), if they are not canonical."""
+    data_format_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of that adapter (e.g. ``{score: fine-grained_score}`` for ultrafeedback)."""
+    train_split: str = "train"
+    """Split of a hub dataset ``train_data`` (``shiq-llm train --dataset_train_split``)."""
     eval_prompts: str = "synthetic"
-    """Evaluation prompts, as ``shiq-llm evaluate --prompts``: 'synthetic', a .txt or a .jsonl/.json file."""
+    """Evaluation prompts, as ``shiq-llm evaluate --prompts``: 'synthetic', a .txt, a .jsonl/.json/.parquet file
+    or a hub dataset."""
     eval_split: str = "eval"
-    """Split of the synthetic prompts ('eval': held out from training)."""
-    reward: str = "synthetic"
-    """Reward of the evaluation: 'synthetic' or 'module:function', f(prompt, completion) -> float."""
+    """Split of the evaluation prompts ('eval' of the synthetic ones: held out from training; a hub split such as
+    'test' or 'test_prefs[:500]')."""
+    eval_format: str | None = None
+    """Adapter of the evaluation prompt rows (as ``shiq-llm evaluate --format``)."""
+    eval_format_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of that adapter."""
+    eval_prompt_field: str | None = None
+    """Field of the evaluation rows that holds the prompt (default 'prompt', else the messages of 'messages')."""
+    leak: str = "error"
+    """When evaluation prompts also occur in the training data: 'error' refuses the sweep (naming the counts and
+    an example) before anything trains, 'warn' logs the counts and goes on."""
+    reward: str | None = None
+    """Reward of the evaluation: 'synthetic' or 'module:function', f(prompt, completion) -> float (default
+    'synthetic' unless ``reward_model`` is given)."""
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to the ``reward`` callable (e.g. ``{answers: runs/bfcl/eval_rows.jsonl}`` for
+    ``shiq_llm.bfcl:first_step_reward``)."""
+    reward_model: str | None = None
+    """A sequence-classification reward model (hub name or path, one label) instead of ``reward``
+    (``shiq_llm.rewards.RewardModel``, on ``evaluation.device``)."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """``ModelArguments`` of every cell other than the model (dtype, use_peft, lora_r, …)."""
     train: dict[str, Any] = field(default_factory=dict)
     """``ShiQConfig`` options shared by every cell (learning_rate, max_steps, per_device_train_batch_size, …)."""
     evaluation: dict[str, Any] = field(default_factory=dict)
-    """Options of ``evaluate_policy``: num_samples, max_new_tokens, seed, batch_size."""
+    """Options of ``evaluate_policy`` (num_samples, max_new_tokens, seed, batch_size, chunk_size) and where it runs:
+    device ('auto': cuda when available), dtype (as ``shiq-llm evaluate --dtype``), reward_batch_size."""
 
 
 def load_sweep_config(path: str | Path, **overrides) -> SweepConfig:
@@ -106,8 +139,14 @@ def load_sweep_config(path: str | Path, **overrides) -> SweepConfig:
     return config
 
 
+#: Keys of a sweep file's ``evaluation`` mapping.
+EVALUATION_KEYS = {"num_samples", "max_new_tokens", "seed", "batch_size", "chunk_size", "device", "dtype",
+                   "reward_batch_size"}
+
+
 def _check(config: SweepConfig, where: str) -> None:
-    from shiq_llm.config import LLM_METHODS
+    from shiq_llm.config import LLM_METHODS, ModelArguments
+    from shiq_llm.prompts import LEAK_POLICIES
 
     bad = [a for a in config.algos if a not in LLM_METHODS]
     if not config.algos or bad:
@@ -119,6 +158,20 @@ def _check(config: SweepConfig, where: str) -> None:
     for key in ("output_dir", "loss_type", "beta", "seed", "ref_cache"):
         if key in config.train:
             raise ValueError(f"{where}: train.{key} is set by the sweep itself (out, algos, betas, seeds)")
+    if config.leak not in LEAK_POLICIES:
+        raise ValueError(f"{where}: leak must be one of {list(LEAK_POLICIES)}, got {config.leak!r}")
+    if config.reward is not None and config.reward_model is not None:
+        raise ValueError(f"{where}: give either reward or reward_model, not both")
+    if config.reward_options and config.reward in (None, "synthetic"):
+        raise ValueError(f"{where}: reward_options need a reward 'module:function'")
+    model_fields = {f.name for f in dataclasses.fields(ModelArguments)} - {"model_name_or_path"}
+    unknown = sorted(set(config.model_options) - model_fields)
+    if unknown:
+        raise ValueError(f"{where}: model_options.{unknown[0]} is not a model option; known: {', '.join(sorted(model_fields))}")
+    unknown = sorted(set(config.evaluation) - EVALUATION_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: evaluation.{unknown[0]} is not an evaluation option; known: "
+                         f"{', '.join(sorted(EVALUATION_KEYS))}")
 
 
 def cell_name(algo: str, beta: float, seed: int) -> str:
@@ -135,12 +188,11 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells are read
     back, not retrained. Raises RuntimeError after writing every output when some cell failed."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shiq_llm.cli_tasks import load_prompts, load_reward_fn
     from shiq_llm.config import DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.evaluate import evaluate_policy
-    from shiq_llm.models import resolve_model_source
+    from shiq_llm.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from shiq_llm.rewards import RewardFunction, load_reward
     from shiq_llm.run import train_run
     from shiq_toy.methods import METHODS
 
@@ -148,14 +200,19 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    reward_fn = load_reward_fn(config.reward)
-    prompts = load_prompts(config.eval_prompts, split=config.eval_split)
-    source = resolve_model_source(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source, kind="tokenizer"))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    ref = AutoModelForCausalLM.from_pretrained(source).eval()
+    prompts = check_sweep_held_out(config)
     eval_options = {"num_samples": 16, "max_new_tokens": 16, "seed": 1, **config.evaluation}
+    device = resolve_device(eval_options.pop("device", "auto"))
+    dtype = resolve_dtype(eval_options.pop("dtype", "auto"), device)
+    reward_fn = load_reward(config.reward or (None if config.reward_model else "synthetic"), config.reward_model,
+                            device=device, dtype=str(dtype).removeprefix("torch."),
+                            batch_size=eval_options.pop("reward_batch_size", 16))
+    if config.reward_options:
+        bound = functools.partial(reward_fn.fn, **config.reward_options)
+        bound.batched = reward_fn.batched
+        reward_fn = RewardFunction(bound, name=reward_fn.name)
+    tokenizer = load_tokenizer(config.model)
+    ref = load_causal_lm(config.model, device=device, dtype=dtype)
 
     def evaluate(policy) -> dict:
         return evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, **eval_options)
@@ -190,11 +247,15 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
             args = ShiQConfig(output_dir=str(run_dir), loss_type=algo, beta=beta, seed=seed,
                               ref_cache=str(out / "reference"), overwrite_output_dir=True, disable_tqdm=True,
                               **options)
-            run = train_run(ModelArguments(model_name_or_path=config.model),
-                            DataArguments(dataset_name=config.train_data, data_format=config.data_format), args)
+            run = train_run(ModelArguments(model_name_or_path=config.model, **config.model_options),
+                            DataArguments(dataset_name=config.train_data, data_format=config.data_format,
+                                          data_format_options=config.data_format_options or None,
+                                          dataset_train_split=config.train_split), args,
+                            quiet=True)
             seconds = time.perf_counter() - tick
-            policy = AutoModelForCausalLM.from_pretrained(run.final_dir).eval()
+            policy = load_causal_lm(str(run.final_dir), device=device, dtype=dtype)
             row = {"algo": algo, "beta": beta, "seed": seed, **evaluate(policy), "train_seconds": seconds}
+            del policy
         except Exception as error:  # noqa: BLE001 — a failed cell is reported, the others go on
             failures.append(f"{name}: {type(error).__name__}: {error}")
             log(f"sweep: cell {name} failed: {type(error).__name__}: {error}")
@@ -210,6 +271,21 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(cells)} sweep cells failed: " + "; ".join(failures))
     return results
+
+
+def check_sweep_held_out(config: SweepConfig) -> list:
+    """The sweep's evaluation prompts, checked against the prompts of its training data
+    (``shiq_llm.prompts.check_held_out``): ValueError with the counts and an example when any occurs there and
+    ``config.leak == "error"``, a warning with them when ``"warn"``."""
+    from shiq_llm.prompts import check_held_out, load_prompts
+
+    prompts = load_prompts(config.eval_prompts, split=config.eval_split, prompt_field=config.eval_prompt_field,
+                           format=config.eval_format, format_options=config.eval_format_options or None)
+    train = load_prompts(config.train_data, split=config.train_split, format=config.data_format,
+                         format_options=config.data_format_options or None, default_split="train")
+    check_held_out(prompts, train, on_leak=config.leak, where="sweep evaluation",
+                   advice="evaluate on held-out prompts (another eval_prompts or eval_split), or set leak: warn")
+    return prompts
 
 
 def write_results(results: Sequence[dict], path: Path) -> Path:

@@ -25,7 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band"]
+__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band",
+           "STEP_CAP_ENV", "step_cap"]
+
+#: Environment variable that caps every step count of the commands (``tests/test_readme.py`` sets it to run
+#: each README command as written, flags and paths unchanged, in seconds). Unset in normal use.
+STEP_CAP_ENV = "SHIQ_STEP_CAP"
+
+
+def step_cap(steps: int) -> int:
+    """``steps``, or ``min(steps, $SHIQ_STEP_CAP)`` when that variable is set (see :data:`STEP_CAP_ENV`)."""
+    import os
+
+    cap = os.environ.get(STEP_CAP_ENV)
+    return min(steps, int(cap)) if cap else steps
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -66,12 +79,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[s
 
 
 def args_from_namespace(cls: type, namespace: argparse.Namespace):
-    """Build the dataclass from parsed options (tuples restored from argparse lists)."""
+    """Build the dataclass from parsed options (tuples restored from argparse lists; fields named ``*steps``
+    through :func:`step_cap`)."""
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         value = getattr(namespace, f.name)
         values[f.name] = tuple(value) if typing.get_origin(hints[f.name]) is tuple else value
+        if f.name.endswith("steps") and isinstance(value, int):
+            values[f.name] = step_cap(value)
     return cls(**values)
 
 

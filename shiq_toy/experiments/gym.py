@@ -43,7 +43,7 @@ import torch
 
 from shiq_toy.episode_train import StateMLP, StateTable, train_episodes
 from shiq_toy.episodes import EPISODE_METHODS, sample_episodes
-from shiq_toy.experiments import num_threads, write_csv, write_summary
+from shiq_toy.experiments import num_threads, step_cap, write_csv, write_summary
 from shiq_toy.mdp import FiniteMDP, finite_mdp_from_gym, gridworld
 from shiq_toy.metrics import mdp_occupancy, mdp_regret
 from shiq_toy.solvers import soft_value_iteration
@@ -312,8 +312,8 @@ def plot(rows: list[Row], args: GymArgs, path: Path) -> None:
 
 def main(args: GymArgs) -> dict:
     """Run the experiment, write gym.csv, gym.png and gym_summary.json into ``args.out``; returns the summary."""
-    if args.quick:
-        args = dataclasses.replace(args, **QUICK)
+    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
+        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
     start = time.perf_counter()
     with num_threads(args.threads):
         rows = run(args)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from shiq_toy.data import exhaustive_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, write_csv, write_summary
+from shiq_toy.experiments import num_threads, step_cap, write_csv, write_summary
 from shiq_toy.mdp import TokenTree, random_tree
 from shiq_toy.metrics import expected, expected_kl, regret, state_distribution
 from shiq_toy.solvers import solve_tree
@@ -282,8 +282,8 @@ def plot(output: dict, args: MisspecifiedArgs, path: Path) -> None:
 
 def main(args: MisspecifiedArgs) -> dict:
     """Run the experiment, write misspecified.csv, .png and misspecified_summary.json; returns the summary."""
-    if args.quick:
-        args = dataclasses.replace(args, **QUICK)
+    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
+        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
     start = time.perf_counter()
     with num_threads(args.threads):
         output = run(args)

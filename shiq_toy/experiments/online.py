@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from shiq_toy.data import Dataset, on_policy_sampler, path_probability, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, plot_band, write_csv, write_summary
+from shiq_toy.experiments import num_threads, step_cap, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.mdp import TokenTree, all_sequences, random_tree
 from shiq_toy.metrics import expected_kl, regret
@@ -239,8 +239,8 @@ def plot(output: dict, args: OnlineArgs, path: Path) -> None:
 
 def main(args: OnlineArgs) -> dict:
     """Run the experiment, write online.csv, online.png and online_summary.json; returns the summary."""
-    if args.quick:
-        args = dataclasses.replace(args, **QUICK)
+    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
+        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
     start = time.perf_counter()
     with num_threads(args.threads):
         output = run(args)
