@@ -34,6 +34,7 @@ __all__ = [
     "EMBEDDED_SWEEP",
     "load_prompts",
     "load_reward_fn",
+    "quiet_libraries",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ class DemoConfig:
         return cls(**{**values, **overrides})
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence per-run chatter (dataset save bars, weight-loading bars, trainer INFO logs) under the demo's bar."""
     import datasets
     import transformers
@@ -138,7 +139,7 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
         raise ValueError(f"betas must be finite numbers > 0, got {list(config.betas)}")
     if config.batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (pair methods train on batch_size // 2 pairs), got {config.batch_size}")
-    _quiet_libraries()
+    quiet_libraries()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.data is None:
@@ -285,7 +286,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from shiq_llm.experiments.sweep import load_sweep_config, run_sweep
 
     config = load_sweep_config(args.config, out=getattr(args, "out", None))
-    _quiet_libraries()
+    quiet_libraries()
     with num_threads(args.threads):
         try:
             run_sweep(config, progress=not args.no_progress)
