@@ -29,9 +29,15 @@ EXPERIMENTS = {
 
 
 def _run(args: argparse.Namespace) -> int:
+    from shiq_llm.experiments.sweep import SweepError
+
     module = importlib.import_module(EXPERIMENTS[args.experiment][0])
     cls = getattr(module, EXPERIMENTS[args.experiment][1])
-    module.main(args_from_namespace(cls, args, module.QUICK if args.quick else cls()))
+    try:
+        module.main(args_from_namespace(cls, args, module.QUICK if args.quick else cls()))
+    except SweepError as error:  # every output of the finished cells is written; the failed cells are named
+        print(f"shiq-llm experiment {args.experiment}: {error}")
+        return 1
     return 0
 
 

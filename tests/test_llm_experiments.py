@@ -295,3 +295,24 @@ def test_ablation_smoke_on_both_tasks(multiturn_run, tmp_path):
     assert "| single_turn | 0.3 | shiq_init |" in (tmp_path / "ablation_table.md").read_text()
     assert set(summary["seconds_per_task"]) == {"single_turn", "multi_turn"}
     assert not (tmp_path / "data_multi_turn").exists()  # --multi-data was used as is
+
+
+def test_a_failed_cell_is_named_and_the_others_are_still_reported(multiturn_run, tmp_path, capsys):
+    """Rows whose rewards are all equal give DPO no preference pair: its cell fails, the command says which and
+    exits with status 1, and the CSV, figure and table of the other cells are written."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(multiturn_run[0] / "data" / "reference", data / "reference")
+    shutil.copy(multiturn_run[0] / "data" / "eval_prompts.jsonl", data / "eval_prompts.jsonl")
+    rows = [json.loads(x) for x in (multiturn_run[0] / "data" / "train.jsonl").read_text().splitlines()]
+    (data / "train.jsonl").write_text("".join(json.dumps({**r, "rewards": [0.0, 0.0, 0.0]}) + "\n" for r in rows))
+    out = tmp_path / "out"
+    status = cli_main(["experiment", "multiturn", "--out", str(out), "--data", str(data), "--methods", "shiq", "dpo", "--betas", "0.1",
+                       "--seeds", "1", "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-prompts", "2",
+                       "--eval-samples", "1", "--no-progress"])
+    assert status == 1
+    printed = capsys.readouterr().out
+    assert "1 of 2 sweep cells failed: dpo_beta0.1_seed0: ValueError: no usable pair" in printed, printed[-3000:]
+    assert {r["method"] for r in read_csv(out / "multiturn.csv")} == {"shiq"}
+    assert (out / "multiturn.png").is_file() and "| 0.1 | shiq |" in (out / "multiturn_table.md").read_text()

@@ -96,10 +96,12 @@ class AblationArgs:
     """show a progress bar over each sweep's cells"""
 
 
-#: ``--quick``: both tasks, every method, 2 seeds, one β, short runs on smaller data (about 2 minutes on one core).
+#: ``--quick``: both tasks, every method, 2 seeds, one β, 20 short steps on smaller data sets (the same multi-turn
+#: reference, a shorter single-turn one): a check that the whole pipeline runs, in about two minutes of one CPU core;
+#: too little training to rank the methods.
 QUICK = AblationArgs(betas=(0.1,), seeds=2, steps=20, batch_size=16, log_every=2, eval_every=10, single_eval_samples=4,
                      multi_eval_prompts=16, multi_eval_samples=2, single_ref_steps=300, completions_per_prompt=4,
-                     multi_ref_steps=250, train_prompts=48, samples_per_prompt=4)
+                     train_prompts=48, samples_per_prompt=4)
 
 
 def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, completions_per_prompt: int,
@@ -168,19 +170,22 @@ def _sweep(task: str, args: AblationArgs, out: Path):
 def main(args: AblationArgs) -> dict:
     """Run the ablation (module docstring); returns the summary also written to ``ablation_summary.json``."""
     from shiq_llm.cli_tasks import quiet_libraries
-    from shiq_llm.experiments.sweep import curve_rows, run_sweep, write_curves
+    from shiq_llm.experiments.sweep import SweepError, curve_rows, run_sweep, write_curves
 
     _check(args)
     start = time.perf_counter()
     quiet_libraries()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, references, seconds = [], {}, {}
+    rows, references, seconds, failed = [], {}, {}, None
     with num_threads(args.threads):
         for task in (t for t in TASKS if t in args.tasks):
             tick = time.perf_counter()
             config = _sweep(task, args, out)
-            results = run_sweep(config, progress=args.progress)
+            try:
+                results = run_sweep(config, progress=args.progress)
+            except SweepError as error:  # the finished cells are still reported; the failure is raised at the end
+                results, failed = error.results, error
             references[task] = next(r for r in results if r["algo"] == "reference")
             rows += [{"task": task, **r} for r in curve_rows(results, config.out)]
             seconds[task] = time.perf_counter() - tick
@@ -191,7 +196,10 @@ def main(args: AblationArgs) -> dict:
     total = time.perf_counter() - start
     print(tables["markdown"])
     print(f"{out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'ablation_table.md'}; {total:.0f} s")
-    return write_summary(out / "ablation_summary.json", args, {**tables, "seconds": total, "seconds_per_task": seconds})
+    summary = write_summary(out / "ablation_summary.json", args, {**tables, "seconds": total, "seconds_per_task": seconds})
+    if failed is not None:
+        raise failed
+    return summary
 
 
 def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:

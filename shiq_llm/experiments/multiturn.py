@@ -90,9 +90,10 @@ class MultiturnArgs:
     """show a progress bar over the sweep's cells"""
 
 
-#: ``--quick``: every method, 2 seeds, one β, short runs on a smaller data set (about 2 minutes on one CPU core).
+#: ``--quick``: every method, 2 seeds, one β, 20 short steps on a smaller data set (the same reference): a check that
+#: the whole pipeline runs, in about a minute of one CPU core; too little training to rank the methods.
 QUICK = MultiturnArgs(betas=(0.1,), seeds=2, steps=20, batch_size=16, log_every=2, eval_every=10, eval_prompts=16,
-                      eval_samples=2, train_prompts=48, samples_per_prompt=4, ref_steps=250)
+                      eval_samples=2, train_prompts=48, samples_per_prompt=4)
 
 
 def final_reward_rows(rows: list[dict]) -> list[dict]:
@@ -169,7 +170,7 @@ def write_eval_prompts(data: Path, count: int, path: Path) -> list[str]:
 def main(args: MultiturnArgs) -> dict:
     """Run the experiment (module docstring); returns the summary also written to ``multiturn_summary.json``."""
     from shiq_llm.cli_tasks import quiet_libraries
-    from shiq_llm.experiments.sweep import SweepConfig, curve_rows, run_sweep, write_curves
+    from shiq_llm.experiments.sweep import SweepConfig, SweepError, curve_rows, run_sweep, write_curves
     from shiq_llm.synthetic import write_jsonl
 
     _check(args)
@@ -193,7 +194,10 @@ def main(args: MultiturnArgs) -> dict:
             evaluator="dialogues", eval_every=args.eval_every,
             train=train_options(lr=args.lr, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every),
             evaluation={"num_samples": args.eval_samples, "max_new_tokens": args.max_new_tokens, "seed": 1000 + args.seed})
-        results = run_sweep(config, progress=args.progress)
+        try:
+            results, failed = run_sweep(config, progress=args.progress), None
+        except SweepError as error:  # the finished cells are still reported; the failure is raised at the end
+            results, failed = error.results, error
     rows = curve_rows(results, config.out)
     write_curves(rows, out / "multiturn.csv")
     reference = next(r for r in results if r["algo"] == "reference")
@@ -203,8 +207,11 @@ def main(args: MultiturnArgs) -> dict:
     seconds = time.perf_counter() - start
     print(tables["markdown"])
     print(f"{out / 'multiturn.csv'}, {out / 'multiturn.png'}, {out / 'multiturn_table.md'}; {seconds:.0f} s")
-    return write_summary(out / "multiturn_summary.json", args, {**tables, "seconds": seconds,
-                                                                 "cells": len(results) - 1})
+    summary = write_summary(out / "multiturn_summary.json", args, {**tables, "seconds": seconds,
+                                                                    "cells": len(results) - 1})
+    if failed is not None:
+        raise failed
+    return summary
 
 
 def _turns(reference: dict) -> int:

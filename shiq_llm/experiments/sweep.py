@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
-           "aggregate_over_seeds", "cell_name", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
+           "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
            "TRAIN_LOG_KEYS"]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,14 @@ RESULT_COLUMNS = (
 
 #: Keys of ``metrics.jsonl`` records (``shiq_llm.metrics``) that :func:`curve_rows` carries into ``curves.csv``.
 TRAIN_LOG_KEYS = ("loss", "abs_residual", "kl_estimate", "nll", "implicit_value")
+
+
+class SweepError(RuntimeError):
+    """Some cells of a sweep failed (the message names them); ``results`` holds the rows of the others."""
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
 
 
 @dataclass(frozen=True)
@@ -232,7 +240,8 @@ def _write_json_atomically(path: Path, value: dict) -> None:
 
 def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
     """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells are read
-    back, not retrained. Raises RuntimeError after writing every output when some cell failed."""
+    back, not retrained. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
+    writing every output when some cell failed."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -336,7 +345,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
                             f"{len(config.seeds)} seed(s)")
     log(_summary(results, time.perf_counter() - started, out))
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(cells)} sweep cells failed: " + "; ".join(failures))
+        raise SweepError(f"{len(failures)} of {len(cells)} sweep cells failed: " + "; ".join(failures), results)
     return results
 
 
