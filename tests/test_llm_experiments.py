@@ -308,9 +308,9 @@ def test_a_failed_cell_is_named_and_the_others_are_still_reported(multiturn_run,
     rows = [json.loads(x) for x in (multiturn_run[0] / "data" / "train.jsonl").read_text().splitlines()]
     (data / "train.jsonl").write_text("".join(json.dumps({**r, "rewards": [0.0, 0.0, 0.0]}) + "\n" for r in rows))
     out = tmp_path / "out"
-    status = cli_main(["experiment", "multiturn", "--out", str(out), "--data", str(data), "--methods", "shiq", "dpo", "--betas", "0.1",
-                       "--seeds", "1", "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-prompts", "2",
-                       "--eval-samples", "1", "--no-progress"])
+    status = cli_main(["experiment", "multiturn", "--out", str(out), "--data", str(data), "--methods", "shiq", "dpo",
+                       "--betas", "0.1", "--seeds", "1", "--steps", "2", "--batch-size", "4", "--eval-every", "0",
+                       "--eval-prompts", "2", "--eval-samples", "1", "--no-progress"])
     assert status == 1
     printed = capsys.readouterr().out
     assert "1 of 2 sweep cells failed: dpo_beta0.1_seed0: ValueError: no usable pair" in printed, printed[-3000:]

@@ -95,17 +95,23 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
 
 
 def plot_tradeoff(ax, summary: Sequence[dict], *, x: str, y: str, colors: dict[str, str], reference: dict | None = None,
-                  label_beta: bool = True, symlog: bool = True) -> None:
+                  label_beta: bool = True, symlog: bool = True, nonnegative: bool = True) -> None:
     """``y`` against ``x`` per method through its β values (mean over seeds, 95 % intervals as error bars, each point
     labelled with its β) from :func:`summarise` rows grouped by (method, beta); ``reference`` (a row with ``x`` and
-    ``y``) as a black star and a dashed line; ``symlog``: the x axis linear below 0.1, logarithmic above."""
+    ``y``) as a black star and a dashed line; ``symlog``: the x axis linear below 0.1, logarithmic above;
+    ``nonnegative``: the intervals drawn are cut at 0 (KL and rewards are never negative; the tables keep the
+    symmetric t-intervals)."""
     for method, color in colors.items():
         line = sorted((r for r in summary if r["method"] == method and y in r and x in r), key=lambda r: -r["beta"])
         if not line:
             continue
-        ax.errorbar([r[x] for r in line], [r[y] for r in line], xerr=[_finite(r.get(f"{x}_ci")) for r in line],
-                    yerr=[_finite(r.get(f"{y}_ci")) for r in line], marker="o", ms=4, color=color, capsize=2, lw=1.2,
-                    label=method)
+        xs, ys = [r[x] for r in line], [r[y] for r in line]
+        xerr = [_finite(r.get(f"{x}_ci")) for r in line]
+        yerr = [_finite(r.get(f"{y}_ci")) for r in line]
+        if nonnegative:  # [max(0, mean − h), mean + h]: the quantities plotted are never negative
+            xerr = [[min(h, v) for h, v in zip(xerr, xs)], xerr]
+            yerr = [[min(h, v) for h, v in zip(yerr, ys)], yerr]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, color=color, capsize=2, lw=1.2, label=method)
         if label_beta:
             for r in line:
                 ax.annotate(f"{r['beta']:g}", (r[x], r[y]), textcoords="offset points", xytext=(3, 3), fontsize=6,
