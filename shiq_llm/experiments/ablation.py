@@ -22,7 +22,8 @@ Writes, in ``args.out``:
 - ``ablation.png``: per task, training loss (log scale), reward and KL against steps at one β (mean and 95 %
   interval over seeds), and the final reward against KL per β;
 - ``ablation_table.md`` (initial loss, final reward and KL per task, method and β with 95 % intervals, and
-  ShiQ's differences with Welch intervals) and ``ablation_summary.json`` (the same, the arguments, the run time).
+  ShiQ's differences with Welch intervals) and ``ablation_summary.json`` (the same, the arguments, the run time of
+  this call per task — a re-run skips the finished cells — and the wall time of training and evaluating the cells).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def main(args: AblationArgs) -> dict:
     quiet_libraries()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, references, seconds, failed = [], {}, {}, None
+    rows, references, seconds, cell_seconds, failed = [], {}, {}, {}, None
     with num_threads(args.threads):
         for task in (t for t in TASKS if t in args.tasks):
             tick = time.perf_counter()
@@ -189,6 +190,7 @@ def main(args: AblationArgs) -> dict:
             references[task] = next(r for r in results if r["algo"] == "reference")
             rows += [{"task": task, **r} for r in curve_rows(results, config.out)]
             seconds[task] = time.perf_counter() - tick
+            cell_seconds[task] = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in results)
     write_curves(rows, out / "ablation.csv", first=("task", "method", "algo", "beta", "seed", "step"))
     plot(rows, references, args, out / "ablation.png")
     tables = tables_of(rows, references, args)
@@ -196,7 +198,8 @@ def main(args: AblationArgs) -> dict:
     total = time.perf_counter() - start
     print(tables["markdown"])
     print(f"{out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'ablation_table.md'}; {total:.0f} s")
-    summary = write_summary(out / "ablation_summary.json", args, {**tables, "seconds": total, "seconds_per_task": seconds})
+    summary = write_summary(out / "ablation_summary.json", args, {**tables, "seconds": total, "seconds_per_task": seconds,
+                                                                  "cell_seconds_per_task": cell_seconds})
     if failed is not None:
         raise failed
     return summary

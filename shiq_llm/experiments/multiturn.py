@@ -23,7 +23,8 @@ Writes, in ``args.out``:
 - ``multiturn.png``: episode reward, episode success and each turn's reward against KL (mean over seeds and
   95 % intervals, one line per method through its β values), and episode reward over training steps;
 - ``multiturn_table.md``: the final numbers per β with 95 % intervals, and ShiQ's differences with Welch
-  intervals; ``multiturn_summary.json``: the same, the arguments and the run time.
+  intervals; ``multiturn_summary.json``: the same, the arguments, the run time of this call (``seconds``; a re-run
+  skips the finished cells) and the wall time of training and evaluating every cell (``cell_seconds``).
 """
 
 from __future__ import annotations
@@ -207,8 +208,10 @@ def main(args: MultiturnArgs) -> dict:
     seconds = time.perf_counter() - start
     print(tables["markdown"])
     print(f"{out / 'multiturn.csv'}, {out / 'multiturn.png'}, {out / 'multiturn_table.md'}; {seconds:.0f} s")
+    cell_seconds = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in results)
     summary = write_summary(out / "multiturn_summary.json", args, {**tables, "seconds": seconds,
-                                                                    "cells": len(results) - 1})
+                                                                    "cells": len(results) - 1,
+                                                                    "cell_seconds": cell_seconds})
     if failed is not None:
         raise failed
     return summary
