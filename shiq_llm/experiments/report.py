@@ -126,10 +126,11 @@ def plot_tradeoff(ax, summary: Sequence[dict], *, x: str, y: str, colors: dict[s
     ax.grid(alpha=0.3)
 
 
-def plot_steps(ax, summary: Sequence[dict], key: str, *, colors: dict[str, str], beta: float, log: bool = False) -> None:
+def plot_steps(ax, summary: Sequence[dict], key: str, *, colors: dict[str, str], beta: float, log: bool = False,
+               nonnegative: bool = True) -> None:
     """``key`` against the training step per method at ``beta``: the mean over seeds and its 95 % interval as a
     band, from :func:`summarise` rows grouped by (method, beta, step). ``log``: a log y axis, cut a third below the
-    smallest mean (the lower end of a wide interval is then off the axis)."""
+    smallest mean (the lower end of a wide interval is then off the axis); ``nonnegative``: the band is cut at 0."""
     means: list[float] = []
     for method, color in colors.items():
         points = sorted((r for r in summary if r["method"] == method and r["beta"] == beta and key in r),
@@ -141,7 +142,9 @@ def plot_steps(ax, summary: Sequence[dict], key: str, *, colors: dict[str, str],
         half = [_finite(r.get(f"{key}_ci")) for r in points]
         ax.plot(steps, mean, color=color, lw=1.4, marker="o" if len(points) < 12 else None, ms=3, label=method)
         low = [m - h for m, h in zip(mean, half)]
-        if log:  # an interval reaching 0 or below runs off the bottom of the log axis
+        if nonnegative:
+            low = [max(v, 0.0) for v in low]
+        if log:  # an interval reaching 0 runs off the bottom of the log axis
             low = [max(v, 1e-3 * m) for v, m in zip(low, mean)]
         ax.fill_between(steps, low, [m + h for m, h in zip(mean, half)], color=color, alpha=0.15, lw=0)
         means += mean
