@@ -153,8 +153,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 def train_options(*, lr: float, steps: int, batch_size: int, log_every: int) -> dict:
     """The ``ShiQConfig`` options of every run of the LLM experiments (the demo's: AdamW with linear decay, gradient
     norm clipped at 1), logging every ``log_every`` steps and at step 1 (the initial loss)."""
-    return {"learning_rate": lr, "lr_scheduler_type": "linear", "max_steps": steps, "per_device_train_batch_size": batch_size,
-            "max_grad_norm": 1.0, "logging_steps": log_every, "logging_first_step": True}
+    return {"learning_rate": lr, "lr_scheduler_type": "linear", "max_steps": steps,
+            "per_device_train_batch_size": batch_size, "max_grad_norm": 1.0, "logging_steps": log_every,
+            "logging_first_step": True}
 
 
 def write_eval_prompts(data: Path, count: int, path: Path) -> list[str]:

@@ -312,7 +312,9 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
         if METHODS[method.algo].consumes == "pairs":
             options["per_device_train_batch_size"] = max(1, options["per_device_train_batch_size"] // 2)
         try:
-            curve = EvaluateEvery(config.eval_every, lambda policy, s=seed: evaluate(policy, s)) if config.eval_every else None
+            curve = None
+            if config.eval_every:
+                curve = EvaluateEvery(config.eval_every, lambda policy, s=seed: evaluate(policy, s))
             args = ShiQConfig(output_dir=str(run_dir), loss_type=method.algo, beta=beta, seed=seed,
                               ref_cache=str(caches[method.train_data, method.data_format]), overwrite_output_dir=True,
                               disable_tqdm=True, **options)
@@ -366,7 +368,8 @@ def curve_rows(results: Sequence[dict], out: str | Path) -> list[dict]:
     cell's ``curve``, else its final result at its last step; the reference's evaluation at step 0, where the
     policy is the reference). Sorted by cell, then step; a key not measured at a step is absent."""
     reference = next((r for r in results if r["algo"] == "reference"), None)
-    measured = [k for k in (reference or {}) if k not in ("method", "algo", "beta", "seed", "train_seconds", "eval_seconds", "curve")]
+    not_measured = ("method", "algo", "beta", "seed", "train_seconds", "eval_seconds", "steps", "curve")
+    measured = [k for k in (reference or {}) if k not in not_measured]
     rows = []
     for r in results:
         if r["algo"] == "reference":

@@ -127,7 +127,7 @@ def difference_ci(a: Iterable[float], b: Iterable[float], *, level: float = 0.95
 
         d ± t_{(1+level)/2, ν} · √(s_a²/n_a + s_b²/n_b),   ν = (s_a²/n_a + s_b²/n_b)² / Σ_g (s_g²/n_g)² / (n_g − 1)
 
-    (Welch–Satterthwaite degrees of freedom). The difference is significant at ``level`` when the interval
+    (Welch–Satterthwaite degrees of freedom; d = mean(a) − mean(b)). The difference is significant at ``level`` when the interval
     excludes 0. Needs at least 2 runs per group; NaN half-width when both groups have zero spread.
     """
     from scipy.stats import t
