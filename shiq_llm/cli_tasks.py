@@ -305,7 +305,9 @@ def _register_sweep(subparsers) -> None:
         description="Train every (algo, beta, seed) of a sweep file with ShiQTrainer (the reference statistics "
         "computed once and shared), evaluate each on the held-out prompts (mean reward of its samples, exact and "
         "Monte-Carlo KL to the reference), and write OUT/results.csv (columns " + ",".join(RESULT_COLUMNS) +
-        ", plus the reference) and OUT/reward_vs_kl.png (mean over seeds with error bars, one curve per method). "
+        ", plus the reference; with 'evaluator: dialogues' the multi-turn task's per-turn columns too), "
+        "OUT/curves.csv (the training log and the evaluations per cell and step; 'eval_every' evaluates during "
+        "training) and OUT/reward_vs_kl.png (mean over seeds with error bars, one curve per method). "
         "Re-running skips finished cells; a failed cell is reported and the others go on. The file's keys are "
         "documented in shiq_llm.experiments.sweep (example: shiq_llm/experiments/embedded_sweep.yaml).")
     sweep.add_argument("--config", required=True, default=argparse.SUPPRESS, help="the sweep file (YAML)")
