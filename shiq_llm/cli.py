@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_tasks.register(subparsers)
     importlib.import_module("shiq_llm.cli_multiturn").register(subparsers)
     importlib.import_module("shiq_llm.cli_generate").register(subparsers)
+    importlib.import_module("shiq_llm.cli_experiments").register(subparsers)
     return parser
 
 

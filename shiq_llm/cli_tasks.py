@@ -34,6 +34,7 @@ __all__ = [
     "EMBEDDED_SWEEP",
     "load_prompts",
     "load_reward_fn",
+    "quiet_libraries",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ class DemoConfig:
         return cls(**{**values, **overrides})
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Silence per-run chatter (dataset save bars, weight-loading bars, trainer INFO logs) under the demo's bar."""
     import datasets
     import transformers
@@ -138,7 +139,7 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
         raise ValueError(f"betas must be finite numbers > 0, got {list(config.betas)}")
     if config.batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (pair methods train on batch_size // 2 pairs), got {config.batch_size}")
-    _quiet_libraries()
+    quiet_libraries()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.data is None:
@@ -295,7 +296,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from shiq_llm.experiments.sweep import load_sweep_config, run_sweep
 
     config = load_sweep_config(args.config, out=getattr(args, "out", None))
-    _quiet_libraries()
+    quiet_libraries()
     with num_threads(args.threads):
         try:
             run_sweep(config, progress=not args.no_progress)
@@ -314,7 +315,9 @@ def _register_sweep(subparsers) -> None:
         description="Train every (algo, beta, seed) of a sweep file with ShiQTrainer (the reference statistics "
         "computed once and shared), evaluate each on the held-out prompts (mean reward of its samples, exact and "
         "Monte-Carlo KL to the reference), and write OUT/results.csv (columns " + ",".join(RESULT_COLUMNS) +
-        ", plus the reference) and OUT/reward_vs_kl.png (mean over seeds with error bars, one curve per method). "
+        ", plus the reference; with 'evaluator: dialogues' the multi-turn task's per-turn columns too), "
+        "OUT/curves.csv (the training log and the evaluations per cell and step; 'eval_every' evaluates during "
+        "training) and OUT/reward_vs_kl.png (mean over seeds with error bars, one curve per method). "
         "Re-running skips finished cells; a failed cell is reported and the others go on. The file's keys are "
         "documented in shiq_llm.experiments.sweep (example: shiq_llm/experiments/embedded_sweep.yaml).")
     sweep.add_argument("--config", required=True, default=argparse.SUPPRESS, help="the sweep file (YAML)")

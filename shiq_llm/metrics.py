@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -40,7 +41,7 @@ from transformers import TrainerCallback
 from shiq_toy.losses import TokenStats, log_ratio
 from shiq_toy.methods import METHODS
 
-__all__ = ["batch_metrics", "peak_memory_mib", "MetricsFileCallback"]
+__all__ = ["batch_metrics", "peak_memory_mib", "MetricsFileCallback", "EvaluateEvery"]
 
 
 def _first_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -109,3 +110,27 @@ class MetricsFileCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class EvaluateEvery(TrainerCallback):
+    """Evaluate the policy every ``every`` optimizer steps during training, not at the last step (the final model
+    is evaluated after training): ``points`` collects ``{"step": s, **evaluate(model)}`` and ``seconds`` the time
+    spent. ``evaluate`` must leave the global RNG as it found it (the samplers of ``shiq_llm.sampling`` do), so
+    that the run trains exactly as it would without the callback."""
+
+    def __init__(self, every: int, evaluate: Callable[[Any], dict]):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.every, self.evaluate = every, evaluate
+        self.points: list[dict] = []
+        self.seconds = 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            tick = time.perf_counter()
+            training = model.training
+            model.eval()
+            self.points.append({"step": state.global_step, **self.evaluate(model)})
+            model.train(training)
+            self.seconds += time.perf_counter() - tick
+        return control

@@ -94,9 +94,14 @@ def check_eval_rows_held_out(eval_rows, train_rows, *, on_leak: str = "error") -
 
 
 def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQConfig, *, callbacks=None,
-              quiet: bool = False) -> TrainResult:
-    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are. ``quiet``: no log
-    records printed to the console (they still go to metrics.jsonl and the trackers), as in a sweep."""
+              train_dataset=None, print_logs: bool = True) -> TrainResult:
+    """Train as ``shiq-llm train`` does (module docstring); returns where the outputs are.
+
+    ``callbacks``: more ``TrainerCallback``s. ``train_dataset``: rows, or examples already tokenised with this
+    model's tokenizer and ``args``' length options (``shiq_llm.data.tokenize_rows``), to train on instead of
+    loading ``data_args.dataset_name`` (a sweep tokenises its rows once for all its runs).
+    ``print_logs=False``: no log dict printed per logging step when ``disable_tqdm`` is set (they still go to
+    ``metrics.jsonl`` and the trackers)."""
     from accelerate import PartialState
 
     from shiq_llm.data import load_rows
@@ -105,7 +110,7 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
 
     from shiq_toy.experiments import step_cap
 
-    if not data_args.dataset_name:
+    if not data_args.dataset_name and train_dataset is None:
         raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
     if args.max_steps > 0:
         args.max_steps = step_cap(args.max_steps)
@@ -122,7 +127,7 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
                      "format_options": data_args.format_options() or None}
     if data_args.dataset_config:
         split_options["name"] = data_args.dataset_config
-    rows = load_rows(data_args.dataset_name, **split_options)
+    rows = train_dataset if train_dataset is not None else load_rows(data_args.dataset_name, **split_options)
     eval_rows = None
     if data_args.eval_dataset_name:
         eval_options = {**split_options, "split": data_args.dataset_test_split}
@@ -134,11 +139,10 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
         _write_run_args(out / "run_args.yaml", model_args, data_args, args)
     trainer = ShiQTrainer(model, args, train_dataset=rows, eval_dataset=eval_rows, processing_class=tokenizer,
                           peft_config=model_args.peft_config(), callbacks=callbacks)
-    if quiet:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    if not print_logs:
+        from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
     result = trainer.train(resume_from_checkpoint=True if resuming and resume in (True, "true", "True", "latest") else
                            (resume if resuming else None))
     final = trainer.save_final(out / "final")

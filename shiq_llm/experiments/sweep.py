@@ -14,6 +14,10 @@ the training options shared by every cell::
     seeds: [0]
     train: {learning_rate: 1.0e-3, max_steps: 150, per_device_train_batch_size: 32}   # any ShiQConfig option
     evaluation: {num_samples: 16, max_new_tokens: 12, seed: 1}
+    evaluator: completions              # or 'dialogues': the multi-turn task (shiq_llm.multiturn), per-turn rewards
+    eval_every: 0                       # > 0: also evaluate every that many steps during training (the curve)
+    variants:                           # optional extra methods: a name, an algo, other rows or options
+      shiq_final_reward: {algo: shiq, train_data: data/train_final_reward.jsonl}
 
 Hub-scale sweeps (``recipes/``) add the adapter of the rows (``data_format``, ``data_format_options``), hub
 prompts (``eval_prompts: HuggingFaceH4/ultrafeedback_binarized``, ``eval_split: test_prefs[:500]``,
@@ -23,14 +27,21 @@ dtype for every cell (``model_options``) and the evaluation's ``device`` / ``dty
 What it does (:func:`run_sweep`): the evaluation prompts are checked against the training data first (none
 may occur there: ``leak: error``, the default, refuses the sweep naming the counts; ``leak: warn`` logs them);
 the reference statistics are computed once, in ``OUT/reference`` (with DRO's
-prompt states when a method needs them), and shared by every cell; each cell trains with
-:func:`shiq_llm.run.train_run` into ``OUT/runs/<algo>_beta<β>_seed<s>`` (pair methods take half as many pairs
-as ``per_device_train_batch_size``, i.e. as many sequences) and is evaluated on the held-out prompts
-(:func:`shiq_llm.evaluate.evaluate_policy`: mean reward of its own samples, exact and Monte-Carlo KL); its
+prompt states when a method needs them), and shared by every cell (a variant with its own rows gets its own,
+``OUT/reference_<variant>``); each cell trains with :func:`shiq_llm.run.train_run` into
+``OUT/runs/<method>_beta<β>_seed<s>`` (pair methods take half as many pairs as ``per_device_train_batch_size``,
+i.e. as many sequences) and is evaluated on the held-out prompts by the config's :data:`EVALUATORS` entry
+(``completions``: :func:`shiq_llm.evaluate.evaluate_policy`, mean reward of its own samples, exact and
+Monte-Carlo KL; ``dialogues``: :func:`shiq_llm.multiturn.evaluate_dialogues`, the same on dialogues with the
+tool in the loop, per turn too), with the sampling seed ``evaluation.seed + seed`` (so that the seeds' results
+are independent); with ``eval_every`` also during training (``shiq_llm.metrics.EvaluateEvery``: the cell's ``curve``). Its
 result is written to ``OUT/runs/<cell>/result.json`` last, atomically, so a re-run skips finished cells. A
 cell that fails is reported and the others go on. ``OUT/results.csv`` holds one row per finished cell
-(:data:`RESULT_COLUMNS`) plus the reference; ``OUT/reward_vs_kl.png`` plots, per method across β, the mean over
-seeds with error bars (the standard error over seeds with several seeds, else the run's own).
+(:data:`RESULT_COLUMNS`, plus the per-turn columns of ``dialogues``) and the reference;
+``OUT/curves.csv`` one row per cell and logged or evaluated step (:func:`curve_rows`: the training log of
+``metrics.jsonl`` and the evaluations, the reference at step 0); ``OUT/reward_vs_kl.png`` plots, per method
+across β, the mean over seeds with error bars (the standard error over seeds with several seeds, else the run's
+own).
 """
 
 from __future__ import annotations
@@ -42,21 +53,71 @@ import json
 import logging
 import math
 import os
+import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "RESULT_COLUMNS", "EVALUATION_KEYS",
-           "write_results", "plot_reward_vs_kl", "aggregate_over_seeds", "cell_name"]
+__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
+           "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
+           "TRAIN_LOG_KEYS"]
 
 logger = logging.getLogger(__name__)
 
-#: Columns of ``results.csv`` (the reference row has no β, seed or training time).
+#: Columns of ``results.csv`` (the reference row has no β, seed or training time). ``method`` is the algo, or
+#: the name of a variant (``SweepConfig.variants``).
 RESULT_COLUMNS = (
-    "algo", "beta", "seed", "mean_reward", "reward_sem", "kl", "kl_sem", "kl_mc", "mean_length", "finished",
-    "num_samples", "train_seconds",
+    "method", "algo", "beta", "seed", "mean_reward", "reward_sem", "kl", "kl_sem", "kl_mc", "mean_length",
+    "finished", "num_samples", "train_seconds",
 )
+
+#: Keys of ``metrics.jsonl`` records (``shiq_llm.metrics``) that :func:`curve_rows` carries into ``curves.csv``.
+TRAIN_LOG_KEYS = ("loss", "abs_residual", "kl_estimate", "nll", "implicit_value")
+
+
+class SweepError(RuntimeError):
+    """Some cells of a sweep failed (the message names them); ``results`` holds the rows of the others."""
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """How a sweep evaluates a policy on its prompts.
+
+    ``evaluate(policy, ref, tokenizer, prompts, reward, **options) -> dict`` (``reward``: the loaded scorer of
+    ``shiq_llm.rewards``, or None) of plain floats (``mean_reward``,
+    ``reward_sem``, ``kl``, ``kl_sem`` at least); ``options`` are the sweep's ``evaluation`` mapping with the
+    cell's sampling ``seed``. ``extra_columns``: whether the keys that :data:`RESULT_COLUMNS` lacks are written
+    to ``results.csv`` too.
+    """
+
+    evaluate: Callable[..., dict]
+    extra_columns: bool = False
+
+
+def _evaluate_completions(policy, ref, tokenizer, prompts, reward, **options) -> dict:
+    from shiq_llm.evaluate import evaluate_policy
+
+    return evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward, **options)
+
+
+def _evaluate_dialogues(policy, ref, tokenizer, prompts, reward, **options) -> dict:
+    from shiq_llm.multiturn import evaluate_dialogues
+
+    return evaluate_dialogues(policy, ref, tokenizer, prompts, **options)  # the task's checker is the reward
+
+
+#: ``SweepConfig.evaluator`` names: single completions scored by ``reward``, or dialogues of the multi-turn
+#: task with the tool in the loop (its per-turn rewards, success and per-turn KL go to results.csv too).
+EVALUATORS: dict[str, Evaluator] = {
+    "completions": Evaluator(_evaluate_completions),
+    "dialogues": Evaluator(_evaluate_dialogues, extra_columns=True),
+}
 
 
 @dataclass
@@ -64,7 +125,7 @@ class SweepConfig:
     """A sweep (module docstring). Every key of the YAML file is a field; unknown keys are refused."""
 
     out: str
-    """Output directory: results.csv, reward_vs_kl.png, reference/ (shared statistics), runs/<cell>/."""
+    """Output directory: results.csv, curves.csv, reward_vs_kl.png, reference/ (shared statistics), runs/<cell>/."""
     model: str
     """The reference model (hub name or path): the initial policy of every cell and the KL's reference."""
     train_data: str
@@ -74,7 +135,8 @@ class SweepConfig:
     betas: list[float]
     """β values of the grid."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    """Training seeds of the grid (data order, value head); the evaluation seed is ``evaluation.seed``."""
+    """Training seeds of the grid (data order, value head); a cell of seed s samples its evaluation with the seed
+    ``evaluation.seed + s``."""
     data_format: str | None = None
     """Adapter of the training rows (``shiq_llm.adapters``), if they are not canonical."""
     data_format_options: dict[str, Any] = field(default_factory=dict)
@@ -110,8 +172,17 @@ class SweepConfig:
     train: dict[str, Any] = field(default_factory=dict)
     """``ShiQConfig`` options shared by every cell (learning_rate, max_steps, per_device_train_batch_size, …)."""
     evaluation: dict[str, Any] = field(default_factory=dict)
-    """Options of ``evaluate_policy`` (num_samples, max_new_tokens, seed, batch_size, chunk_size) and where it runs:
-    device ('auto': cuda when available), dtype (as ``shiq-llm evaluate --dtype``), reward_batch_size."""
+    """Options of the evaluator (num_samples, max_new_tokens, seed — a cell of seed s samples with seed + s —,
+    batch_size, chunk_size) and where it runs: device ('auto': cuda when available), dtype (as ``shiq-llm
+    evaluate --dtype``), reward_batch_size."""
+    evaluator: str = "completions"
+    """How policies are evaluated (:data:`EVALUATORS`): 'completions' (with ``reward``) or 'dialogues' (the
+    multi-turn task, ``shiq_llm.multiturn``; ``eval_prompts`` a file of its prompts)."""
+    eval_every: int = 0
+    """Also evaluate every this many optimizer steps during training (0: the final model only)."""
+    variants: dict[str, dict] = field(default_factory=dict)
+    """Further methods of the grid: name -> {algo, train_data, data_format, train}; unset keys come from the
+    sweep (``train`` options are laid over the sweep's). E.g. an algo trained on other rewards of the same rows."""
 
 
 def load_sweep_config(path: str | Path, **overrides) -> SweepConfig:
@@ -149,15 +220,32 @@ def _check(config: SweepConfig, where: str) -> None:
     from shiq_llm.prompts import LEAK_POLICIES
 
     bad = [a for a in config.algos if a not in LLM_METHODS]
-    if not config.algos or bad:
-        raise ValueError(f"{where}: algos must be a non-empty list of {list(LLM_METHODS)}, got {config.algos}")
+    if not isinstance(config.algos, list) or bad or not (config.algos or config.variants):
+        raise ValueError(f"{where}: algos must be a non-empty list of {list(LLM_METHODS)} (or empty with variants), "
+                         f"got {config.algos}")
     if not config.betas or not all(isinstance(b, (int, float)) and b > 0 and math.isfinite(b) for b in config.betas):
         raise ValueError(f"{where}: betas must be a non-empty list of finite numbers > 0, got {config.betas}")
     if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise ValueError(f"{where}: seeds must be a non-empty list of integers, got {config.seeds}")
+    if config.evaluator not in EVALUATORS:
+        raise ValueError(f"{where}: evaluator must be one of {list(EVALUATORS)}, got {config.evaluator!r}")
+    if isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int) or config.eval_every < 0:
+        raise ValueError(f"{where}: eval_every must be an integer >= 0, got {config.eval_every!r}")
+    if not isinstance(config.variants, dict):
+        raise ValueError(f"{where}: variants must be a mapping of names to {{algo, train_data, data_format, train}}")
+    for name, variant in config.variants.items():
+        if (name in config.algos or name == "reference" or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name))
+                or not isinstance(variant, dict) or variant.get("algo") not in LLM_METHODS):
+            raise ValueError(f"{where}: variants.{name} must be a mapping with an 'algo' of {list(LLM_METHODS)}, named "
+                             f"with letters, digits, '_', '.', '-' and not as an algo or 'reference', got {variant!r}")
+        unknown = sorted(set(variant) - {"algo", "train_data", "data_format", "train"})
+        if unknown:
+            raise ValueError(f"{where}: variants.{name}: unknown key {unknown[0]!r} (algo, train_data, data_format, train)")
     for key in ("output_dir", "loss_type", "beta", "seed", "ref_cache"):
-        if key in config.train:
-            raise ValueError(f"{where}: train.{key} is set by the sweep itself (out, algos, betas, seeds)")
+        for source, options in [("train", config.train)] + [(f"variants.{n}.train", v.get("train") or {})
+                                                            for n, v in config.variants.items()]:
+            if key in options:
+                raise ValueError(f"{where}: {source}.{key} is set by the sweep itself (out, algos, betas, seeds)")
     if config.leak not in LEAK_POLICIES:
         raise ValueError(f"{where}: leak must be one of {list(LEAK_POLICIES)}, got {config.leak!r}")
     if config.reward is not None and config.reward_model is not None:
@@ -174,8 +262,28 @@ def _check(config: SweepConfig, where: str) -> None:
                          f"{', '.join(sorted(EVALUATION_KEYS))}")
 
 
-def cell_name(algo: str, beta: float, seed: int) -> str:
-    return f"{algo}_beta{beta:g}_seed{seed}"
+def cell_name(method: str, beta: float, seed: int) -> str:
+    """The directory name of a cell: ``<method>_beta<β>_seed<s>``."""
+    return f"{method}_beta{beta:g}_seed{seed}"
+
+
+@dataclass(frozen=True)
+class _Method:
+    """A row of the grid: the algo of a name in ``algos``, or a variant."""
+
+    name: str
+    algo: str
+    train_data: str
+    data_format: str | None
+    train: dict
+
+
+def _methods(config: SweepConfig) -> list[_Method]:
+    rows = [_Method(a, a, config.train_data, config.data_format, dict(config.train)) for a in config.algos]
+    for name, v in config.variants.items():
+        rows.append(_Method(name, v["algo"], v.get("train_data", config.train_data),
+                            v.get("data_format", config.data_format), {**config.train, **(v.get("train") or {})}))
+    return rows
 
 
 def _write_json_atomically(path: Path, value: dict) -> None:
@@ -186,11 +294,13 @@ def _write_json_atomically(path: Path, value: dict) -> None:
 
 def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
     """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells are read
-    back, not retrained. Raises RuntimeError after writing every output when some cell failed."""
+    back, not retrained. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
+    writing every output when some cell failed."""
     from tqdm.auto import tqdm
 
     from shiq_llm.config import DataArguments, ModelArguments, ShiQConfig
-    from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.data import load_rows, tokenize_rows
+    from shiq_llm.metrics import EvaluateEvery
     from shiq_llm.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from shiq_llm.rewards import RewardFunction, load_reward
     from shiq_llm.run import train_run
@@ -200,62 +310,89 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    evaluator = EVALUATORS[config.evaluator]
     prompts = check_sweep_held_out(config)
     eval_options = {"num_samples": 16, "max_new_tokens": 16, "seed": 1, **config.evaluation}
     device = resolve_device(eval_options.pop("device", "auto"))
     dtype = resolve_dtype(eval_options.pop("dtype", "auto"), device)
-    reward_fn = load_reward(config.reward or (None if config.reward_model else "synthetic"), config.reward_model,
-                            device=device, dtype=str(dtype).removeprefix("torch."),
-                            batch_size=eval_options.pop("reward_batch_size", 16))
-    if config.reward_options:
-        bound = functools.partial(reward_fn.fn, **config.reward_options)
-        bound.batched = reward_fn.batched
-        reward_fn = RewardFunction(bound, name=reward_fn.name)
+    reward_batch_size = eval_options.pop("reward_batch_size", 16)
+    reward_fn = None
+    if config.evaluator == "completions":  # a bad reward is refused before any training
+        reward_fn = load_reward(config.reward or (None if config.reward_model else "synthetic"), config.reward_model,
+                                device=device, dtype=str(dtype).removeprefix("torch."), batch_size=reward_batch_size)
+        if config.reward_options:
+            bound = functools.partial(reward_fn.fn, **config.reward_options)
+            bound.batched = reward_fn.batched
+            reward_fn = RewardFunction(bound, name=reward_fn.name)
     tokenizer = load_tokenizer(config.model)
     ref = load_causal_lm(config.model, device=device, dtype=dtype)
 
-    def evaluate(policy) -> dict:
-        return evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward_fn, **eval_options)
+    def evaluate(policy, seed: int = 0) -> dict:
+        options = {**eval_options, "seed": eval_options["seed"] + seed}
+        return evaluator.evaluate(policy, ref, tokenizer, prompts, reward_fn, **options)
 
     reference_file = out / "reference_result.json"
     if reference_file.is_file():
         reference = json.loads(reference_file.read_text())
     else:
-        reference = {"algo": "reference", "beta": math.nan, "seed": math.nan, **evaluate(ref), "train_seconds": 0.0}
+        reference = {"method": "reference", "algo": "reference", "beta": math.nan, "seed": math.nan, **evaluate(ref),
+                     "train_seconds": 0.0}
         _write_json_atomically(reference_file, reference)
     reference["beta"] = reference["seed"] = math.nan
     results, failures = [reference], []
-    value_algos = [a for a in config.algos if METHODS[a].needs_value]
-    cells = [(a, b, s) for a in sorted(config.algos, key=lambda a: a not in value_algos)  # the cache's first
-             for b in config.betas for s in config.seeds]
+    methods = sorted(_methods(config), key=lambda m: not METHODS[m.algo].needs_value)  # the value caches first
+    caches: dict[tuple, Path] = {(config.train_data, config.data_format): out / "reference"}
+    for m in methods:
+        caches.setdefault((m.train_data, m.data_format), out / f"reference_{m.name}")
+    tokenised: dict[tuple, Any] = {}  # the rows of each method tokenised once, for all its cells
+
+    def examples(method: _Method, data: DataArguments, args: ShiQConfig):
+        key = (method.train_data, method.data_format, args.max_length, args.max_prompt_length, args.long_response)
+        if key not in tokenised:
+            rows = load_rows(method.train_data, format=method.data_format, split=data.dataset_train_split,
+                             format_options=(data.format_options() or None) if method.data_format else None)
+            tokenised[key], _ = tokenize_rows(rows, tokenizer, max_length=args.max_length,
+                                              max_prompt_length=args.max_prompt_length, long_response=args.long_response)
+        return tokenised[key]
+
+    cells = [(m, b, s) for m in methods for b in config.betas for s in config.seeds]
     bar = tqdm(cells, desc="sweep", disable=not progress)
-    for algo, beta, seed in bar:
-        name = cell_name(algo, beta, seed)
+    for method, beta, seed in bar:
+        name = cell_name(method.name, beta, seed)
         bar.set_postfix_str(name)
         run_dir = out / "runs" / name
         result_file = run_dir / "result.json"
         if result_file.is_file():
             results.append(json.loads(result_file.read_text()))
             continue
-        pairs = METHODS[algo].consumes == "pairs"
         options = {"per_device_train_batch_size": 8, "save_strategy": "no", "logging_steps": 10, "report_to": "none",
-                   **config.train}
-        if pairs:
+                   **method.train}
+        if METHODS[method.algo].consumes == "pairs":
             options["per_device_train_batch_size"] = max(1, options["per_device_train_batch_size"] // 2)
         try:
+            curve = None
+            if config.eval_every:
+                curve = EvaluateEvery(config.eval_every, lambda policy, s=seed: evaluate(policy, s))
+            args = ShiQConfig(output_dir=str(run_dir), loss_type=method.algo, beta=beta, seed=seed,
+                              ref_cache=str(caches[method.train_data, method.data_format]), overwrite_output_dir=True,
+                              disable_tqdm=True, **options)
+            data = DataArguments(dataset_name=method.train_data, data_format=method.data_format,
+                                 data_format_options=(config.data_format_options or None) if method.data_format else None,
+                                 dataset_train_split=config.train_split)
+            train_examples = examples(method, data, args)
             tick = time.perf_counter()
-            args = ShiQConfig(output_dir=str(run_dir), loss_type=algo, beta=beta, seed=seed,
-                              ref_cache=str(out / "reference"), overwrite_output_dir=True, disable_tqdm=True,
-                              **options)
-            run = train_run(ModelArguments(model_name_or_path=config.model, **config.model_options),
-                            DataArguments(dataset_name=config.train_data, data_format=config.data_format,
-                                          data_format_options=config.data_format_options or None,
-                                          dataset_train_split=config.train_split), args,
-                            quiet=True)
-            seconds = time.perf_counter() - tick
+            run = train_run(ModelArguments(model_name_or_path=config.model, **config.model_options), data, args,
+                            callbacks=[curve] if curve else None, train_dataset=train_examples, print_logs=False)
+            seconds = time.perf_counter() - tick - (curve.seconds if curve else 0.0)
+            tick = time.perf_counter()
             policy = load_causal_lm(str(run.final_dir), device=device, dtype=dtype)
-            row = {"algo": algo, "beta": beta, "seed": seed, **evaluate(policy), "train_seconds": seconds}
+            final = evaluate(policy, seed)
             del policy
+            row = {"method": method.name, "algo": method.algo, "beta": beta, "seed": seed, **final,
+                   "train_seconds": seconds, "eval_seconds": time.perf_counter() - tick + (curve.seconds if curve else 0.0),
+                   "steps": run.steps}
+            if curve:
+                row["curve"] = curve.points + [{"step": run.steps, **final}]
         except Exception as error:  # noqa: BLE001 — a failed cell is reported, the others go on
             failures.append(f"{name}: {type(error).__name__}: {error}")
             log(f"sweep: cell {name} failed: {type(error).__name__}: {error}")
@@ -263,13 +400,15 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
         _write_json_atomically(result_file, row)
         results.append(row)
     bar.close()
-    write_results(results, out / "results.csv")
+    extra = [k for k in reference if k not in RESULT_COLUMNS and k != "curve"] if evaluator.extra_columns else []
+    write_results(results, out / "results.csv", extra_columns=extra)
+    write_curves(curve_rows(results, out), out / "curves.csv")
     plot_reward_vs_kl(results, out / "reward_vs_kl.png",
                       title=f"{len(prompts)} evaluation prompts × {eval_options['num_samples']} samples, "
                             f"{len(config.seeds)} seed(s)")
     log(_summary(results, time.perf_counter() - started, out))
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(cells)} sweep cells failed: " + "; ".join(failures))
+        raise SweepError(f"{len(failures)} of {len(cells)} sweep cells failed: " + "; ".join(failures), results)
     return results
 
 
@@ -288,42 +427,96 @@ def check_sweep_held_out(config: SweepConfig) -> list:
     return prompts
 
 
-def write_results(results: Sequence[dict], path: Path) -> Path:
-    """Write result rows as CSV with the columns :data:`RESULT_COLUMNS` (the reference's β and seed empty)."""
+def write_results(results: Sequence[dict], path: Path, *, extra_columns: Sequence[str] = ()) -> Path:
+    """Write result rows as CSV with the columns :data:`RESULT_COLUMNS` and ``extra_columns`` (the reference's β
+    and seed empty)."""
     with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[*RESULT_COLUMNS, *extra_columns], extrasaction="ignore")
         writer.writeheader()
         for row in results:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     return Path(path)
 
 
-def aggregate_over_seeds(results: Sequence[dict]) -> list[dict]:
-    """One row per (algo, β): means over seeds of reward and KL, with error bars — the standard error over the
-    seeds when there are several, else the single run's own standard errors. The reference is kept as is."""
+def curve_rows(results: Sequence[dict], out: str | Path) -> list[dict]:
+    """One row per cell and step: ``method, algo, beta, seed, step``, the training log's :data:`TRAIN_LOG_KEYS`
+    at the steps ``OUT/runs/<cell>/metrics.jsonl`` logged, and the evaluation's keys at the steps evaluated (the
+    cell's ``curve``, else its final result at its last step; the reference's evaluation at step 0, where the
+    policy is the reference). Sorted by cell, then step; a key not measured at a step is absent."""
+    reference = next((r for r in results if r["algo"] == "reference"), None)
+    not_measured = ("method", "algo", "beta", "seed", "train_seconds", "eval_seconds", "steps", "curve")
+    measured = [k for k in (reference or {}) if k not in not_measured]
+    rows = []
+    for r in results:
+        if r["algo"] == "reference":
+            continue
+        method = r.get("method", r["algo"])
+        by_step: dict[int, dict] = {}
+        if reference is not None:
+            by_step[0] = {k: reference[k] for k in measured}
+        log_file = Path(out) / "runs" / cell_name(method, r["beta"], r["seed"]) / "metrics.jsonl"
+        if log_file.is_file():
+            for line in log_file.read_text().splitlines():
+                record = json.loads(line)
+                if "loss" in record:
+                    by_step.setdefault(record["step"], {}).update({k: record[k] for k in TRAIN_LOG_KEYS if k in record})
+        for point in r.get("curve") or [{"step": r.get("steps", math.nan), **r}]:
+            if isinstance(point["step"], int):
+                by_step.setdefault(point["step"], {}).update({k: point[k] for k in measured if k in point})
+        for step in sorted(by_step):
+            rows.append({"method": method, "algo": r["algo"], "beta": r["beta"], "seed": r["seed"], "step": step,
+                         **by_step[step]})
+    return rows
+
+
+def write_curves(rows: Sequence[dict], path: Path, *,
+                 first: Sequence[str] = ("method", "algo", "beta", "seed", "step")) -> Path:
+    """Write long rows (:func:`curve_rows`) as CSV: the ``first`` columns, then every other key in order of first
+    appearance (empty where a row lacks it: not measured at that step)."""
+    columns = list(dict.fromkeys([*first, *(k for row in rows for k in row)]))
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return Path(path)
+
+
+def aggregate_over_seeds(results: Sequence[dict], keys: Sequence[str] = ("mean_reward", "kl")) -> list[dict]:
+    """One row per (method, β): ``seeds`` and, for each of ``keys``, the mean over seeds with its error bars —
+    ``<key>_sem`` (``reward_sem`` / ``kl_sem`` for ``mean_reward`` / ``kl``: the standard error over the seeds
+    when there are several, else the single run's own) and ``<key>_ci``, the half-width of the 95 % Student-t
+    interval over the seeds (:func:`shiq_toy.experiments.mean_ci`; NaN for one seed). The reference is kept."""
+    from shiq_toy.experiments import mean_ci
+
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["algo"], r["beta"] if r["algo"] != "reference" else None), []).append(r)
+        method = r.get("method", r["algo"])
+        groups.setdefault((method, r["beta"] if r["algo"] != "reference" else None), []).append(r)
     rows = []
-    for (algo, beta), members in groups.items():
-        row = {"algo": algo, "beta": members[0]["beta"], "seeds": len(members)}
-        for key, sem in (("mean_reward", "reward_sem"), ("kl", "kl_sem")):
+    for (method, beta), members in groups.items():
+        row = {"method": method, "algo": members[0]["algo"], "beta": members[0]["beta"], "seeds": len(members)}
+        for key in keys:
+            sem = _SEM_NAMES.get(key, f"{key}_sem")
             values = [m[key] for m in members]
-            row[key] = sum(values) / len(values)
+            row[key], row[_CI_NAMES.get(key, f"{key}_ci")] = mean_ci(values)
             if len(values) > 1:
-                var = sum((v - row[key]) ** 2 for v in values) / (len(values) - 1)
-                row[sem] = math.sqrt(var / len(values))
+                row[sem] = statistics.stdev(values) / math.sqrt(len(values))
             else:
-                row[sem] = members[0][sem]
+                row[sem] = members[0].get(sem, math.nan)
         rows.append(row)
     return rows
 
 
+_SEM_NAMES = {"mean_reward": "reward_sem", "kl": "kl_sem"}
+_CI_NAMES = {"mean_reward": "reward_ci", "kl": "kl_ci"}
+
+
 def _summary(results: Sequence[dict], seconds: float, out: Path) -> str:
-    lines = [f"{'algo':<10} {'beta':>5} {'seeds':>5} {'mean_reward':>14} {'kl':>13}"]
+    lines = [f"{'method':<18} {'beta':>5} {'seeds':>5} {'mean_reward':>14} {'kl':>13}"]
     for r in aggregate_over_seeds(results):
         beta = "" if r["algo"] == "reference" else f"{r['beta']:g}"
-        lines.append(f"{r['algo']:<10} {beta:>5} {r['seeds']:>5} {r['mean_reward']:>7.3f} ±{r['reward_sem']:.3f} "
+        lines.append(f"{r['method']:<18} {beta:>5} {r['seeds']:>5} {r['mean_reward']:>7.3f} ±{r['reward_sem']:.3f} "
                      f"{r['kl']:>6.3f} ±{r['kl_sem']:.3f}")
     lines.append(f"results: {out / 'results.csv'}, {out / 'reward_vs_kl.png'}; {seconds:.0f} s")
     return "\n".join(lines)
@@ -340,9 +533,9 @@ def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str =
 
     rows = aggregate_over_seeds(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    methods = [a for a in dict.fromkeys(r["algo"] for r in rows) if a != "reference"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]
     for k, algo in enumerate(methods):
-        line = sorted((r for r in rows if r["algo"] == algo), key=lambda r: -r["beta"])
+        line = sorted((r for r in rows if r["method"] == algo), key=lambda r: -r["beta"])
         color = f"C{k}"
         ax.errorbar([r["kl"] for r in line], [r["mean_reward"] for r in line], xerr=[r["kl_sem"] for r in line],
                     yerr=[r["reward_sem"] for r in line], marker="o", color=color, capsize=2, label=algo)

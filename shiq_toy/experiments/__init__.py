@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band",
-           "STEP_CAP_ENV", "step_cap"]
+           "STEP_CAP_ENV", "step_cap", "mean_ci", "difference_ci"]
 
 #: Environment variable that caps every step count of the commands (``tests/test_readme.py`` sets it to run
 #: each README command as written, flags and paths unchanged, in seconds). Unset in normal use.
@@ -53,17 +53,27 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[str, Iterable[str]] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[str, Iterable[str]] | None = None,
+                  defaults: object | None = None, suppress: bool = False) -> None:
     """One ``--option`` per dataclass field (``_`` -> ``-``), typed from the annotation, with the field's
-    docstring and default as help. Tuples become ``nargs='+'`` options, bools ``store_true`` flags."""
+    docstring and default as help. Tuples become ``nargs='+'`` options, booleans ``--name / --no-name``.
+
+    ``defaults``: an instance of ``cls`` whose values are the defaults shown (default: the fields' own).
+    ``suppress``: leave options that are not given out of the namespace (``argparse.SUPPRESS``), so that
+    :func:`args_from_namespace` can take them from another instance (a ``--quick`` preset, say).
+    """
     docs, hints, choices = field_docs(cls), typing.get_type_hints(cls), choices or {}
     for f in dataclasses.fields(cls):
-        hint, default = hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict = {"default": default, "dest": f.name}
-        if hint is bool:  # a flag: --name sets it (the default is False)
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", dest=f.name, help=f"{docs.get(f.name, '')} (default: {default})")
-            continue
-        if typing.get_origin(hint) is tuple:
+        hint = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict = {"default": argparse.SUPPRESS if suppress else default, "dest": f.name}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            shown = str(default)
+        elif typing.get_origin(hint) is tuple:
             kwargs.update(nargs="+", type=typing.get_args(hint)[0])
             shown = " ".join(str(x) for x in default)
         else:
@@ -74,21 +84,62 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[s
             kwargs["choices"] = list(choices[f.name])
             kwargs["metavar"] = f.name.upper()
             extra = f"; choices: {', '.join(kwargs['choices'])}"
-        kwargs["help"] = f"{docs.get(f.name, '')} (default: {shown}{extra})"
+        kwargs["help"] = f"{docs.get(f.name, '')} (default: {shown}{extra})".replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def args_from_namespace(cls: type, namespace: argparse.Namespace):
+def args_from_namespace(cls: type, namespace: argparse.Namespace, base: object | None = None):
     """Build the dataclass from parsed options (tuples restored from argparse lists; fields named ``*steps``
-    through :func:`step_cap`)."""
+    through :func:`step_cap`). A field missing from ``namespace`` (an option left out with ``suppress``) takes
+    its value from ``base`` (an instance of ``cls``), else its default."""
     hints = typing.get_type_hints(cls)
+    base = base if base is not None else cls()
     values = {}
     for f in dataclasses.fields(cls):
-        value = getattr(namespace, f.name)
+        value = getattr(namespace, f.name) if hasattr(namespace, f.name) else getattr(base, f.name)
         values[f.name] = tuple(value) if typing.get_origin(hints[f.name]) is tuple else value
-        if f.name.endswith("steps") and isinstance(value, int):
+        if f.name.endswith("steps") and isinstance(value, int) and not isinstance(value, bool):
             values[f.name] = step_cap(value)
     return cls(**values)
+
+
+def mean_ci(values: Iterable[float], *, level: float = 0.95) -> tuple[float, float]:
+    """Mean of independent runs and the half-width of its Student-t confidence interval:
+
+        mean ± t_{(1+level)/2, n−1} · s / √n,    s² = Σ (x − mean)² / (n − 1).
+
+    ``(mean, nan)`` for a single value (no interval from one run); ValueError for none.
+    """
+    from scipy.stats import t
+
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        raise ValueError("mean_ci needs at least one value")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if x.size < 2:
+        return float(x[0]), float("nan")
+    return float(x.mean()), float(t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def difference_ci(a: Iterable[float], b: Iterable[float], *, level: float = 0.95) -> tuple[float, float]:
+    """``mean(a) − mean(b)`` of two groups of independent runs and the half-width of Welch's interval:
+
+        d ± t_{(1+level)/2, ν} · √(s_a²/n_a + s_b²/n_b),   ν = (s_a²/n_a + s_b²/n_b)² / Σ_g (s_g²/n_g)² / (n_g − 1)
+
+    (Welch–Satterthwaite degrees of freedom; d = mean(a) − mean(b)). The difference is significant at ``level`` when the interval
+    excludes 0. Needs at least 2 runs per group; NaN half-width when both groups have zero spread.
+    """
+    from scipy.stats import t
+
+    x, y = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
+    if x.size < 2 or y.size < 2:
+        raise ValueError(f"difference_ci needs at least 2 runs per group, got {x.size} and {y.size}")
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    if va + vb == 0:
+        return float(x.mean() - y.mean()), float("nan")
+    dof = (va + vb) ** 2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1))
+    return float(x.mean() - y.mean()), float(t.ppf((1 + level) / 2, dof) * np.sqrt(va + vb))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,264 @@
+"""The ablation of ShiQ's three ingredients on both embedded tasks: ShiQ against ShiQ/init (no reward shaping),
+ShiQ/ms (one-step residual) and ShiQ/tk (the first state's equation only), spec §3 and the paper's ablation figure.
+
+``shiq-llm experiment ablation --out DIR [--quick]``. For each task — ``single_turn``, the counting task of
+``shiq_llm.synthetic`` (one reward per completion, on its last token), and ``multi_turn``, the calculator
+dialogues of ``shiq_llm.multiturn`` (one reward per agent turn) — the reference and its offline data are built
+once in ``DIR/data_<task>`` (or reused with ``--single-data`` / ``--multi-data``), and one sweep
+(:func:`shiq_llm.experiments.sweep.run_sweep`, in ``DIR/sweep_<task>``) trains every method × β × seed on the
+same rows and evaluates each policy on held-out prompts, every ``eval_every`` steps and at the end.
+
+What to look for (spec §3): at initialisation (``ℓ = ℓ_ref``) the shaped residuals are small — ``shiq``'s is
+``−disc_t(r)``, ``shiq_ms``'s ``−r_t`` — while ``shiq_init``'s carries ``β vℓ_t``, the log-partition of the
+logits, so its initial loss is large; ``shiq_ms`` moves a late reward back one action per update; ``shiq_tk``
+constrains only the first state.
+
+Writes, in ``args.out``:
+
+- ``ablation.csv``: long format, one row per (task, method, β, seed, step): ``task, method, algo, beta, seed,
+  step``, the training log (``loss`` — at step 1 the initial loss, before any update —, ``abs_residual``,
+  ``kl_estimate``, ``nll``, ``implicit_value``) and the evaluations (``mean_reward``, ``kl`` = exact
+  KL(π‖π_ref) on the policy's own samples, and the task's other measures); step 0 is the reference;
+- ``ablation.png``: per task, training loss (log scale), reward and KL against steps at one β (mean and 95 %
+  interval over seeds), and the final reward against KL per β;
+- ``ablation_table.md`` (initial loss, final reward and KL per task, method and β with 95 % intervals, and
+  ShiQ's differences with Welch intervals) and ``ablation_summary.json`` (the same, the arguments, the run time of
+  this call per task — a re-run skips the finished cells — and the wall time of training and evaluating the cells).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shiq_toy.experiments import num_threads, write_summary
+
+__all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "prepare_single_turn_data", "tables_of", "plot", "main"]
+
+TASKS = ("single_turn", "multi_turn")
+METHODS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk")
+
+
+@dataclass
+class AblationArgs:
+    """Arguments of the ablation (``shiq-llm experiment ablation``); the defaults are the README's run."""
+
+    out: Path = Path("results/ablation")
+    """directory for ablation.csv, ablation.png, ablation_table.md, ablation_summary.json, data_<task>/, sweep_<task>/"""
+    tasks: tuple[str, ...] = TASKS
+    """single_turn (counting, shiq_llm.synthetic) and/or multi_turn (calculator dialogues, shiq_llm.multiturn)"""
+    methods: tuple[str, ...] = METHODS
+    """ShiQ and its ablations (any shiq-llm train --loss_type)"""
+    betas: tuple[float, ...] = (0.1, 1.0)
+    """KL regularisation β of every method"""
+    seeds: int = 3
+    """training seeds per (task, method, β): seed, seed+1, …; they change the batch order and the evaluation samples"""
+    seed: int = 0
+    """first training seed; also the seed of the references and their data"""
+    steps: int = 100
+    """optimizer steps per run"""
+    batch_size: int = 32
+    """sequences per step"""
+    lr: float = 1e-3
+    """AdamW learning rate (linear decay), the same for every method"""
+    log_every: int = 5
+    """training-log interval in steps (the loss at step 1, before any update, is logged too)"""
+    eval_every: int = 25
+    """evaluate the policy every this many steps during training (0: only at the end)"""
+    single_eval_samples: int = 16
+    """single_turn: completions sampled per held-out prompt (20 prompts) at each evaluation"""
+    multi_eval_prompts: int = 32
+    """multi_turn: held-out prompts of the evaluation"""
+    multi_eval_samples: int = 4
+    """multi_turn: dialogues sampled per held-out prompt at each evaluation"""
+    max_new_tokens: int = 12
+    """generation budget (per agent turn in multi_turn)"""
+    single_data: str = ""
+    """an existing shiq-llm make-data directory to use instead of building OUT/data_single_turn"""
+    single_ref_steps: int = 600
+    """single_turn: supervised steps of the reference"""
+    completions_per_prompt: int = 16
+    """single_turn: completions sampled from the reference per training prompt"""
+    multi_data: str = ""
+    """an existing shiq-llm make-multiturn-data directory to use instead of building OUT/data_multi_turn"""
+    multi_ref_steps: int = 400
+    """multi_turn: supervised steps of the reference"""
+    train_prompts: int = 256
+    """multi_turn: training prompts of the offline data"""
+    samples_per_prompt: int = 8
+    """multi_turn: dialogues sampled from the reference per training prompt"""
+    curve_beta: float = 0.0
+    """β whose curves over training steps are plotted (0: the first of betas)"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest for the tiny models)"""
+    progress: bool = True
+    """show a progress bar over each sweep's cells"""
+
+
+#: ``--quick``: both tasks, every method, 2 seeds, one β, 20 short steps on smaller data sets (the same multi-turn
+#: reference, a shorter single-turn one): a check that the whole pipeline runs, in about two minutes of one CPU core;
+#: too little training to rank the methods.
+QUICK = AblationArgs(betas=(0.1,), seeds=2, steps=20, batch_size=16, log_every=2, eval_every=10, single_eval_samples=4,
+                     multi_eval_prompts=16, multi_eval_samples=2, single_ref_steps=300, completions_per_prompt=4,
+                     train_prompts=48, samples_per_prompt=4)
+
+
+def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, completions_per_prompt: int,
+                             max_new_tokens: int, seed: int, progress: bool = False) -> Path:
+    """The counting task's data directory: ``given`` (checked) or ``default``, built once with these settings
+    (:func:`shiq_llm.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
+    from shiq_llm import synthetic
+    from shiq_llm.experiments import prepare_data
+
+    reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed)
+    settings = {"reference": reference.__dict__, "completions_per_prompt": completions_per_prompt,
+                "max_new_tokens": max_new_tokens, "seed": seed}
+
+    def build(path: Path) -> None:
+        synthetic.make_data(path, reference=reference, completions_per_prompt=completions_per_prompt,
+                            max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+
+    return prepare_data(given, default, settings, build, command="shiq-llm make-data")
+
+
+def _check(args: AblationArgs) -> None:
+    from shiq_llm.config import LLM_METHODS
+
+    if not args.tasks or not set(args.tasks) <= set(TASKS):
+        raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {list(args.tasks)}")
+    if not args.methods or not set(args.methods) <= set(LLM_METHODS):
+        raise ValueError(f"methods must be a non-empty subset of {list(LLM_METHODS)}, got {list(args.methods)}")
+    if not args.betas or not all(b > 0 and math.isfinite(b) for b in args.betas):
+        raise ValueError(f"betas must be finite numbers > 0, got {list(args.betas)}")
+    for name in ("seeds", "steps", "batch_size", "log_every", "single_eval_samples", "multi_eval_prompts",
+                 "multi_eval_samples", "max_new_tokens", "single_ref_steps", "completions_per_prompt",
+                 "multi_ref_steps", "train_prompts", "samples_per_prompt", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {args.eval_every}")
+    if args.curve_beta and args.curve_beta not in args.betas:
+        raise ValueError(f"curve_beta {args.curve_beta} is not one of betas {list(args.betas)}")
+
+
+def _sweep(task: str, args: AblationArgs, out: Path):
+    """The SweepConfig of one task: its data (built or reused), evaluator and evaluation budget."""
+    from shiq_llm.experiments.multiturn import prepare_multiturn_data, train_options, write_eval_prompts
+    from shiq_llm.experiments.sweep import SweepConfig
+
+    if task == "single_turn":
+        data = prepare_single_turn_data(out / "data_single_turn", args.single_data, ref_steps=args.single_ref_steps,
+                                        completions_per_prompt=args.completions_per_prompt,
+                                        max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress)
+        eval_prompts, evaluator, samples = data / "eval_prompts.jsonl", "completions", args.single_eval_samples
+    else:
+        data = prepare_multiturn_data(out / "data_multi_turn", args.multi_data, train_prompts=args.train_prompts,
+                                      samples_per_prompt=args.samples_per_prompt, ref_steps=args.multi_ref_steps,
+                                      max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress)
+        eval_prompts = out / "eval_prompts_multi_turn.jsonl"
+        write_eval_prompts(data, args.multi_eval_prompts, eval_prompts)
+        evaluator, samples = "dialogues", args.multi_eval_samples
+    return SweepConfig(
+        out=str(out / f"sweep_{task}"), model=str(data / "reference"), train_data=str(data / "train.jsonl"),
+        algos=list(args.methods), betas=list(args.betas), seeds=list(range(args.seed, args.seed + args.seeds)),
+        eval_prompts=str(eval_prompts), evaluator=evaluator, reward="synthetic", eval_every=args.eval_every,
+        train=train_options(lr=args.lr, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every),
+        evaluation={"num_samples": samples, "max_new_tokens": args.max_new_tokens, "seed": 1000 + args.seed})
+
+
+def main(args: AblationArgs) -> dict:
+    """Run the ablation (module docstring); returns the summary also written to ``ablation_summary.json``."""
+    from shiq_llm.cli_tasks import quiet_libraries
+    from shiq_llm.experiments.sweep import SweepError, curve_rows, run_sweep, write_curves
+
+    _check(args)
+    start = time.perf_counter()
+    quiet_libraries()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, references, seconds, cell_seconds, failed = [], {}, {}, {}, None
+    with num_threads(args.threads):
+        for task in (t for t in TASKS if t in args.tasks):
+            tick = time.perf_counter()
+            config = _sweep(task, args, out)
+            try:
+                results = run_sweep(config, progress=args.progress)
+            except SweepError as error:  # the finished cells are still reported; the failure is raised at the end
+                results, failed = error.results, error
+            references[task] = next(r for r in results if r["algo"] == "reference")
+            rows += [{"task": task, **r} for r in curve_rows(results, config.out)]
+            seconds[task] = time.perf_counter() - tick
+            cell_seconds[task] = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in results)
+    write_curves(rows, out / "ablation.csv", first=("task", "method", "algo", "beta", "seed", "step"))
+    plot(rows, references, args, out / "ablation.png")
+    tables = tables_of(rows, references, args)
+    (out / "ablation_table.md").write_text(tables["markdown"] + "\n")
+    total = time.perf_counter() - start
+    print(tables["markdown"])
+    print(f"{out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'ablation_table.md'}; {total:.0f} s")
+    summary = write_summary(out / "ablation_summary.json", args, {**tables, "seconds": total, "seconds_per_task": seconds,
+                                                                  "cell_seconds_per_task": cell_seconds})
+    if failed is not None:
+        raise failed
+    return summary
+
+
+def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
+    """Initial loss, final reward and KL per (task, method, β) with 95 % intervals; ShiQ's differences (Welch)."""
+    from shiq_llm.experiments.report import compare, final_rows, fmt_ci, markdown_table, summarise
+
+    finals = final_rows(rows)
+    summary = summarise(finals, ("task", "method", "beta"), ["initial_loss", "mean_reward", "kl"])
+    order = {m: i for i, m in enumerate(args.methods)}
+    summary.sort(key=lambda r: (TASKS.index(r["task"]), r["beta"], order.get(r["method"], len(order))))
+    body = []
+    for task, ref in references.items():  # the reference's own loss is not defined (nothing trains it)
+        body.append([task, "–", "reference", "–", f"{ref['mean_reward']:.3f}", "0"])
+    body += [[r["task"], f"{r['beta']:g}", r["method"], fmt_ci(r, "initial_loss", 3), fmt_ci(r, "mean_reward", 3),
+              fmt_ci(r, "kl", 3)] for r in summary]
+    comparisons = []
+    if "shiq" in args.methods:
+        for other in (m for m in args.methods if m != "shiq"):
+            for key in ("mean_reward", "kl", "initial_loss"):
+                comparisons += compare(finals, key, "shiq", other, by=("task", "beta"))
+    diff_rows = [[c["task"], f"{c['beta']:g}", f"shiq − {c['b']}", c["key"], f"{c['diff']:+.3f} ± {c['ci']:.3f}",
+                  "yes" if c["significant"] else "no"] for c in comparisons]
+    markdown = (f"After {args.steps} steps; mean over {args.seeds} seeds ± half-width of the 95 % t-interval "
+                "(reward: single_turn fraction of correct words in [0, 1], multi_turn episode reward in [0, 3]).\n\n"
+                + markdown_table(["task", "β", "method", "initial loss", "final reward", "final KL"], body))
+    if diff_rows:
+        markdown += ("\n\nDifferences (Welch 95 % interval; significant = the interval excludes 0):\n\n"
+                     + markdown_table(["task", "β", "difference", "value", "mean ± 95 %", "significant"], diff_rows))
+    return {"final": summary, "comparisons": comparisons, "markdown": markdown}
+
+
+def plot(rows: list[dict], references: dict, args: AblationArgs, path: Path) -> None:
+    """Per task (a row): loss, reward and KL against steps at one β; final reward against KL per β."""
+    from matplotlib.figure import Figure
+
+    from shiq_llm.experiments.report import final_rows, method_colors, plot_steps, plot_tradeoff, summarise
+
+    tasks = [t for t in TASKS if t in references]
+    colors = method_colors(args.methods)
+    beta = args.curve_beta or args.betas[0]
+    fig = Figure(figsize=(17, 3.8 * len(tasks) + 0.6), layout="constrained")
+    axes = fig.subplots(len(tasks), 4, squeeze=False)
+    for row, task in zip(axes, tasks):
+        task_rows = [r for r in rows if r["task"] == task]
+        curves = summarise(task_rows, ("method", "beta", "step"), ["loss", "mean_reward", "kl"])
+        plot_steps(row[0], curves, "loss", colors=colors, beta=beta, log=True)
+        row[0].set(title=f"{task}: training loss (β = {beta:g})", xlabel="training step", ylabel="loss (log)")
+        plot_steps(row[1], curves, "mean_reward", colors=colors, beta=beta)
+        row[1].set(title=f"{task}: reward (β = {beta:g})", xlabel="training step", ylabel="mean_reward")
+        plot_steps(row[2], curves, "kl", colors=colors, beta=beta)
+        row[2].set(title=f"{task}: KL(π‖π_ref) (β = {beta:g})", xlabel="training step", ylabel="kl (nats)")
+        finals = summarise(final_rows(task_rows), ("method", "beta"), ["mean_reward", "kl"])
+        plot_tradeoff(row[3], finals, x="kl", y="mean_reward", colors=colors, reference=references[task])
+        row[3].set(title=f"{task}: final reward vs KL, per β", xlabel="KL(π‖π_ref) (nats)", ylabel="mean_reward")
+    handles, labels = axes[0, 3].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"ShiQ ablation: {args.seeds} seeds (mean, 95 % interval), β ∈ {list(args.betas)}, {args.steps} steps",
+                 fontsize=10)
+    fig.savefig(path, dpi=120)
