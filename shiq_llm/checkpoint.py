@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from shiq_llm.integrity import file_manifest, verify_file_manifest
+from shiq_llm.shards import atomic_write
 
 __all__ = [
     "STATE_FILE",
@@ -220,9 +221,8 @@ def truncate_metrics_log(path: str | Path, step: int) -> None:
             continue  # a line cut by a kill
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in kept))
 
 
 @contextlib.contextmanager

@@ -52,7 +52,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import statistics
 import time
@@ -286,12 +285,6 @@ def _methods(config: SweepConfig) -> list[_Method]:
     return rows
 
 
-def _write_json_atomically(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
-
-
 def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
     """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells are read
     back, not retrained. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
@@ -337,7 +330,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     else:
         reference = {"method": "reference", "algo": "reference", "beta": math.nan, "seed": math.nan, **evaluate(ref),
                      "train_seconds": 0.0}
-        _write_json_atomically(reference_file, reference)
+        _write_json(reference_file, reference)
     reference["beta"] = reference["seed"] = math.nan
     results, failures = [reference], []
     methods = sorted(_methods(config), key=lambda m: not METHODS[m.algo].needs_value)  # the value caches first
@@ -397,7 +390,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
             failures.append(f"{name}: {type(error).__name__}: {error}")
             log(f"sweep: cell {name} failed: {type(error).__name__}: {error}")
             continue
-        _write_json_atomically(result_file, row)
+        _write_json(result_file, row)
         results.append(row)
     bar.close()
     extra = [k for k in reference if k not in RESULT_COLUMNS and k != "curve"] if evaluator.extra_columns else []
@@ -410,6 +403,14 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     if failures:
         raise SweepError(f"{len(failures)} of {len(cells)} sweep cells failed: " + "; ".join(failures), results)
     return results
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write ``value`` as JSON at ``path`` atomically (``shiq_llm.shards.atomic_write``)."""
+    from shiq_llm.shards import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(json.dumps(value, indent=2))
 
 
 def check_sweep_held_out(config: SweepConfig) -> list:
