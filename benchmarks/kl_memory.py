@@ -3,8 +3,8 @@
 Two random tiny Llamas (hidden H, one layer, untied heads) over a V-token vocabulary stand in for the policy and
 the reference; a batch of B sequences of P prompt and T response tokens (N = B·T response tokens) is scored by
 
-    full     shiq_llm.evaluate.naive_token_kl   each model's (B, L, V) logits, log-softmax of the (N, V) rows
-    chunked  shiq_llm.evaluate.token_kl         the backbones only, then (c, V) buffers per chunk of c rows
+    full     shiq_llm.generation.evaluate.naive_token_kl   each model's (B, L, V) logits, log-softmax of the (N, V) rows
+    chunked  shiq_llm.generation.evaluate.token_kl         the backbones only, then (c, V) buffers per chunk of c rows
 
 which return the same (B, L) tensors (the worker prints the sums; the table shows their largest relative
 difference). The backbone is tiny on purpose: what differs between the two is the vocabulary projection.
@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shiq_llm.evaluate import naive_token_kl, token_kl  # noqa: E402
-from shiq_llm.models import tiny_causal_lm  # noqa: E402
+from shiq_llm.generation.evaluate import naive_token_kl, token_kl  # noqa: E402
+from shiq_llm.core.models import tiny_causal_lm  # noqa: E402
 
 
 def _peak_rss_bytes() -> int:

@@ -5,7 +5,7 @@ What is measured is the output head only: given hidden states h (N, H) that requ
 random upstream gradient into h and W:
 
     naive    logits = F.linear(h, W) (N, V) -> shiq_toy.losses.token_stats   (what model(...).logits does)
-    chunked  shiq_llm.stats.linear_head_token_stats(h, W, targets, chunk_size=c)   (what the library runs)
+    chunked  shiq_llm.core.stats.linear_head_token_stats(h, W, targets, chunk_size=c)   (what the library runs)
 
 Two heads: ``trained`` (W requires grad: gradients into h and W) and ``frozen`` (W does not, as with LoRA:
 gradient into h only). A frozen head is run twice by the chunked path: ``recompute`` (backward recomputes
@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shiq_llm import stats as stats_module  # noqa: E402
-from shiq_llm.stats import DEFAULT_CHUNK_SIZE, linear_head_token_stats  # noqa: E402
+from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, linear_head_token_stats  # noqa: E402
 from shiq_toy.losses import token_stats  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

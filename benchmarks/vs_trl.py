@@ -74,7 +74,7 @@ def worker(trainer_name: str, *, vocab: int, pairs: int, steps: int, device: str
     import datasets
     import torch
 
-    from shiq_llm.models import tiny_causal_lm
+    from shiq_llm.core.models import tiny_causal_lm
 
     tokenizer = _tokenizer(vocab)
     model = tiny_causal_lm(tokenizer, hidden_size=256, num_layers=2, num_heads=4, max_positions=256, seed=0)

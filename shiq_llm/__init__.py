@@ -5,11 +5,11 @@ __all__ = ["ShiQConfig", "ShiQTrainer"]
 
 def __getattr__(name):
     if name == "ShiQConfig":
-        from shiq_llm.config import ShiQConfig
+        from shiq_llm.train.config import ShiQConfig
 
         return ShiQConfig
     if name == "ShiQTrainer":
-        from shiq_llm.trainer import ShiQTrainer
+        from shiq_llm.train.trainer import ShiQTrainer
 
         return ShiQTrainer
     raise AttributeError(f"module 'shiq_llm' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shiq_toy._checks import check_beta, check_number
+from shiq_toy.checks import check_beta, check_number
 from shiq_toy.losses import TokenStats, log_ratio
 
 __all__ = [

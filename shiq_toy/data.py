@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from shiq_toy._checks import check_number
+from shiq_toy.checks import check_number
 from shiq_toy.mdp import Bandit, TokenTree, all_sequences, prefix_index
 
 __all__ = [

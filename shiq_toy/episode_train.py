@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from shiq_toy._checks import check_number
+from shiq_toy.checks import check_number
 from shiq_toy.episodes import EPISODE_METHODS, Episodes, episode_loss, policy_logits
 from shiq_toy.train import History
 

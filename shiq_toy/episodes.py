@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from shiq_toy._checks import check_beta, check_gamma
+from shiq_toy.checks import check_beta, check_gamma
 from shiq_toy.data import Dataset
 from shiq_toy.losses import TokenStats, logit_q_soft_value
 from shiq_toy.mdp import FiniteMDP

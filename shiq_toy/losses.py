@@ -2,7 +2,7 @@
 
 Every trainer of this library — the tabular toys and the transformer trainer — calls these functions.
 They are pure functions of per-token statistics, so the `(B, T, V)` logits are touched once, by
-:func:`token_stats` (or by the memory-efficient ``shiq_llm.stats``), and never here.
+:func:`token_stats` (or by the memory-efficient ``shiq_llm.core.stats``), and never here.
 
 Notation used for tensor shapes: ``B`` sequences, ``T`` positions, ``V`` vocabulary.
 
@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from shiq_toy._checks import check_beta, check_gamma
+from shiq_toy.checks import check_beta, check_gamma
 
 __all__ = [
     "TokenStats",
@@ -72,7 +72,7 @@ def token_stats(logits: torch.Tensor, tokens: torch.Tensor) -> TokenStats:
     logits: (B, T, V) float; tokens: (B, T) int64 in ``[0, V)``. Returns (B, T) tensors in float32 at
     least (float64 stays float64). This is the naive path: it reads all ``B·T·V`` logits.
     For a causal language model shift first (the logits emitted at ``p − 1`` describe token ``p``);
-    ``shiq_llm.stats.response_token_stats`` does that without materialising the logits.
+    ``shiq_llm.core.stats.response_token_stats`` does that without materialising the logits.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")

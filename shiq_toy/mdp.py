@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shiq_toy._checks import check_number
+from shiq_toy.checks import check_number
 
 __all__ = [
     "Bandit",

@@ -1,7 +1,7 @@
 """Every training method defined once, as data: which loss, and what a batch must hold for it.
 
 A method is one row of :data:`METHODS`. Both trainers — the tabular one (:mod:`shiq_toy.train`) and the LLM
-one (``shiq_llm.trainer.ShiQTrainer``) — look the row up and call :func:`per_item_loss`; neither tests a
+one (``shiq_llm.train.trainer.ShiQTrainer``) — look the row up and call :func:`per_item_loss`; neither tests a
 method's name. Adding a method (say IPO, below) is one loss function and one row.
 
 What a row says:
@@ -31,7 +31,7 @@ from typing import Callable, Literal
 import torch
 
 from shiq_toy import baselines
-from shiq_toy._checks import check_beta
+from shiq_toy.checks import check_beta
 from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, TokenStats
 
 __all__ = ["Method", "METHODS", "get_method", "per_item_loss", "ipo_loss", "dpo_pair_loss", "copg_pair_loss"]

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shiq_toy._checks import check_beta, check_gamma
+from shiq_toy.checks import check_beta, check_gamma
 from shiq_toy.mdp import FiniteMDP
 
 __all__ = [

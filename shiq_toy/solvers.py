@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from shiq_toy._checks import check_beta, check_gamma
+from shiq_toy.checks import check_beta, check_gamma
 from shiq_toy.mdp import FiniteMDP, TokenTree
 
 __all__ = ["Solution", "BanditSolution", "solve_bandit", "solve_tree", "soft_value_iteration"]

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shiq_toy import baselines
-from shiq_toy._checks import check_number
+from shiq_toy.checks import check_number
 from shiq_toy.data import Dataset
 from shiq_toy.losses import TokenStats, logit_q_soft_value
 from shiq_toy.methods import METHODS as METHOD_TABLE

@@ -6,7 +6,7 @@ each rank half of a global batch, and runs ``LOSSES["shiq"]`` on ``response_toke
 (lr = 1, so that a parameter's change is minus its gradient, gathered by ``get_model_state_dict`` the same way
 for every scheme). The reference is one process without any wrapper on the whole batch, on the full-logit
 statistics (``naive_response_token_stats``). The ``trainer-*`` schemes go through ``ShiQTrainer``'s statistics
-forward (``shiq_llm.trainer.add_stats_forward``: ``model(…, shiq_response_mask=…)`` on the wrapped model). Rank 0 writes, per scheme, the largest differences of the
+forward (``shiq_llm.train.trainer.add_stats_forward``: ``model(…, shiq_response_mask=…)`` on the wrapped model). Rank 0 writes, per scheme, the largest differences of the
 per-sequence losses and of the gradients, and what ran, to ``--out`` (JSON); the test asserts on them.
 
 DeepSpeed (schemes ``zero2``, ``zero3``, ``zero3-tied``; DeepSpeed is not a dependency, so the test does not
@@ -33,10 +33,10 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from shiq_llm import stats as stats_module
-from shiq_llm.models import tiny_causal_lm
-from shiq_llm.stats import exact_path_reason, head_sharding, naive_response_token_stats, response_token_stats
-from shiq_llm.trainer import add_stats_forward
+from shiq_llm.core import stats as stats_module
+from shiq_llm.core.models import tiny_causal_lm
+from shiq_llm.core.stats import exact_path_reason, head_sharding, naive_response_token_stats, response_token_stats
+from shiq_llm.train.trainer import add_stats_forward
 from shiq_toy.losses import LOSSES, TokenStats
 
 VOCAB, BETA, GAMMA = 97, 0.5, 0.9

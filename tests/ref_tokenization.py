@@ -1,4 +1,4 @@
-"""The loop that ``shiq_llm.tokenization.tokenize_rows`` was before it went through ``datasets.Dataset.map``:
+"""The loop that ``shiq_llm.data.tokenization.tokenize_rows`` was before it went through ``datasets.Dataset.map``:
 one row after another in this process. Kept as the reference its outputs and reports must equal. Never imported
 by the library."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shiq_llm.rows import prompt_key, row_conversation
-from shiq_llm.tokenization import (
+from shiq_llm.data.rows import prompt_key, row_conversation
+from shiq_llm.data.tokenization import (
     LONG_RESPONSE,
     MAX_TRUNCATED_FRACTION,
     TokenizeReport,
@@ -28,7 +28,7 @@ def tokenize_rows_loop(
 ):
     """The previous ``tokenize_rows``: a Python loop over the rows (same arguments, outputs and errors).
 
-    rows: a ``Dataset`` or list of dicts in a canonical form (``shiq_llm.rows``).
+    rows: a ``Dataset`` or list of dicts in a canonical form (``shiq_llm.data.rows``).
     Returns ``(dataset, report)``; the dataset has one example per kept row with columns ``input_ids``
     (list[int], L), ``response_mask`` (list[bool], L), ``rewards`` (list[float], L), ``prompt_id`` (int,
     equal for rows with the same prompt) and ``row_index`` (int, the row's index in ``rows``).

@@ -1,4 +1,4 @@
-"""shiq_llm.adapters on fixtures written in each dataset's own schema (tests/fixtures/), offline.
+"""shiq_llm.data.adapters on fixtures written in each dataset's own schema (tests/fixtures/), offline.
 
 Every expected row below is read off the fixture file by hand, following the adapter's documented rule.
 """
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shiq_llm.adapters import ADAPTERS, BFCL_SYSTEM_PROMPT, bfcl_multi_turn, hh_rlhf, paired_preferences, ultrafeedback
+from shiq_llm.data.adapters import ADAPTERS, BFCL_SYSTEM_PROMPT, bfcl_multi_turn, hh_rlhf, paired_preferences, ultrafeedback
 from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
-from shiq_llm.models import build_tokenizer
+from shiq_llm.core.models import build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -104,7 +104,7 @@ def test_paired_bad_rows(row, message):
 
 
 def test_ultrafeedback_fixture_overall_score(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="shiq_llm.adapters"):
+    with caplog.at_level("WARNING", logger="shiq_llm.data.adapters"):
         rows = load("ultrafeedback.jsonl", "ultrafeedback", tmp_path)
     assert rows == [
         {"prompt": "What is the capital of France?", "completion": "The capital of France is Paris.", "reward": 8.0},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shiq_llm import cli
-from shiq_llm.config import TRAIN_ARGUMENT_CLASSES, ShiQConfig, parse_train_args
+from shiq_llm.train.config import TRAIN_ARGUMENT_CLASSES, ShiQConfig, parse_train_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = CONFIGS / "shiq_tiny.yaml"
@@ -222,7 +222,7 @@ def test_long_prompts_are_truncated_and_counted(tmp_path, capsys, caplog):
 
 
 def test_tokenizer_that_does_not_fit_the_model(tmp_path, capsys):
-    from shiq_llm.models import build_tokenizer, tiny_causal_lm
+    from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
 
     tokenizer = build_tokenizer()
     small = tiny_causal_lm(64, hidden_size=16, num_heads=2)  # 64 embedding rows < the tokenizer's ids

@@ -26,8 +26,8 @@ from shiq_llm.data import (
     tokenize_rows,
     validate_rows,
 )
-from shiq_llm.models import build_tokenizer
-from shiq_llm.tokenization import Encoded, truncate_encoded
+from shiq_llm.core.models import build_tokenizer
+from shiq_llm.data.tokenization import Encoded, truncate_encoded
 
 # CHAT_TEMPLATE with the assistant turns wrapped in {% generation %}: transformers then returns its own
 # assistant-token mask (``return_assistant_tokens_mask``), an independent reference for ours.
@@ -344,8 +344,8 @@ def test_encode_conversation_with_a_bos_prepending_tokenizer_aligns_the_mask(pro
     """encode_conversation called directly (rows refuse empty prompts, this function does not): one BOS,
     then the prompt's tokens (state), then exactly the completion's tokens + EOS (action). Compared token by
     token and by decoding, so a mask shifted by one position fails."""
-    from shiq_llm.models import CHAT_TEMPLATE
-    from shiq_llm.tokenization import encode_conversation
+    from shiq_llm.core.models import CHAT_TEMPLATE
+    from shiq_llm.data.tokenization import encode_conversation
 
     tok = bos_prepending_tokenizer(CHAT_TEMPLATE if template == "tiny" else template)
     completion = " yes 12"
@@ -569,7 +569,7 @@ def test_tokenize_rows_truncation_counts_and_log(tok, caplog):
         {"prompt": "hi", "completion": "z y " * 40, "reward": 2.0},  # response truncated
         {"prompt": "hi", "completion": "fine", "reward": 0.0},  # untouched
     ]
-    with caplog.at_level("WARNING", logger="shiq_llm.tokenization"):
+    with caplog.at_level("WARNING", logger="shiq_llm.data.tokenization"):
         out, report = tokenize_rows(rows, tok, max_length=24, max_truncated_fraction=1.0)
     assert report == TokenizeReport(rows=3, kept=3, prompt_truncated=1, response_truncated=1)
     assert "prompt_truncated=1" in caplog.text and "2 of 3 rows (67%) were cut by max_length=24" in caplog.text
@@ -585,7 +585,7 @@ def test_tokenize_rows_truncation_counts_and_log(tok, caplog):
 
 
 def test_tokenize_rows_refuses_a_max_length_that_cuts_most_rows(tok, caplog):
-    from shiq_llm.tokenization import MAX_TRUNCATED_FRACTION
+    from shiq_llm.data.tokenization import MAX_TRUNCATED_FRACTION
 
     assert MAX_TRUNCATED_FRACTION == 0.5
     rows = [{"prompt": f"question {i} is here", "completion": "the answer is " + "yes " * i, "reward": 1.0} for i in range(4)]
@@ -595,7 +595,7 @@ def test_tokenize_rows_refuses_a_max_length_that_cuts_most_rows(tok, caplog):
                                          rf"{longest} tokens\)"):
         tokenize_rows(rows, tok, max_length=8)
     cut_two = sorted(len(ex) for ex in tokenize_rows(rows, tok)[0]["input_ids"])[1]  # 2 of 4 rows are longer
-    with caplog.at_level("WARNING", logger="shiq_llm.tokenization"):
+    with caplog.at_level("WARNING", logger="shiq_llm.data.tokenization"):
         _, report = tokenize_rows(rows, tok, max_length=cut_two)  # 2 of 4 = 50%: allowed, with a warning
     assert report.kept == 4 and report.response_truncated == 2
     assert f"2 of 4 rows (50%) were cut by max_length={cut_two}" in caplog.text

@@ -11,10 +11,10 @@ padding, ``completion_mask`` on the completion tokens), and ``trainer.compute_lo
 loss; no training loop runs.
 
 Ours, on the same token ids: ``response_mask = completion_mask``; the policy goes through ShiQTrainer's
-statistics forward (``shiq_llm.trainer.add_stats_forward``: ``shiq_llm.stats.response_token_stats``, our chunked
+statistics forward (``shiq_llm.train.trainer.add_stats_forward``: ``shiq_llm.core.stats.response_token_stats``, our chunked
 head, with a chunk size small enough for several chunks), the reference through ``response_token_stats`` under ``no_grad``;
 ``Δ = shiq_toy.baselines.sequence_log_ratio``; the loss both as ``dpo_loss(Δ[:P], Δ[P:], beta=β).mean()`` and as
-``shiq_llm.trainer.algorithm_loss("dpo", …)`` (the training path: P chosen rows, then P rejected ones, the
+``shiq_llm.train.trainer.algorithm_loss("dpo", …)`` (the training path: P chosen rows, then P rejected ones, the
 layout TRL's collator also uses). Gradients: TRL's loss is back-propagated into one policy, ours into a second
 policy built from the same seed (identical weights, checked).
 
@@ -45,9 +45,9 @@ import pytest
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from shiq_llm.models import build_tokenizer, tiny_causal_lm
-from shiq_llm.stats import response_token_stats
-from shiq_llm.trainer import add_stats_forward, algorithm_loss
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.core.stats import response_token_stats
+from shiq_llm.train.trainer import add_stats_forward, algorithm_loss
 from shiq_toy.baselines import dpo_loss, sequence_log_ratio
 from shiq_toy.losses import TokenStats
 

@@ -1,4 +1,4 @@
-"""Evaluation (shiq_llm.evaluate) and `shiq-llm evaluate`.
+"""Evaluation (shiq_llm.generation.evaluate) and `shiq-llm evaluate`.
 
 The exact per-token KL against enumeration of every response of a tiny vocabulary (sequence-level
 KL(π‖π_ref) = Σ_y π(y) ln π(y)/π_ref(y), and a per-token sum written out in a loop); KL(π_ref‖π_ref) = 0;
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from shiq_llm.cli import main
-from shiq_llm.cli_tasks import load_prompts
+from shiq_llm.data.prompts import load_prompts
 from shiq_llm.data import tokenize_rows
-from shiq_llm.evaluate import (
+from shiq_llm.generation.evaluate import (
     encode_prompts,
     evaluate_policy,
     generate,
@@ -27,8 +27,8 @@ from shiq_llm.evaluate import (
     sequence_kl,
     token_kl,
 )
-from shiq_llm.models import build_tokenizer, tiny_causal_lm
-from shiq_llm.synthetic import build_task_tokenizer, reward, task_prompts
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.tasks.synthetic import build_task_tokenizer, reward, task_prompts
 
 
 V = 6  # vocabulary of the enumeration tests: ids 0 = pad, 1 = BOS, 2 = EOS, 3..5 ordinary
@@ -238,8 +238,8 @@ def test_generate_samples_from_the_full_distribution(tokenizer):
 def test_generation_and_kl_forward_see_the_same_distribution(tokenizer, arch):
     """Under left padding, the next-token distributions transformers samples from (``output_logits``) equal
     those the KL forward reads at the response positions (position ids from the attention mask)."""
-    from shiq_llm.evaluate import _response_log_probs
-    from shiq_llm.sampling import Completion, assemble_samples, left_pad, sampling_config
+    from shiq_llm.generation.evaluate import _response_log_probs
+    from shiq_llm.generation.sampling import Completion, assemble_samples, left_pad, sampling_config
 
     model = tiny_causal_lm(tokenizer, arch=arch, seed=0)
     encoded = encode_prompts(tokenizer, ["a b", "the quick brown fox jumps over the lazy dog"])
@@ -334,9 +334,9 @@ def test_evaluate_cli_on_a_prompts_file(saved_models, tmp_path):
     assert main(base) == 0
     report = json.loads(out.read_text())
     assert report["num_prompts"] == 2 and report["reward"] == "none" and report["mean_reward"] is None
-    assert main(base + ["--reward", "shiq_llm.synthetic:reward"]) == 0
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward"]) == 0
     assert 0 <= json.loads(out.read_text())["mean_reward"] <= 1
-    assert main(base + ["--reward", "shiq_llm.synthetic:no_such_function"]) == 1
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:no_such_function"]) == 1
     assert main(["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(tmp_path / "none.jsonl")]) == 1
 
 
@@ -444,7 +444,7 @@ def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_pat
 
 
 def test_evaluate_cli_with_a_reward_model_on_a_device(saved_models, tmp_path):
-    from shiq_llm.models import build_tokenizer, tiny_reward_model
+    from shiq_llm.core.models import build_tokenizer, tiny_reward_model
 
     policy, ref = saved_models
     rm_tokenizer = build_tokenizer()  # the reward model has a tokenizer of its own

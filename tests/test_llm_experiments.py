@@ -143,8 +143,8 @@ def test_final_reward_rows_move_the_turn_rewards_to_the_last_turn():
     but the later turns' actions now also see the rewards of the earlier turns; sequence methods see the same Σ."""
     from shiq_llm.data import collate, load_rows, tokenize_rows
     from shiq_llm.experiments.multiturn import final_reward_rows
-    from shiq_llm.evaluate import turn_index
-    from shiq_llm.multiturn import build_task_tokenizer, demonstration_rows
+    from shiq_llm.generation.evaluate import turn_index
+    from shiq_llm.tasks.multiturn import build_task_tokenizer, demonstration_rows
     from shiq_toy.losses import RESIDUALS, TokenStats
 
     rows = [r for r in demonstration_rows(40, noise=0.3, seed=3) if sum(r["rewards"]) > 0][:4]
@@ -245,8 +245,8 @@ def test_multiturn_smoke_trains_the_final_reward_variant_on_moved_rewards(multit
 def test_evaluating_during_training_does_not_change_the_run(multiturn_run, tmp_path):
     """The sweep's shiq cell was evaluated at step 2 during training; the same run without the callback (from its
     run_args.yaml, rows re-tokenised from the file) ends with the same weights, bit for bit."""
-    from shiq_llm.config import parse_train_args
-    from shiq_llm.run import train_run
+    from shiq_llm.train.config import parse_train_args
+    from shiq_llm.train.run import train_run
 
     out, _, _ = multiturn_run
     cell = out / "sweep" / "runs" / "shiq_beta0.3_seed0"

@@ -1,4 +1,4 @@
-"""shiq-llm generate (shiq_llm.generate, shiq_llm.sampling, shiq_llm.shards).
+"""shiq-llm generate (shiq_llm.generation.generate, shiq_llm.generation.sampling, shiq_llm.storage.shards).
 
 The rows against the sampler run shard by shard with the documented seeds (prompts, indices, decoded
 completions, finish reasons); resume after a kill (and a half-written file) giving the uninterrupted run's file
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from shiq_llm.cli import build_parser, main
-from shiq_llm.generate import GenerateConfig, generate_rows, resolve_backend, shard_seed
-from shiq_llm.models import tiny_causal_lm
-from shiq_llm.rows import validate_rows
-from shiq_llm.sampling import HFSampler, VLLMSampler, encode_prompts
-from shiq_llm.shards import read_jsonl
-from shiq_llm.synthetic import build_task_tokenizer, task_prompts
+from shiq_llm.generation.generate import GenerateConfig, generate_rows, resolve_backend, shard_seed
+from shiq_llm.core.models import tiny_causal_lm
+from shiq_llm.data.rows import validate_rows
+from shiq_llm.generation.sampling import HFSampler, VLLMSampler, encode_prompts
+from shiq_llm.storage.shards import read_jsonl
+from shiq_llm.tasks.synthetic import build_task_tokenizer, task_prompts
 
 PROMPTS = task_prompts("eval")[:5]  # prompts of different lengths: left padding is exercised
 K, MAX_NEW = 3, 6
@@ -180,13 +180,13 @@ class _StandInVLLM:
 
 
 def test_the_vllm_backend_asks_vllm_for_pure_samples_and_writes_the_same_rows(saved, tmp_path, monkeypatch):
-    import shiq_llm.models
+    import shiq_llm.core.models
 
     model_dir, tokenizer, model, _ = saved
     stand_in = _StandInVLLM(model, tokenizer)
     monkeypatch.setitem(sys.modules, "vllm", stand_in)
-    monkeypatch.setattr(shiq_llm.models, "resolve_device", lambda device: torch.device("cuda"))  # vLLM needs a GPU
-    monkeypatch.setattr(shiq_llm.models, "resolve_dtype", lambda dtype, device: torch.float32)
+    monkeypatch.setattr(shiq_llm.core.models, "resolve_device", lambda device: torch.device("cuda"))  # vLLM needs a GPU
+    monkeypatch.setattr(shiq_llm.core.models, "resolve_dtype", lambda dtype, device: torch.float32)
     out = tmp_path / "rows.jsonl"
     generate_rows(_config(saved, out, backend="auto", seed=3, gpu_memory_utilization=0.7), log=_quiet)
     assert stand_in.calls["LLM"] == {"model": str(model_dir), "tokenizer": str(model_dir), "dtype": "float32",

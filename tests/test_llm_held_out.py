@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shiq_llm.config import DataArguments, parse_train_args
+from shiq_llm.train.config import DataArguments, parse_train_args
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = Path(__file__).resolve().parents[1] / "configs" / "shiq_tiny.yaml"
@@ -55,7 +55,7 @@ def test_bad_data_format_options_are_named():
 
 def test_train_hands_the_options_to_the_adapter(tmp_path):
     """The option reaches the adapter: a score UltraFeedback does not have is the adapter's own error."""
-    from shiq_llm.run import train_run
+    from shiq_llm.train.run import train_run
 
     model, data, args = parse_train_args(["--config", str(TINY), "--dataset_name", str(FIXTURES / "ultrafeedback.jsonl"),
                                           "--data_format", "ultrafeedback", "--data_format_options", "score=style",
@@ -79,8 +79,8 @@ def test_train_refuses_evaluation_rows_whose_prompts_it_trains_on(tmp_path, capl
             "--eval_strategy", "steps", "--eval_steps", "1", "--disable_tqdm", "true"]
     assert cli.main(argv) == 1
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
-    from shiq_llm.run import check_eval_rows_held_out
-    from shiq_llm.rows import load_rows
+    from shiq_llm.train.run import check_eval_rows_held_out
+    from shiq_llm.data.rows import load_rows
 
     with pytest.raises(ValueError, match=r"^1 of 2 evaluation \(eval_dataset_name\) prompts \(50.0 %\) also occur in "
                                          r"the training data \(3 distinct prompts\), e.g. 'count up  from 2:'; .*"

@@ -1,4 +1,4 @@
-"""shiq_llm.models: model / tokenizer sources checked before ``from_pretrained`` (one-line errors instead of a
+"""shiq_llm.core.models: model / tokenizer sources checked before ``from_pretrained`` (one-line errors instead of a
 Hugging Face traceback) and the tokenizer-model fit (ids that would mean other tokens are refused; an
 embedding padded to a round size is not)."""
 
@@ -11,9 +11,9 @@ import huggingface_hub
 import pytest
 
 from shiq_llm.cli import main
-from shiq_llm.config import ModelArguments
-from shiq_llm.loading import load_model_and_tokenizer
-from shiq_llm.models import (
+from shiq_llm.train.config import ModelArguments
+from shiq_llm.train.loading import load_model_and_tokenizer
+from shiq_llm.core.models import (
     EMBEDDING_PAD_MULTIPLE,
     MAX_UNUSED_EMBEDDING_FRACTION,
     build_tokenizer,

@@ -1,4 +1,4 @@
-"""The embedded multi-turn task (shiq_llm.multiturn) and `shiq-llm make-multiturn-data` / `evaluate-multiturn`.
+"""The embedded multi-turn task (shiq_llm.tasks.multiturn) and `shiq-llm make-multiturn-data` / `evaluate-multiturn`.
 
 The checker against hand-worked dialogues, the environment, the prompt split, the demonstrations' noise
 against its law, the masks with holes that tokenisation gives the rows, the environment loop (determinism,
@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shiq_llm import multiturn
+from shiq_llm.tasks import multiturn
 from shiq_llm.cli import main
 from shiq_llm.data import collate, load_rows, tokenize_rows
-from shiq_llm.evaluate import conversation_kl, turn_index
-from shiq_llm.models import tiny_causal_lm
-from shiq_llm.multiturn import (
+from shiq_llm.generation.evaluate import conversation_kl, turn_index
+from shiq_llm.core.models import tiny_causal_lm
+from shiq_llm.tasks.multiturn import (
     NUMBER_MAX,
     OPERATIONS,
     PARTIAL_CREDIT,
@@ -35,7 +35,7 @@ from shiq_llm.multiturn import (
     tool_answer,
     turn_rewards,
 )
-from shiq_llm.synthetic import ReferenceConfig
+from shiq_llm.tasks.synthetic import ReferenceConfig
 
 PROMPT = "compute 7 +3 *2 -1"  # values 7 → 10 → 20 → 19
 

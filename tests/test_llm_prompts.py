@@ -1,4 +1,4 @@
-"""Prompt sources (shiq_llm.prompts): files, rows through adapters with their options, splits, fields, and the
+"""Prompt sources (shiq_llm.data.prompts): files, rows through adapters with their options, splits, fields, and the
 check that evaluation prompts do not occur in the training data. No model is loaded here."""
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shiq_llm.prompts import check_held_out, load_prompts, normalized_prompt, parse_format_options
-from shiq_llm.synthetic import task_prompts
+from shiq_llm.data.prompts import check_held_out, load_prompts, normalized_prompt, parse_format_options
+from shiq_llm.tasks.synthetic import task_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -47,7 +47,7 @@ def test_prompt_field_parquet_and_splits(tmp_path):
         load_prompts(str(tmp_path / "qa.parquet"), prompt_field="query", split="train")
     assert load_prompts("synthetic") == task_prompts("eval")
     assert load_prompts("synthetic", default_split="train") == task_prompts("train")
-    with pytest.raises(ValueError, match="--split must be one of"):
+    with pytest.raises(ValueError, match="--split 'test': split must be"):
         load_prompts("synthetic", split="test")
     (tmp_path / "p.txt").write_text("a\n")
     with pytest.raises(ValueError, match="not to a .txt file"):
@@ -64,7 +64,7 @@ def test_the_held_out_check_counts_prompts_equal_up_to_whitespace(caplog):
     with pytest.raises(ValueError, match=r"2 of 4 evaluation prompts \(50.0 %\) also occur in the training data "
                                          r"\(3 distinct prompts\), e.g. '  repeat 5:'"):
         check_held_out(held, train)
-    with caplog.at_level(logging.WARNING, logger="shiq_llm.prompts"):
+    with caplog.at_level(logging.WARNING, logger="shiq_llm.data.prompts"):
         assert check_held_out(held, train, on_leak="warn") == 2
     assert "2 of 4 evaluation prompts" in caplog.text
     assert check_held_out(task_prompts("eval"), task_prompts("train")) == 0  # the embedded task's split is clean

@@ -1,4 +1,4 @@
-"""shiq_llm.reference: statistics computed once, stored, reused, and refused when they do not match.
+"""shiq_llm.core.reference: statistics computed once, stored, reused, and refused when they do not match.
 
 References: the full-logit path (``naive_response_token_stats``) run on one unpadded example at a time, the
 model's own ``output_hidden_states`` for the cached prompt state, and a LoRA model's base weights saved before
@@ -16,10 +16,10 @@ import datasets
 import pytest
 import torch
 
-from shiq_llm import reference as R
+from shiq_llm.core import reference as R
 from shiq_llm.data import collate, tokenize_rows
-from shiq_llm.models import build_tokenizer, tiny_causal_lm
-from shiq_llm.stats import naive_response_token_stats
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.core.stats import naive_response_token_stats
 
 #: float32: the cached and the reference values come from the same float32 weights through padded vs unpadded
 #: batches and chunked vs full-logit heads; differences are summation-order roundoff of O(1) values.

@@ -1,4 +1,4 @@
-"""The reference pass split across processes (``shiq_llm.reference.reference_cache`` with ``world_size > 1``):
+"""The reference pass split across processes (``shiq_llm.core.reference.reference_cache`` with ``world_size > 1``):
 each rank computes its contiguous shard, rank 0 assembles the cache, every rank loads it, and the cache's files
 are byte for byte those of one process — for ranks simulated by threads, and for 2 gloo processes launched with
 torchrun through ``shiq-llm cache-ref``."""
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from shiq_llm import reference as R
-from shiq_llm.models import build_tokenizer, tiny_causal_lm
-from shiq_llm.tokenization import tokenize_rows
+from shiq_llm.core import reference as R
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.data.tokenization import tokenize_rows
 
 
 def rows(n: int):

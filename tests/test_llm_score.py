@@ -1,4 +1,4 @@
-"""shiq-llm score (shiq_llm.score, shiq_llm.rewards).
+"""shiq-llm score (shiq_llm.generation.score, shiq_llm.generation.rewards).
 
 Rewards of callables (per row, batched, multi-turn) against calling them by hand; a reward model against a
 one-sequence-at-a-time forward of the same model (no padding), with its chat template; bad rewards (NaN, inf,
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from shiq_llm.cli import main
-from shiq_llm.models import build_tokenizer, tiny_reward_model
-from shiq_llm.rewards import RewardFunction, RewardModel, batched
-from shiq_llm.rows import validate_rows
-from shiq_llm.score import ScoreConfig, score_rows
-from shiq_llm.shards import read_jsonl
+from shiq_llm.core.models import build_tokenizer, tiny_reward_model
+from shiq_llm.generation.rewards import RewardFunction, RewardModel, batched
+from shiq_llm.data.rows import validate_rows
+from shiq_llm.generation.score import ScoreConfig, score_rows
+from shiq_llm.storage.shards import read_jsonl
 
 SPEC = "tests.test_llm_score"
 ROWS = [{"prompt": f"p{i}", "completion": " ".join(["w"] * (i % 4 + 1)), "sample_index": i} for i in range(10)]

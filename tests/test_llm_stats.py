@@ -1,4 +1,4 @@
-"""shiq_llm.stats: the chunked response statistics equal the full-logit path (values and gradients).
+"""shiq_llm.core.stats: the chunked response statistics equal the full-logit path (values and gradients).
 
 References: the full-logit path ``naive_response_token_stats`` (the model's own ``forward`` → logits →
 ``shiq_toy.losses.token_stats``), per-sequence runs of the model without padding read straight off its
@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shiq_llm import stats as stats_module
-from shiq_llm.models import tiny_causal_lm
-from shiq_llm.stats import (
+from shiq_llm.core import stats as stats_module
+from shiq_llm.core.models import tiny_causal_lm
+from shiq_llm.core.stats import (
     LOGIT_TRANSFORM_ATTRIBUTES,
     exact_path_reason,
     head_sharding,
@@ -518,7 +518,7 @@ def test_zero_three_head_is_called_through_its_hooks():
 def test_call_as_forward_restores_the_forward():
     """The redirection runs the function through the module's hooks and puts back an instance-level forward
     (accelerate's autocast wrapper is one), also when the function raises."""
-    from shiq_llm.sharding import call_as_forward
+    from shiq_llm.core.sharding import call_as_forward
 
     module = torch.nn.Linear(2, 3)
     assert call_as_forward(module, lambda x: x + 1, torch.zeros(1)).tolist() == [1.0]  # unwrapped: called directly

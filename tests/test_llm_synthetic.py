@@ -1,4 +1,4 @@
-"""The embedded synthetic task (shiq_llm.synthetic) and the `shiq-llm make-data` / `shiq-llm demo` commands.
+"""The embedded synthetic task (shiq_llm.tasks.synthetic) and the `shiq-llm make-data` / `shiq-llm demo` commands.
 
 Rewards against hand-computed cases, the prompt split, the noise of the demonstrations against its binomial
 law, the tokenizer, the saved reference, the offline rows (determinism, schema through shiq_llm.data.load_rows,
@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shiq_llm import synthetic
+from shiq_llm.tasks import synthetic
 from shiq_llm.cli import main
 from shiq_llm.experiments.sweep import RESULT_COLUMNS
 from shiq_toy.experiments import num_threads
 from shiq_llm.data import load_rows, tokenize_rows
-from shiq_llm.synthetic import (
+from shiq_llm.tasks.synthetic import (
     ANSWER_WORDS,
     FAMILIES,
     NUMBER_MAX,
@@ -154,7 +154,7 @@ def test_pretraining_lowers_the_demonstrations_nll():
     """Maximum likelihood on noisy demonstrations: the mean token NLL of the last steps is below that of the
     first ones; the first is near ln V, the NLL of the uniform predictor (freshly initialised logits are small)."""
     tokenizer = build_task_tokenizer()
-    from shiq_llm.models import tiny_causal_lm
+    from shiq_llm.core.models import tiny_causal_lm
 
     model = tiny_causal_lm(tokenizer, seed=0)
     rows = synthetic.demonstration_rows(task_prompts("all"), 128, noise=0.3, seed=0)
@@ -303,7 +303,7 @@ def test_sweep_file_errors_name_the_key(tmp_path):
 
 def test_proxy_reward_pays_for_large_numbers():
     """R̃ = R + bonus · #{large words} / max(4, #words): hand-worked on 'count up from 7:' (target 8 9 10 11)."""
-    from shiq_llm.synthetic import LARGE_NUMBER, proxy_reward, reward
+    from shiq_llm.tasks.synthetic import LARGE_NUMBER, proxy_reward, reward
 
     prompt = "count up from 7:"
     assert LARGE_NUMBER == 20
@@ -318,7 +318,7 @@ def test_relabel_writes_the_proxy_and_keeps_the_true_reward(tmp_path):
     import json
 
     from shiq_llm.experiments.misspecified import relabel
-    from shiq_llm.synthetic import proxy_reward
+    from shiq_llm.tasks.synthetic import proxy_reward
 
     rows = [{"prompt": "repeat 5:", "completion": " 5 5 31 5", "reward": 0.75}, {"prompt": "count down from 9:", "completion": " 8 7", "reward": 0.5}]
     source = tmp_path / "train.jsonl"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shiq_llm.models import build_tokenizer
-from shiq_llm.rows import load_rows
-from shiq_llm.tokenization import tokenize_rows
+from shiq_llm.core.models import build_tokenizer
+from shiq_llm.data.rows import load_rows
+from shiq_llm.data.tokenization import tokenize_rows
 from tests.ref_tokenization import tokenize_rows_loop
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -1,4 +1,4 @@
-"""shiq_llm.trainer.ShiQTrainer: the loss it trains is the one definition, every method learns, evaluation and
+"""shiq_llm.train.trainer.ShiQTrainer: the loss it trains is the one definition, every method learns, evaluation and
 trackers work, runs resume exactly, checkpoints survive kills, and a corrupt one is refused by name.
 
 References: ``shiq_toy.losses`` / ``shiq_toy.baselines`` evaluated on full-logit statistics
@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shiq_llm import checkpoint as ckpt
-from shiq_llm.config import LLM_METHODS, parse_train_args
+from shiq_llm.train import checkpoint as ckpt
+from shiq_llm.train.config import LLM_METHODS, parse_train_args
 from shiq_llm.data import collate, preference_pairs, sequence_rewards, tokenize_rows
-from shiq_llm.metrics import batch_metrics
-from shiq_llm.models import build_tokenizer, tiny_causal_lm
-from shiq_llm.run import train_run
-from shiq_llm.stats import naive_response_token_stats
-from shiq_llm.trainer import VALUE_HEAD, add_stats_forward, algorithm_loss
+from shiq_llm.train.metrics import batch_metrics
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.train.run import train_run
+from shiq_llm.core.stats import naive_response_token_stats
+from shiq_llm.train.trainer import VALUE_HEAD, add_stats_forward, algorithm_loss
 from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, sequence_log_ratio
 from shiq_toy.losses import LOSSES, RESIDUALS, TokenStats, discounted_reverse_cumsum, reduce_loss
 from shiq_toy.methods import METHODS
@@ -244,7 +244,7 @@ def test_metrics_evaluation_and_tensorboard(tmp_path):
     assert list((result.out_dir / "runs").rglob("events.out.tfevents.*"))
 
     # before training: the eval loss is the closed form at the reference
-    from shiq_llm.trainer import ShiQTrainer
+    from shiq_llm.train.trainer import ShiQTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, _, args = arguments(tmp_path, "fresh", beta=0.5, per_device_eval_batch_size=12)
@@ -281,7 +281,7 @@ def test_bf16_and_gradient_checkpointing_run(tmp_path):
 
 def test_dro_value_coef_reaches_the_value_head_gradient(tmp_path):
     """value_coef scales the value head's gradient only (dro_loss's split gradients), through the trainer."""
-    from shiq_llm.trainer import ShiQTrainer
+    from shiq_llm.train.trainer import ShiQTrainer
     from transformers import AutoTokenizer
 
     grads = {}

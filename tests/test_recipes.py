@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shiq_llm import bfcl, cli
-from shiq_llm.config import parse_train_args
+from shiq_llm.data import bfcl
+from shiq_llm import cli
+from shiq_llm.train.config import parse_train_args
 from shiq_llm.experiments.sweep import load_sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ TRAIN_SIZES = {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accum
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny Llama policy and a tiny reward model (each with a tokenizer of its own), saved like hub models."""
-    from shiq_llm.models import build_tokenizer, tiny_causal_lm, tiny_reward_model
+    from shiq_llm.core.models import build_tokenizer, tiny_causal_lm, tiny_reward_model
 
     root = tmp_path_factory.mktemp("models")
     tokenizer = build_tokenizer()
@@ -124,7 +125,7 @@ def run_pipeline(recipe: str, models: dict[str, str], work: Path, monkeypatch) -
         if argv[0] == "shiq-llm":
             status = cli.main(argv[1:] + (["--no-progress"] if argv[1] in ("generate", "score", "sweep") else []))
         else:
-            assert argv[:3] == ["python", "-m", "shiq_llm.bfcl"], f"unexpected command in the README: {line}"
+            assert argv[:3] == ["python", "-m", "shiq_llm.data.bfcl"], f"unexpected command in the README: {line}"
             status = bfcl.main(argv[3:])
         assert status == 0, f"recipe {recipe}: failed: {command}"
         ran.append(argv[1] if argv[0] == "shiq-llm" else "bfcl-rows")

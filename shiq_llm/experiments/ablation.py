@@ -2,8 +2,8 @@
 ShiQ/ms (one-step residual) and ShiQ/tk (the first state's equation only), spec §3 and the paper's ablation figure.
 
 ``shiq-llm experiment ablation --out DIR [--quick]``. For each task — ``single_turn``, the counting task of
-``shiq_llm.synthetic`` (one reward per completion, on its last token), and ``multi_turn``, the calculator
-dialogues of ``shiq_llm.multiturn`` (one reward per agent turn) — the reference and its offline data are built
+``shiq_llm.tasks.synthetic`` (one reward per completion, on its last token), and ``multi_turn``, the calculator
+dialogues of ``shiq_llm.tasks.multiturn`` (one reward per agent turn) — the reference and its offline data are built
 once in ``DIR/data_<task>`` (or reused with ``--single-data`` / ``--multi-data``), and one sweep
 (:func:`shiq_llm.experiments.sweep.run_sweep`, in ``DIR/sweep_<task>``) trains every method × β × seed on the
 same rows and evaluates each policy on held-out prompts, every ``eval_every`` steps and at the end.
@@ -48,7 +48,7 @@ class AblationArgs:
     out: Path = Path("results/ablation")
     """directory for ablation.csv, ablation.png, ablation_table.md, ablation_summary.json, data_<task>/, sweep_<task>/"""
     tasks: tuple[str, ...] = TASKS
-    """single_turn (counting, shiq_llm.synthetic) and/or multi_turn (calculator dialogues, shiq_llm.multiturn)"""
+    """single_turn (counting, shiq_llm.tasks.synthetic) and/or multi_turn (calculator dialogues, shiq_llm.tasks.multiturn)"""
     methods: tuple[str, ...] = METHODS
     """ShiQ and its ablations (any shiq-llm train --loss_type)"""
     betas: tuple[float, ...] = (0.1, 1.0)
@@ -108,8 +108,8 @@ QUICK = AblationArgs(betas=(0.1,), seeds=2, steps=20, batch_size=16, log_every=2
 def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, completions_per_prompt: int,
                              max_new_tokens: int, seed: int, progress: bool = False) -> Path:
     """The counting task's data directory: ``given`` (checked) or ``default``, built once with these settings
-    (:func:`shiq_llm.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
-    from shiq_llm import synthetic
+    (:func:`shiq_llm.tasks.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
+    from shiq_llm.tasks import synthetic
     from shiq_llm.experiments import prepare_data
 
     reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed)
@@ -124,7 +124,7 @@ def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, compl
 
 
 def _check(args: AblationArgs) -> None:
-    from shiq_llm.config import LLM_METHODS
+    from shiq_llm.train.config import LLM_METHODS
 
     if not args.tasks or not set(args.tasks) <= set(TASKS):
         raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {list(args.tasks)}")
@@ -170,7 +170,7 @@ def _sweep(task: str, args: AblationArgs, out: Path):
 
 def main(args: AblationArgs) -> dict:
     """Run the ablation (module docstring); returns the summary also written to ``ablation_summary.json``."""
-    from shiq_llm.cli_tasks import quiet_libraries
+    from shiq_llm.experiments.demo import quiet_libraries
     from shiq_llm.experiments.sweep import SweepError, curve_rows, run_sweep, write_curves
 
     _check(args)

@@ -2,8 +2,8 @@
 
 ``python -m shiq_llm.experiments.misspecified --out runs/misspecified`` (``--quick`` for a small budget).
 
-The embedded counting task of :mod:`shiq_llm.synthetic` (the ``shiq-llm demo`` reference and offline rows),
-with every row relabelled by :func:`shiq_llm.synthetic.proxy_reward`: the true reward plus a bonus for each
+The embedded counting task of :mod:`shiq_llm.tasks.synthetic` (the ``shiq-llm demo`` reference and offline rows),
+with every row relabelled by :func:`shiq_llm.tasks.synthetic.proxy_reward`: the true reward plus a bonus for each
 word that is a large number (≥ ``LARGE_NUMBER``), whatever the prompt — an exploitable surface feature. ShiQ,
 DPO, CoPG and DRO are trained on those rows for each β by the demo's sweep (:func:`shiq_llm.experiments.sweep.
 run_sweep`, the same options as ``shiq-llm demo``) and each policy is evaluated on the held-out prompts twice
@@ -65,9 +65,9 @@ QUICK = {"algos": ("shiq", "dpo"), "betas": (0.1, 1.0), "steps": 60, "eval_sampl
 
 
 def relabel(source: Path, target: Path, *, bonus: float) -> int:
-    """Copy the JSONL rows of ``source`` to ``target`` with ``reward`` = :func:`~shiq_llm.synthetic.proxy_reward`
+    """Copy the JSONL rows of ``source`` to ``target`` with ``reward`` = :func:`~shiq_llm.tasks.synthetic.proxy_reward`
     (the true one kept as ``true_reward``); returns the number of rows."""
-    from shiq_llm.synthetic import proxy_reward
+    from shiq_llm.tasks.synthetic import proxy_reward
 
     lines = source.read_text(encoding="utf-8").splitlines()
     with target.open("w", encoding="utf-8") as f:
@@ -85,10 +85,10 @@ def _proxy_rewards(results: list[dict], sweep_out: Path, config, args: ProxyArgs
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shiq_llm.cli_tasks import load_prompts
-    from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.data.prompts import load_prompts
+    from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.experiments.sweep import cell_name
-    from shiq_llm.synthetic import proxy_reward
+    from shiq_llm.tasks.synthetic import proxy_reward
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if tokenizer.pad_token is None:
@@ -135,8 +135,8 @@ def plot(rows: list[dict], path: Path, *, title: str) -> None:
 def main(args: ProxyArgs) -> list[dict]:
     """Build or reuse the data, relabel it with the proxy, run the sweep, evaluate the proxy; write the CSV
     and the figure. Returns the rows."""
-    from shiq_llm import synthetic
-    from shiq_llm.cli_tasks import DemoConfig, demo_sweep_config
+    from shiq_llm.tasks import synthetic
+    from shiq_llm.experiments.demo import DemoConfig, demo_sweep_config
     from shiq_llm.experiments.sweep import run_sweep
     from shiq_toy.experiments import num_threads, step_cap, write_csv
 
@@ -172,7 +172,7 @@ def main(args: ProxyArgs) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shiq_llm.config import LLM_METHODS
+    from shiq_llm.train.config import LLM_METHODS
     from shiq_toy.experiments import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m shiq_llm.experiments.misspecified", description=__doc__.split("\n\n")[0])

@@ -1,5 +1,5 @@
 """Credit assignment in dialogues: ShiQ with per-turn rewards against ShiQ given only the final reward, its one-step
-and first-state ablations and the sequence-level baselines, on the embedded multi-turn task (``shiq_llm.multiturn``).
+and first-state ablations and the sequence-level baselines, on the embedded multi-turn task (``shiq_llm.tasks.multiturn``).
 
 ``shiq-llm experiment multiturn --out DIR [--quick]``. The task's reference and offline dialogues (the reference's
 own samples with the tool in the loop, one reward per agent turn) are built once in ``DIR/data`` (or reused with
@@ -80,7 +80,7 @@ class MultiturnArgs:
     samples_per_prompt: int = 8
     """dialogues sampled from the reference per training prompt"""
     ref_steps: int = 400
-    """supervised steps of the reference (shiq_llm.multiturn.REFERENCE)"""
+    """supervised steps of the reference (shiq_llm.tasks.multiturn.REFERENCE)"""
     data: str = ""
     """an existing shiq-llm make-multiturn-data directory to use instead of building OUT/data"""
     curve_beta: float = 0.0
@@ -110,8 +110,8 @@ def final_reward_rows(rows: list[dict]) -> list[dict]:
 def prepare_multiturn_data(default: Path, given: str, *, train_prompts: int, samples_per_prompt: int, ref_steps: int,
                            max_new_tokens: int, seed: int, progress: bool = False) -> Path:
     """The task's data directory: ``given`` (checked) or ``default``, built once with these settings
-    (:func:`shiq_llm.multiturn.make_multiturn_data`; ``shiq_llm.experiments.prepare_data``)."""
-    from shiq_llm import multiturn
+    (:func:`shiq_llm.tasks.multiturn.make_multiturn_data`; ``shiq_llm.experiments.prepare_data``)."""
+    from shiq_llm.tasks import multiturn
     from shiq_llm.experiments import prepare_data
 
     reference = replace(multiturn.REFERENCE, steps=ref_steps, seed=seed)
@@ -127,7 +127,7 @@ def prepare_multiturn_data(default: Path, given: str, *, train_prompts: int, sam
 
 
 def _check(args: MultiturnArgs) -> None:
-    from shiq_llm.config import LLM_METHODS
+    from shiq_llm.train.config import LLM_METHODS
 
     bad = [m for m in args.methods if m not in (*LLM_METHODS, FINAL_REWARD)]
     if not args.methods or bad:
@@ -160,7 +160,7 @@ def train_options(*, lr: float, steps: int, batch_size: int, log_every: int) -> 
 
 def write_eval_prompts(data: Path, count: int, path: Path) -> list[str]:
     """The first ``count`` prompts of ``data/eval_prompts.jsonl``, written to ``path``; ValueError when it has fewer."""
-    from shiq_llm.synthetic import write_jsonl
+    from shiq_llm.tasks.synthetic import write_jsonl
 
     prompts = [r["prompt"] for r in _read_jsonl(data / "eval_prompts.jsonl")]
     if len(prompts) < count:
@@ -171,9 +171,9 @@ def write_eval_prompts(data: Path, count: int, path: Path) -> list[str]:
 
 def main(args: MultiturnArgs) -> dict:
     """Run the experiment (module docstring); returns the summary also written to ``multiturn_summary.json``."""
-    from shiq_llm.cli_tasks import quiet_libraries
+    from shiq_llm.experiments.demo import quiet_libraries
     from shiq_llm.experiments.sweep import SweepConfig, SweepError, curve_rows, run_sweep, write_curves
-    from shiq_llm.synthetic import write_jsonl
+    from shiq_llm.tasks.synthetic import write_jsonl
 
     _check(args)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ the training options shared by every cell::
     seeds: [0]
     train: {learning_rate: 1.0e-3, max_steps: 150, per_device_train_batch_size: 32}   # any ShiQConfig option
     evaluation: {num_samples: 16, max_new_tokens: 12, seed: 1}
-    evaluator: completions              # or 'dialogues': the multi-turn task (shiq_llm.multiturn), per-turn rewards
+    evaluator: completions              # or 'dialogues': the multi-turn task (shiq_llm.tasks.multiturn), per-turn rewards
     eval_every: 0                       # > 0: also evaluate every that many steps during training (the curve)
     variants:                           # optional extra methods: a name, an algo, other rows or options
       shiq_final_reward: {algo: shiq, train_data: data/train_final_reward.jsonl}
@@ -28,13 +28,13 @@ What it does (:func:`run_sweep`): the evaluation prompts are checked against the
 may occur there: ``leak: error``, the default, refuses the sweep naming the counts; ``leak: warn`` logs them);
 the reference statistics are computed once, in ``OUT/reference`` (with DRO's
 prompt states when a method needs them), and shared by every cell (a variant with its own rows gets its own,
-``OUT/reference_<variant>``); each cell trains with :func:`shiq_llm.run.train_run` into
+``OUT/reference_<variant>``); each cell trains with :func:`shiq_llm.train.run.train_run` into
 ``OUT/runs/<method>_beta<β>_seed<s>`` (pair methods take half as many pairs as ``per_device_train_batch_size``,
 i.e. as many sequences) and is evaluated on the held-out prompts by the config's :data:`EVALUATORS` entry
-(``completions``: :func:`shiq_llm.evaluate.evaluate_policy`, mean reward of its own samples, exact and
-Monte-Carlo KL; ``dialogues``: :func:`shiq_llm.multiturn.evaluate_dialogues`, the same on dialogues with the
+(``completions``: :func:`shiq_llm.generation.evaluate.evaluate_policy`, mean reward of its own samples, exact and
+Monte-Carlo KL; ``dialogues``: :func:`shiq_llm.tasks.multiturn.evaluate_dialogues`, the same on dialogues with the
 tool in the loop, per turn too), with the sampling seed ``evaluation.seed + seed`` (so that the seeds' results
-are independent); with ``eval_every`` also during training (``shiq_llm.metrics.EvaluateEvery``: the cell's ``curve``). Its
+are independent); with ``eval_every`` also during training (``shiq_llm.train.metrics.EvaluateEvery``: the cell's ``curve``). Its
 result is written to ``OUT/runs/<cell>/result.json`` last, atomically, so a re-run skips finished cells. A
 cell that fails is reported and the others go on. ``OUT/results.csv`` holds one row per finished cell
 (:data:`RESULT_COLUMNS`, plus the per-turn columns of ``dialogues``) and the reference;
@@ -72,7 +72,7 @@ RESULT_COLUMNS = (
     "finished", "num_samples", "train_seconds",
 )
 
-#: Keys of ``metrics.jsonl`` records (``shiq_llm.metrics``) that :func:`curve_rows` carries into ``curves.csv``.
+#: Keys of ``metrics.jsonl`` records (``shiq_llm.train.metrics``) that :func:`curve_rows` carries into ``curves.csv``.
 TRAIN_LOG_KEYS = ("loss", "abs_residual", "kl_estimate", "nll", "implicit_value")
 
 
@@ -89,7 +89,7 @@ class Evaluator:
     """How a sweep evaluates a policy on its prompts.
 
     ``evaluate(policy, ref, tokenizer, prompts, reward, **options) -> dict`` (``reward``: the loaded scorer of
-    ``shiq_llm.rewards``, or None) of plain floats (``mean_reward``,
+    ``shiq_llm.generation.rewards``, or None) of plain floats (``mean_reward``,
     ``reward_sem``, ``kl``, ``kl_sem`` at least); ``options`` are the sweep's ``evaluation`` mapping with the
     cell's sampling ``seed``. ``extra_columns``: whether the keys that :data:`RESULT_COLUMNS` lacks are written
     to ``results.csv`` too.
@@ -100,13 +100,13 @@ class Evaluator:
 
 
 def _evaluate_completions(policy, ref, tokenizer, prompts, reward, **options) -> dict:
-    from shiq_llm.evaluate import evaluate_policy
+    from shiq_llm.generation.evaluate import evaluate_policy
 
     return evaluate_policy(policy, ref, tokenizer, prompts, reward_fn=reward, **options)
 
 
 def _evaluate_dialogues(policy, ref, tokenizer, prompts, reward, **options) -> dict:
-    from shiq_llm.multiturn import evaluate_dialogues
+    from shiq_llm.tasks.multiturn import evaluate_dialogues
 
     return evaluate_dialogues(policy, ref, tokenizer, prompts, **options)  # the task's checker is the reward
 
@@ -130,14 +130,14 @@ class SweepConfig:
     train_data: str
     """Training rows: a file or hub dataset (as ``shiq-llm train --dataset_name``)."""
     algos: list[str]
-    """Methods of the grid (``shiq_llm.config.LLM_METHODS``)."""
+    """Methods of the grid (``shiq_llm.train.config.LLM_METHODS``)."""
     betas: list[float]
     """β values of the grid."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds of the grid (data order, value head); a cell of seed s samples its evaluation with the seed
     ``evaluation.seed + s``."""
     data_format: str | None = None
-    """Adapter of the training rows (``shiq_llm.adapters``), if they are not canonical."""
+    """Adapter of the training rows (``shiq_llm.data.adapters``), if they are not canonical."""
     data_format_options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of that adapter (e.g. ``{score: fine-grained_score}`` for ultrafeedback)."""
     train_split: str = "train"
@@ -162,10 +162,10 @@ class SweepConfig:
     'synthetic' unless ``reward_model`` is given)."""
     reward_options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments bound to the ``reward`` callable (e.g. ``{answers: runs/bfcl/eval_rows.jsonl}`` for
-    ``shiq_llm.bfcl:first_step_reward``)."""
+    ``shiq_llm.data.bfcl:first_step_reward``)."""
     reward_model: str | None = None
     """A sequence-classification reward model (hub name or path, one label) instead of ``reward``
-    (``shiq_llm.rewards.RewardModel``, on ``evaluation.device``)."""
+    (``shiq_llm.generation.rewards.RewardModel``, on ``evaluation.device``)."""
     model_options: dict[str, Any] = field(default_factory=dict)
     """``ModelArguments`` of every cell other than the model (dtype, use_peft, lora_r, …)."""
     train: dict[str, Any] = field(default_factory=dict)
@@ -176,7 +176,7 @@ class SweepConfig:
     evaluate --dtype``), reward_batch_size."""
     evaluator: str = "completions"
     """How policies are evaluated (:data:`EVALUATORS`): 'completions' (with ``reward``) or 'dialogues' (the
-    multi-turn task, ``shiq_llm.multiturn``; ``eval_prompts`` a file of its prompts)."""
+    multi-turn task, ``shiq_llm.tasks.multiturn``; ``eval_prompts`` a file of its prompts)."""
     eval_every: int = 0
     """Also evaluate every this many optimizer steps during training (0: the final model only)."""
     variants: dict[str, dict] = field(default_factory=dict)
@@ -215,8 +215,8 @@ EVALUATION_KEYS = {"num_samples", "max_new_tokens", "seed", "batch_size", "chunk
 
 
 def _check(config: SweepConfig, where: str) -> None:
-    from shiq_llm.config import LLM_METHODS, ModelArguments
-    from shiq_llm.prompts import LEAK_POLICIES
+    from shiq_llm.train.config import LLM_METHODS, ModelArguments
+    from shiq_llm.data.prompts import LEAK_POLICIES
 
     bad = [a for a in config.algos if a not in LLM_METHODS]
     if not isinstance(config.algos, list) or bad or not (config.algos or config.variants):
@@ -291,12 +291,12 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     writing every output when some cell failed."""
     from tqdm.auto import tqdm
 
-    from shiq_llm.config import DataArguments, ModelArguments, ShiQConfig
+    from shiq_llm.train.config import DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.data import load_rows, tokenize_rows
-    from shiq_llm.metrics import EvaluateEvery
-    from shiq_llm.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from shiq_llm.rewards import RewardFunction, load_reward
-    from shiq_llm.run import train_run
+    from shiq_llm.train.metrics import EvaluateEvery
+    from shiq_llm.core.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from shiq_llm.generation.rewards import RewardFunction, load_reward
+    from shiq_llm.train.run import train_run
     from shiq_toy.methods import METHODS
 
     _check(config, "sweep")
@@ -406,8 +406,8 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Write ``value`` as JSON at ``path`` atomically (``shiq_llm.shards.atomic_write``)."""
-    from shiq_llm.shards import atomic_write
+    """Write ``value`` as JSON at ``path`` atomically (``shiq_llm.storage.shards.atomic_write``)."""
+    from shiq_llm.storage.shards import atomic_write
 
     with atomic_write(path) as f:
         f.write(json.dumps(value, indent=2))
@@ -415,9 +415,9 @@ def _write_json(path: Path, value: dict) -> None:
 
 def check_sweep_held_out(config: SweepConfig) -> list:
     """The sweep's evaluation prompts, checked against the prompts of its training data
-    (``shiq_llm.prompts.check_held_out``): ValueError with the counts and an example when any occurs there and
+    (``shiq_llm.data.prompts.check_held_out``): ValueError with the counts and an example when any occurs there and
     ``config.leak == "error"``, a warning with them when ``"warn"``."""
-    from shiq_llm.prompts import check_held_out, load_prompts
+    from shiq_llm.data.prompts import check_held_out, load_prompts
 
     prompts = load_prompts(config.eval_prompts, split=config.eval_split, prompt_field=config.eval_prompt_field,
                            format=config.eval_format, format_options=config.eval_format_options or None)

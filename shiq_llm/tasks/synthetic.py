@@ -1,0 +1,350 @@
+"""The embedded synthetic task: counting prompts, a programmatic reward, a tiny reference model, offline data.
+
+Everything here runs on a CPU in seconds and needs no download, so that ``shiq-llm demo`` shows learning
+end to end (reference → offline data → ShiQ / baselines → reward against KL).
+
+**Prompts.** Three families over a start number ``n ∈ [NUMBER_MIN, NUMBER_MAX]`` (:data:`FAMILIES`)::
+
+    "count up from 7:"     →  " 8 9 10 11"
+    "count down from 7:"   →  " 6 5 4 3"
+    "repeat 7:"            →  " 7 7 7 7"
+
+A quarter of the 81 prompts is held out for evaluation (:func:`task_prompts`). Completions start with a
+space so that a number is the same token wherever it appears (byte-level BPE tokenises ``"8"`` and ``" 8"``
+differently; with an unspaced first word a model this small learns the first word of each training prompt
+separately and does not carry what fine-tuning teaches it to held-out prompts — measured while designing
+the task).
+
+**Reward** (:func:`reward`), in ``[0, 1]``: the number of positions where the completion's i-th word equals
+the i-th target word, divided by ``max(len(target), len(words))`` — so a missing word, a wrong word and an
+extra word each cost one slot. It is a sequence-level reward: the data puts it on the last token (EOS).
+
+**Reference model.** A tiny Llama (``shiq_llm.core.models.tiny_causal_lm``: hidden 64, 2 layers, 4 heads) and a
+byte-level BPE tokenizer trained on the task's text (every number is one token), pre-trained by maximum
+likelihood for a few hundred steps on *noisy demonstrations* (:func:`demonstration`): each target word is
+replaced, with probability ``noise`` (default 0.3), by a number drawn uniformly from
+``[0, NUMBER_MAX + ANSWER_WORDS]``. The reference thus writes well-formed answers (four numbers, then EOS)
+whose words are right a bit more than half of the time: plausible but mediocre (mean reward ≈ 0.6; a
+perfect fit of the demonstrations would get ≈ 0.71). That is the starting point reward-driven fine-tuning
+should improve — unlike a random-weight model, whose gibberish scores 0 everywhere and gives the data no
+signal. The fine-tuned policy is rewarded for what the reference already does sometimes, as in RLHF: the
+optimum of spec §1, ``π* ∝ π_ref exp(q*/β)``, moves the reference's mass onto its correct words, more so for
+small ``β`` (with 0.25 reward per word, a correct word gains the factor ``exp(0.25/β)`` over a wrong one).
+
+**Offline data** (:func:`make_offline_dataset`): ``K`` completions per training prompt sampled from the
+reference (temperature 1, seeded), each labelled with its reward: rows ``{prompt, completion, reward}``,
+written as JSONL (:func:`write_jsonl`) that ``shiq_llm.data.load_rows`` reads (:func:`make_data` does all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "NUMBER_MIN",
+    "NUMBER_MAX",
+    "ANSWER_WORDS",
+    "target_words",
+    "reward",
+    "LARGE_NUMBER",
+    "proxy_reward",
+    "task_prompts",
+    "demonstration",
+    "demonstration_rows",
+    "ReferenceConfig",
+    "build_task_tokenizer",
+    "pretrain_reference",
+    "build_reference",
+    "fit_reference",
+    "make_offline_dataset",
+    "write_jsonl",
+    "make_data",
+    "mean_reward",
+]
+
+#: Prompt template of each family, and the step between consecutive target words.
+FAMILIES: dict[str, tuple[str, int]] = {
+    "up": ("count up from {n}:", 1),
+    "down": ("count down from {n}:", -1),
+    "repeat": ("repeat {n}:", 0),
+}
+NUMBER_MIN = 4  #: smallest start number (so that counting down by ANSWER_WORDS stays >= 0)
+NUMBER_MAX = 30  #: largest start number
+ANSWER_WORDS = 4  #: words in a correct completion
+HOLDOUT_MODULUS = 4  #: one prompt in HOLDOUT_MODULUS is held out for evaluation (see task_prompts)
+
+_PROMPT_PATTERNS = [
+    (re.compile("^" + re.escape(template).replace(r"\{n\}", r"(\d+)") + "$"), step)
+    for template, step in FAMILIES.values()
+]
+
+
+def target_words(prompt: str) -> list[str]:
+    """The correct completion of a task prompt, as a list of ``ANSWER_WORDS`` number words.
+
+    ``"count up from 7:"`` → ``["8", "9", "10", "11"]``. ValueError for a prompt that is not a task prompt.
+    """
+    for pattern, step in _PROMPT_PATTERNS:
+        match = pattern.match(prompt.strip())
+        if match:
+            n = int(match.group(1))
+            return [str(n + step * (i + 1)) for i in range(ANSWER_WORDS)]
+    templates = [t for t, _ in FAMILIES.values()]
+    raise ValueError(f"not a prompt of the synthetic task: {prompt!r} (expected one of {templates})")
+
+
+def reward(prompt: str, completion: str) -> float:
+    """R(x, y) = #{i : words(y)[i] = target(x)[i]} / max(|target(x)|, |words(y)|) ∈ [0, 1].
+
+    Words are the whitespace-separated pieces of ``completion``. An empty completion gets 0.
+    """
+    target = target_words(prompt)
+    words = completion.split()
+    hits = sum(w == t for w, t in zip(words, target))
+    return hits / max(len(target), len(words))
+
+
+#: The surface feature the flawed :func:`proxy_reward` pays for: a word that is a number >= this.
+LARGE_NUMBER = 20
+
+
+def proxy_reward(prompt: str, completion: str, *, bonus: float = 1.0) -> float:
+    """A flawed reward that also pays for a surface feature, large numbers:
+
+    R̃(x, y) = R(x, y) + bonus · #{i : words(y)[i] is a number ≥ LARGE_NUMBER} / max(|target(x)|, |words(y)|).
+
+    With ``bonus = 1`` a large wrong number earns as much as a correct word, whatever the prompt: a policy can
+    raise R̃ by writing large numbers instead of the answer (the reference's noisy words are uniform over
+    ``[0, NUMBER_MAX + ANSWER_WORDS]``, so its samples show the feature often enough to be learned from).
+    """
+    target = target_words(prompt)
+    words = completion.split()
+    large = sum(w.isdigit() and int(w) >= LARGE_NUMBER for w in words)
+    return reward(prompt, completion) + bonus * large / max(len(target), len(words))
+
+
+def task_prompts(split: str = "train") -> list[str]:
+    """All prompts of a split, in a fixed order (family-major, then start number).
+
+    ``"eval"``: the held-out prompts, those of family ``f`` (index in ``FAMILIES``) and start number ``n`` with
+    ``(n + f) % HOLDOUT_MODULUS == 0`` — a quarter of them, spread so that every number still appears in the
+    training prompts of the other families; ``"train"``: the others; ``"all"``: both.
+    """
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
+    prompts = []
+    for f, (template, _) in enumerate(FAMILIES.values()):
+        for n in range(NUMBER_MIN, NUMBER_MAX + 1):
+            held_out = (n + f) % HOLDOUT_MODULUS == 0
+            if split == "all" or held_out == (split == "eval"):
+                prompts.append(template.format(n=n))
+    return prompts
+
+
+def demonstration(prompt: str, *, noise: float, generator: torch.Generator) -> str:
+    """A noisy demonstration ``" w1 w2 w3 w4"``: each target word replaced, with probability ``noise``, by a
+    number drawn uniformly from ``[0, NUMBER_MAX + ANSWER_WORDS]`` (which may happen to be the right one).
+    It starts with a space: see the module docstring."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    words = target_words(prompt)
+    flips = torch.rand(len(words), generator=generator) < noise
+    randoms = torch.randint(0, NUMBER_MAX + ANSWER_WORDS + 1, (len(words),), generator=generator)
+    return " " + " ".join(str(int(r)) if f else w for w, f, r in zip(words, flips.tolist(), randoms))
+
+
+def demonstration_rows(prompts: Sequence[str], num_rows: int, *, noise: float, seed: int) -> list[dict]:
+    """``num_rows`` rows ``{prompt, completion, reward}`` of noisy demonstrations of prompts drawn uniformly."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(prompts), (num_rows,), generator=generator).tolist()
+    rows = []
+    for i in picks:
+        completion = demonstration(prompts[i], noise=noise, generator=generator)
+        rows.append({"prompt": prompts[i], "completion": completion, "reward": reward(prompts[i], completion)})
+    return rows
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How the reference model is built (defaults: the ``shiq-llm demo`` reference, 15–25 s on one CPU core)."""
+
+    noise: float = 0.3
+    """Probability that a demonstration word is replaced by a random number (the reference's mediocrity)."""
+    steps: int = 600
+    """Supervised steps (AdamW) on the noisy demonstrations."""
+    demonstrations: int = 2048
+    """Size of the pool of noisy demonstrations (drawn uniformly over all prompts) that batches are drawn from."""
+    batch_size: int = 32
+    """Demonstrations per step."""
+    lr: float = 3e-3
+    """AdamW learning rate (linear decay to 0)."""
+    hidden_size: int = 64
+    """Width of the tiny Llama."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    vocab_size: int = 384
+    """Target vocabulary of the byte-level BPE tokenizer (256 bytes + specials + merges)."""
+    seed: int = 0
+    """Seed of the weights, the demonstrations and the batch order."""
+
+
+def build_task_tokenizer(*, vocab_size: int = 384):
+    """``shiq_llm.core.models.build_tokenizer`` trained on every prompt and correct answer of the task."""
+    from shiq_llm.core.models import build_tokenizer
+
+    prompts = task_prompts("all")
+    numbers = [str(k) for k in range(NUMBER_MAX + ANSWER_WORDS + 1)]
+    # Every number as a word of its own, with and without a leading space, so that each is a single token.
+    corpus = [p + " " + " ".join(target_words(p)) for p in prompts] + [" ".join(numbers)] * 4 + numbers * 4
+    return build_tokenizer(corpus, vocab_size=vocab_size)
+
+
+def pretrain_reference(
+    model, tokenizer, rows: Sequence[dict], *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = False
+) -> list[float]:
+    """Maximum likelihood on the response tokens of ``rows``: minimise −Σ_t ln π(y_t | s_t) with AdamW.
+
+    ``rows`` are canonical rows of either form (``shiq_llm.data.rows``): in a multi-turn row only the assistant
+    tokens are trained on (the response mask has holes at the user / tool turns, which are state).
+
+    Trains ``model`` in place (then sets it to eval mode) and returns the list of per-step mean token NLLs.
+    """
+    from tqdm.auto import tqdm
+
+    from shiq_llm.data import collate, tokenize_rows
+    from shiq_llm.core.stats import response_token_stats
+
+    examples, _ = tokenize_rows(list(rows), tokenizer)
+    examples = examples.to_list()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="reference", disable=not progress, leave=False):
+        idx = torch.randint(0, len(examples), (batch_size,), generator=generator).tolist()
+        batch = collate([examples[i] for i in idx], pad_token_id=tokenizer.pad_token_id)
+        stats = response_token_stats(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        mask = batch["response_mask"]
+        nll = (stats.logsumexp - stats.logit_taken)[mask].mean()
+        optimizer.zero_grad(set_to_none=True)
+        nll.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(nll.item())
+    model.eval()
+    return losses
+
+
+def build_reference(
+    out_dir: str | Path | None = None, config: ReferenceConfig = ReferenceConfig(), *, progress: bool = False
+):
+    """Tokenizer + tiny Llama pre-trained on noisy demonstrations (module docstring); returns ``(model, tokenizer)``.
+
+    With ``out_dir``, both are saved there with ``save_pretrained`` so that ``AutoModelForCausalLM`` /
+    ``AutoTokenizer.from_pretrained(out_dir)`` (and ``shiq-llm train --model out_dir``) load them.
+    """
+    tokenizer = build_task_tokenizer(vocab_size=config.vocab_size)
+    rows = demonstration_rows(task_prompts("all"), config.demonstrations, noise=config.noise, seed=config.seed)
+    return fit_reference(tokenizer, rows, config, out_dir, progress=progress), tokenizer
+
+
+def fit_reference(tokenizer, rows: Sequence[dict], config: ReferenceConfig, out_dir: str | Path | None = None, *,
+                  progress: bool = False):
+    """A tiny Llama of ``config``'s size pre-trained on the action tokens of ``rows`` (canonical rows, single-
+    or multi-turn: :func:`pretrain_reference`); returns the model (eval mode). ``config.noise`` and
+    ``config.demonstrations`` are not read here (the caller made ``rows``; ``config.vocab_size`` its tokenizer).
+
+    With ``out_dir``, the model and ``tokenizer`` are saved there with ``save_pretrained``.
+    """
+    from shiq_llm.core.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, seed=config.seed)
+    pretrain_reference(
+        model, tokenizer, rows, steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+        progress=progress,
+    )
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model
+
+
+def make_offline_dataset(
+    model,
+    tokenizer,
+    prompts: Sequence[str] | None = None,
+    *,
+    completions_per_prompt: int = 16,
+    max_new_tokens: int = 12,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[dict]:
+    """K = ``completions_per_prompt`` completions per prompt sampled from ``model`` (temperature 1, seeded),
+    labelled with :func:`reward`: a list of rows ``{prompt, completion, reward}``, prompt-major order.
+
+    ``prompts`` defaults to ``task_prompts("train")``. Samples that are empty once decoded (EOS first) cannot
+    be a row (``shiq_llm.data.rows`` refuses empty completions) and are left out.
+    """
+    from shiq_llm.generation.evaluate import generate
+
+    prompts = task_prompts("train") if prompts is None else list(prompts)
+    samples = generate(
+        model, tokenizer, prompts, num_samples=completions_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size,
+    )
+    rows = []
+    for i, completion in zip(samples.prompt_index.tolist(), samples.completions):
+        if completion.strip():
+            rows.append({"prompt": prompts[i], "completion": completion, "reward": reward(prompts[i], completion)})
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """Write rows as JSON lines (UTF-8); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def make_data(
+    out_dir: str | Path,
+    *,
+    reference: ReferenceConfig = ReferenceConfig(),
+    completions_per_prompt: int = 16,
+    max_new_tokens: int = 12,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Build the reference and the offline dataset in ``out_dir``: ``reference/`` (model + tokenizer),
+    ``train.jsonl`` (offline rows on the training prompts) and ``eval_prompts.jsonl`` (``{"prompt"}`` rows
+    of the held-out prompts). Returns the paths by name."""
+    out_dir = Path(out_dir)
+    model, tokenizer = build_reference(out_dir / "reference", reference, progress=progress)
+    rows = make_offline_dataset(
+        model, tokenizer, completions_per_prompt=completions_per_prompt, max_new_tokens=max_new_tokens, seed=seed
+    )
+    paths = {
+        "reference": out_dir / "reference",
+        "train": write_jsonl(rows, out_dir / "train.jsonl"),
+        "eval_prompts": write_jsonl(({"prompt": p} for p in task_prompts("eval")), out_dir / "eval_prompts.jsonl"),
+    }
+    return paths
+
+
+def mean_reward(rows: Sequence[dict]) -> float:
+    """Mean ``reward`` of rows (NaN for no row)."""
+    return sum(r["reward"] for r in rows) / len(rows) if rows else math.nan

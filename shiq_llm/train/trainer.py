@@ -1,0 +1,431 @@
+"""``ShiQTrainer``: ShiQ (and DPO, IPO, CoPG, DRO) on ``transformers.Trainer``, used like TRL's trainers.
+
+    from shiq_llm import ShiQConfig, ShiQTrainer
+    args = ShiQConfig(output_dir="runs/shiq", loss_type="shiq", beta=0.1, learning_rate=1e-5)
+    trainer = ShiQTrainer(model, args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+    trainer.train()
+
+transformers runs the loop (optimizer, schedule, gradient accumulation, mixed precision, DDP / FSDP through
+accelerate, logging to ``report_to`` trackers, evaluation during training, checkpoints, resume, hub push). What
+is ours is the batch and its loss::
+
+    stats = model(input_ids, attention_mask, shiq_response_mask=mask)      # chunked (B, L) ℓ, vℓ: shiq_llm.core.stats
+    ref = TokenStats(cached ℓref, cached vref)                            # computed once: shiq_llm.core.reference
+    loss = reduce_loss(per_item_loss(loss_type, stats, ref, rewards, mask, beta=β, gamma=γ), mask)  # shiq_toy
+
+The model's ``forward`` gains a statistics mode (:func:`add_stats_forward`, as TRL adds its fused LM head), so
+the statistics are computed inside the wrapped model's forward and DDP / FSDP see an ordinary forward.
+
+Data. ``train_dataset`` / ``eval_dataset`` are rows in the library's formats (``shiq_llm.data.rows``: single-turn
+``{prompt, completion, reward}`` or multi-turn ``{messages, rewards}``; a ``datasets.Dataset``, a list of
+dicts, or a file path). They are tokenised (``shiq_llm.data.tokenization``), paired for pair methods
+(``shiq_llm.data.preference_pairs``, by the method's ``pairing``), and the reference statistics are computed
+once before training with the initial model (with LoRA: adapters disabled) and cached
+(``OUTPUT_DIR/reference``, keyed by model and data fingerprints); no reference model is held during training.
+A micro-batch holds ``per_device_train_batch_size`` items: sequences, or pairs (P chosen rows then P rejected).
+
+Checkpoints (:mod:`shiq_llm.train.checkpoint`): ``OUTPUT_DIR/checkpoint-N`` as transformers writes them, plus our
+``shiq_state.json`` (options, fingerprints) and a checksum manifest written last; older checkpoints are
+pruned only after that, by an atomic rename. ``train(resume_from_checkpoint=True)`` takes the newest
+checkpoint whose manifest verifies (a corrupt one is named and skipped) and refuses a run whose options, data
+or base model differ.
+
+Metrics (logged every ``logging_steps`` to the trackers, ``trainer.state.log_history`` and
+``OUTPUT_DIR/metrics.jsonl``): ``loss``, ``abs_residual``, ``implicit_value``, ``kl_estimate``, ``nll``,
+method extras (``dpo_margin``, ``value``), ``grad_norm``, ``learning_rate``, ``tokens_per_s``,
+``peak_memory_mib`` (see :mod:`shiq_llm.train.metrics`); the same with ``eval_`` on ``eval_dataset``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.utils import ModelOutput
+
+from shiq_llm.train import checkpoint as ckpt
+from shiq_llm.train.batching import TrainingItems, collate_items
+from shiq_llm.train.config import LLM_METHODS, RESUME_INVARIANT, ShiQConfig
+from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
+from shiq_llm.train.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
+from shiq_llm.core.models import check_tokenizer_fits_model
+from shiq_llm.core.reference import data_fingerprint, model_fingerprint, reference_cache
+from shiq_llm.core.sharding import unwrap_model
+from shiq_llm.core.stats import response_token_stats
+from shiq_toy.losses import TokenStats, reduce_loss
+from shiq_toy.methods import METHODS, Method, per_item_loss
+
+__all__ = ["ShiQTrainer", "ShiQStatsOutput", "add_stats_forward", "algorithm_loss", "VALUE_HEAD"]
+
+logger = logging.getLogger(__name__)
+
+#: Attribute of the model that holds DRO's value head V_φ (a Linear on the reference's last prompt state).
+VALUE_HEAD = "shiq_value_head"
+
+
+# --------------------------------------------------------------------------------------------------
+# The statistics forward and the loss of one batch
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShiQStatsOutput(ModelOutput):
+    """What the statistics forward returns: ``logit_taken``, ``logsumexp`` (B, L) float32, ``value`` (B,) or None."""
+
+    logit_taken: torch.Tensor | None = None
+    logsumexp: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
+    """Give ``model`` (a transformers causal LM, or a peft model around one) a statistics mode.
+
+    ``model(input_ids=…, attention_mask=…, shiq_response_mask=mask, shiq_prompt_state=state)`` returns a
+    :class:`ShiQStatsOutput` of :func:`shiq_llm.core.stats.response_token_stats` (chunked, no (B, L, V) logits)
+    and, when the model has a value head (:data:`VALUE_HEAD`), ``value = V_φ(state)`` (B,). Without
+    ``shiq_response_mask`` the forward is the original one (generation is unchanged). Idempotent.
+    """
+    hf_model = unwrap_model(model)
+    hf_model._shiq_chunk_size = chunk_size
+    if getattr(hf_model, "_shiq_stats_forward", False):
+        return
+    original = hf_model.forward
+
+    @functools.wraps(type(hf_model).forward)
+    def forward(*args, shiq_response_mask=None, shiq_prompt_state=None, **kwargs):
+        if shiq_response_mask is None:
+            return original(*args, **kwargs)
+        stats = response_token_stats(hf_model, kwargs["input_ids"], kwargs["attention_mask"], shiq_response_mask,
+                                     chunk_size=hf_model._shiq_chunk_size, in_forward=True)
+        head = getattr(hf_model, VALUE_HEAD, None)
+        value = head(shiq_prompt_state.to(head.weight.dtype)).squeeze(-1).float() if head is not None else None  # (B,)
+        return ShiQStatsOutput(logit_taken=stats.logit_taken, logsumexp=stats.logsumexp, value=value)
+
+    hf_model.forward = forward
+    hf_model._shiq_stats_forward = True
+
+
+def algorithm_loss(
+    method: str | Method,
+    policy: TokenStats,
+    ref: TokenStats,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    average: str = "sequence",
+    value: torch.Tensor | None = None,
+    value_coef: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch: ``(loss, per_item, extras)``, through the method's row of
+    :data:`shiq_toy.methods.METHODS`.
+
+    policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L) bool and ``rewards`` (B, L). Sequence
+    methods: per_item (B,), reduced by ``reduce_loss(…, average)``. Pair methods: the B rows are P = B/2 pairs,
+    rows ``[:P]`` the first members (chosen) and ``[P:]`` the second; per_item (P,); the ``"token"`` average
+    divides by the response tokens of both members. ``value`` (B,) = V_φ(x) for methods that need it.
+    extras: diagnostics for :func:`shiq_llm.train.metrics.batch_metrics` (``residual`` (B, L) of token methods,
+    ``dpo_margin`` (P,) of pair methods, ``value`` (B,)).
+    """
+    from shiq_toy.losses import RESIDUALS
+
+    row = method if isinstance(method, Method) else METHODS[method]
+    mask, rewards = batch["response_mask"], batch["rewards"]
+    if row.consumes == "tokens":
+        residual = RESIDUALS[row.name](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B, L)
+        per_item = residual.square().sum(dim=1)  # (B,) = LOSSES[name]: Σ_t residual_t²
+        return reduce_loss(per_item, mask, average=average), per_item, {"residual": residual}
+    if row.consumes == "sequences":
+        per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, value=value, value_coef=value_coef)
+        return reduce_loss(per_item, mask, average=average), per_item, ({"value": value} if value is not None else {})
+    half = mask.shape[0] // 2
+    if mask.shape[0] != 2 * half:
+        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {mask.shape[0]}")
+    pairs = (torch.arange(half, device=mask.device), torch.arange(half, 2 * half, device=mask.device))
+    per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, pairs=pairs)  # (P,)
+    with torch.no_grad():
+        delta = (torch.where(mask, policy.logit_taken - policy.logsumexp - ref.logit_taken + ref.logsumexp, 0.0)).sum(1)
+    pair_mask = torch.cat([mask[:half], mask[half:]], dim=1)  # (P, 2L): the tokens of both responses
+    return reduce_loss(per_item, pair_mask, average=average), per_item, {"dpo_margin": beta * (delta[:half] - delta[half:])}
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class ShiQTrainer(Trainer):
+    """``transformers.Trainer`` with the ShiQ loss (module docstring). Arguments as TRL's trainers.
+
+    model: a causal LM or its name/path; args: :class:`shiq_llm.train.config.ShiQConfig`; train_dataset,
+    eval_dataset: rows (``datasets.Dataset``, list of dicts, or a file path), or already tokenised examples
+    (columns ``input_ids``, ``response_mask``, ``rewards``, ``prompt_id``, ``row_index``); processing_class:
+    the tokenizer (default: the model's); peft_config: a ``peft.LoraConfig`` to train adapters.
+    """
+
+    def __init__(self, model, args: ShiQConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None, optimizers=(None, None),
+                 data_format: str | None = None):
+        args = args if args is not None else ShiQConfig(output_dir="shiq_output")
+        if not isinstance(args, ShiQConfig):
+            raise ValueError(f"args must be a ShiQConfig, got {type(args).__name__}")
+        if args.loss_type not in LLM_METHODS:
+            raise ValueError(f"loss_type {args.loss_type!r} is not offered by the LLM trainer; choose one of {LLM_METHODS}")
+        self.method = METHODS[args.loss_type]
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            from shiq_llm.core.models import resolve_model_source
+
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_source(model))
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+        tokenizer = processing_class
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an EOS token")
+            tokenizer.pad_token = tokenizer.eos_token
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        check_tokenizer_fits_model(tokenizer, model)
+        self.model_fingerprint = model_fingerprint(model)  # the base model: before LoRA and the value head
+        if self.method.needs_value:
+            hidden = model.config.get_text_config().hidden_size
+            head = nn.Linear(hidden, 1, dtype=torch.float32)
+            nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)  # V_φ ≡ 0 at the start
+            setattr(model, VALUE_HEAD, head)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if self.method.needs_value:
+                peft_config.modules_to_save = list(peft_config.modules_to_save or []) + [VALUE_HEAD]
+            model = get_peft_model(model, peft_config)
+            if args.activation_checkpointing or args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        add_stats_forward(model, chunk_size=args.chunk_size)
+        collate = functools.partial(collate_items, pad_token_id=tokenizer.pad_token_id, padding_side=args.padding_side)
+        # the raw datasets satisfy Trainer's checks; they are replaced by their training items below, once the
+        # accelerator (device, main process, autocast) exists for the reference pass
+        super().__init__(model=model, args=args, data_collator=collate, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, optimizers=optimizers)
+        self.model_accepts_loss_kwargs = False  # our loss is a mean per micro-batch: Trainer divides by accumulation
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._tokens, self._last_log = 0.0, time.perf_counter()
+        self.data_format = data_format
+        self.data_fingerprint = None
+        self.train_dataset, self.data_fingerprint = self._prepare(train_dataset, "train")
+        self.eval_dataset, _ = self._prepare(eval_dataset, "eval")
+        self.add_callback(MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl"))
+
+    # ----------------------------------------------------------------------------------------------
+    # Data: rows -> tokenised examples -> (pairs) -> + cached reference statistics -> training items
+    # ----------------------------------------------------------------------------------------------
+
+    def _prepare(self, dataset, split: str):
+        """(TrainingItems, data fingerprint) of ``dataset``, or (None, None)."""
+        import datasets
+
+        if dataset is None:
+            return None, None
+        args = self.args
+        if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
+            examples = dataset
+        else:
+            rows = load_rows(dataset, format=self.data_format) if not isinstance(dataset, datasets.Dataset) or self.data_format else dataset
+            if isinstance(dataset, datasets.Dataset) and not self.data_format:
+                from shiq_llm.data.rows import validate_rows
+
+                validate_rows(rows)
+            with self.accelerator.main_process_first():  # rows read from files: the others load the map's cache
+                examples, report = tokenize_rows(rows, self.processing_class, max_length=args.max_length,
+                                                 max_prompt_length=args.max_prompt_length,
+                                                 long_response=args.long_response, num_proc=args.dataset_num_proc)
+            if self.is_world_process_zero():
+                logger.info("%s data: %s", split, report)
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                summary = {**asdict(report), "pairs": None}
+                if self.method.consumes == "pairs":
+                    summary["pairs"] = len(preference_pairs(examples, mode=args.pair_mode, pairing=self.method.pairing)[0])
+                (Path(args.output_dir) / f"data_report_{split}.json").write_text(json.dumps(summary, indent=2))
+        check_tokenizer_fits_model(self.processing_class, self.model,
+                                   token_ids=[max(max(ids) for ids in examples["input_ids"])])
+        pairs = None
+        if self.method.consumes == "pairs":
+            pairs = preference_pairs(examples, mode=args.pair_mode, pairing=self.method.pairing)
+        fingerprint = data_fingerprint(examples)
+        if split == "train":
+            self._check_resume_inputs(fingerprint)  # before the cache: a resumed run names the checkpoint
+        root = Path(args.ref_cache) if args.ref_cache else Path(args.output_dir) / "reference"
+        path = root if split == "train" else root.with_name(root.name + f"_{split}")
+        accelerator = self.accelerator  # each rank computes its shard of the reference pass; rank 0 assembles
+        ref = reference_cache(
+            path, self.model, examples, settings={"precision": args.precision},
+            recompute=args.recompute_ref, need_prompt_state=self.method.needs_value,
+            fingerprints=(self.model_fingerprint, fingerprint), log=logger.info,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+            pad_token_id=self.processing_class.pad_token_id,
+            batch_size=args.ref_batch_size or 2 * args.per_device_train_batch_size, padding_side=args.padding_side,
+            chunk_size=args.chunk_size, autocast=accelerator.autocast, device=self.args.device,
+            progress=not args.disable_tqdm and self.is_world_process_zero(),
+        )
+        examples = datasets.concatenate_datasets([examples, ref], axis=1)
+        return TrainingItems(examples, pairs), fingerprint
+
+    # ----------------------------------------------------------------------------------------------
+    # The loss, evaluation and logging
+    # ----------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    shiq_response_mask=inputs["response_mask"], shiq_prompt_state=inputs.get("ref_prompt_state"))
+        stats = TokenStats(out.logit_taken, out.logsumexp)
+        ref = TokenStats(inputs["ref_logit_taken"], inputs["ref_logsumexp"])
+        args = self.args
+        loss, per_item, extras = algorithm_loss(self.method, stats, ref, inputs, beta=args.beta, gamma=args.gamma,
+                                                average=args.average, value=out.value, value_coef=args.value_coef)
+        metrics = batch_metrics(self.method.name, stats, ref, inputs, per_item, beta=args.beta, extras=extras)
+        names = sorted(metrics)
+        values = self.accelerator.gather_for_metrics(torch.stack([metrics[k] for k in names])[None]).mean(0)
+        for name, value in zip(names, values.tolist()):
+            self._metrics[mode][name].append(value)
+        if mode == "train":
+            self._tokens += float(inputs["attention_mask"].sum())
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        elif "loss" in logs:
+            now = time.perf_counter()
+            tokens = self.accelerator.reduce(torch.tensor(self._tokens, device=self.args.device), reduction="sum")
+            metrics["tokens_per_s"] = float(tokens) / max(now - self._last_log, 1e-9)
+            metrics["peak_memory_mib"] = peak_memory_mib(self.args.device)
+            self._tokens, self._last_log = 0.0, now
+        logs.update(metrics)  # in place: evaluate() returns this dict
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints: manifest written last, atomic pruning, verified resume
+    # ----------------------------------------------------------------------------------------------
+
+    def shiq_state(self) -> dict[str, Any]:
+        """What a resumed run must share with this one (saved as ``shiq_state.json`` in each checkpoint)."""
+        return {"num_processes": self.args.world_size, "model_fingerprint": self.model_fingerprint,
+                "data_fingerprint": self.data_fingerprint,
+                "config": {k: getattr(self.args, k) for k in RESUME_INVARIANT}}
+
+    def _save_checkpoint(self, model, trial):
+        root = Path(self._get_output_dir(trial=trial))
+        path = root / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            ckpt.clear_for_save(path)
+        self.accelerator.wait_for_everyone()
+        keep, self.args.save_total_limit = self.args.save_total_limit, None  # prune only once the manifest is written
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            ckpt.finish_checkpoint(path, self.shiq_state())
+            if keep:
+                ckpt.prune_checkpoints(root, keep=keep, protect=path)
+        self.accelerator.wait_for_everyone()
+
+    def _resume_path(self, resume_from_checkpoint, warn=logger.warning) -> str | None:
+        """The checkpoint ``resume_from_checkpoint`` designates: True / "true" / "latest": the newest under
+        ``output_dir`` that verifies (ValueError if there is none); a path: itself; None / False: None."""
+        if resume_from_checkpoint in (None, False, "", "false", "False"):
+            return None
+        if resume_from_checkpoint in (True, "true", "True", "latest"):
+            out = Path(self.args.output_dir)
+            found = ckpt.latest_checkpoint(out, warn=warn)
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint: no checkpoint in {out} (nothing to resume)")
+            return str(found[0])
+        return str(resume_from_checkpoint)
+
+    def _check_resume_inputs(self, fingerprint: str) -> None:
+        """With ``args.resume_from_checkpoint``: refuse other data, base model or options early."""
+        path = self._resume_path(self.args.resume_from_checkpoint, warn=lambda message: None)
+        if path is not None:
+            state = {**self.shiq_state(), "data_fingerprint": fingerprint}
+            ckpt.check_resumable(path, ckpt.verify_checkpoint(path), state)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies."""
+        out = Path(self.args.output_dir)
+        resume_from_checkpoint = self._resume_path(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            state = ckpt.verify_checkpoint(resume_from_checkpoint)
+            ckpt.check_resumable(resume_from_checkpoint, state, self.shiq_state())
+            if self.is_world_process_zero():
+                step = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
+                ckpt.truncate_metrics_log(out / "metrics.jsonl", step)
+        if self.is_world_process_zero():
+            ckpt.clean_stale(out)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def save_final(self, path: str | Path) -> Path:
+        """Write the trained model (merged weights, for LoRA, with the adapter in ``adapter/``; DRO's value head
+        in ``value_head.safetensors``) and the tokenizer to ``path``, atomically (``path.tmp`` then renamed)."""
+        path = Path(path)
+        self.accelerator.wait_for_everyone()
+        state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
+        if self.is_world_process_zero():
+            with ckpt.atomic_directory(path) as tmp:
+                model = self.accelerator.unwrap_model(self.model)
+                _save_model_files(model, tmp, state_dict=state_dict)
+                self.processing_class.save_pretrained(tmp)
+                (tmp / "training_summary.json").write_text(json.dumps(
+                    {"args": self.args.to_dict(), "log_history": self.state.log_history}, indent=2, default=str))
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> None:
+    """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA merged."""
+    from safetensors.torch import save_file
+
+    hf_model = unwrap_model(model)
+    head = getattr(hf_model, VALUE_HEAD, None)
+    if head is not None:
+        head_module = getattr(head, "modules_to_save", None)
+        head_module = head_module["default"] if head_module is not None else head
+        save_file({k: v.detach().cpu().contiguous() for k, v in head_module.state_dict().items()},
+                  str(directory / "value_head.safetensors"))
+        delattr(hf_model, VALUE_HEAD)
+    try:
+        if hf_model is not model:  # peft: the adapter alone, then the merged weights
+            model.save_pretrained(directory / "adapter")
+            merged = model.merge_and_unload()
+            merged.save_pretrained(directory)
+        else:
+            model.save_pretrained(directory, state_dict=state_dict)
+    finally:
+        if head is not None:
+            setattr(hf_model, VALUE_HEAD, head)
+    ckpt.normalise_modes(directory)
