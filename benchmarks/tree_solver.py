@@ -110,7 +110,7 @@ def scaling(vocab: int, horizons: range, beta: float, gamma: float) -> None:
         tree = random_tree(vocab, horizon, generator=torch.Generator().manual_seed(horizon))
         repeats = 20 if tree.num_states < 10**5 else 3 if tree.num_states < 10**7 else 2
         user, system = cpu_seconds()
-        seconds, _ = best_time(lambda: solve_tree(tree, beta=beta, gamma=gamma), repeats=repeats)
+        seconds, _ = best_time(lambda tree=tree: solve_tree(tree, beta=beta, gamma=gamma), repeats=repeats)
         user, system = [(after - before) / repeats for after, before in zip(cpu_seconds(), (user, system))]
         states, pairs = tree.num_states, tree.num_states * vocab
         print(

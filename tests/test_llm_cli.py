@@ -3,7 +3,6 @@ and bad input reported as one clear line with a non-zero exit status (nothing al
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

@@ -21,7 +21,7 @@ from shiq_llm.generation.generate import GenerateConfig, generate_rows, resolve_
 from shiq_llm.core.models import tiny_causal_lm
 from shiq_llm.data.rows import validate_rows
 from shiq_llm.generation.sampling import HFSampler, VLLMSampler, encode_prompts
-from shiq_llm.storage.shards import read_jsonl
+from shiq_llm.storage.jsonl import read_jsonl
 from shiq_llm.tasks.synthetic import build_task_tokenizer, task_prompts
 
 PROMPTS = task_prompts("eval")[:5]  # prompts of different lengths: left padding is exercised
@@ -230,7 +230,7 @@ def test_bad_inputs_are_one_line_errors(saved, tmp_path, capsys):
     cases = [
         (["--prompts", str(tmp_path / "missing.jsonl")], "no such file"),
         (["--prompts", str(tmp_path / "empty.txt")], "no prompt found"),
-        (["--prompts", str(tmp_path / "empty.jsonl")], "no prompt found"),
+        (["--prompts", str(tmp_path / "empty.jsonl")], "the file is empty"),
         (["--prompts", str(tmp_path / "no_prompt.jsonl")], "row 0 has no 'prompt' field"),
         (["--prompts", str(saved[3]), "--temperature", "0"], "temperature must be a finite number > 0"),
         (["--prompts", str(saved[3]), "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),

@@ -4,7 +4,6 @@ embedding padded to a round size is not)."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import huggingface_hub

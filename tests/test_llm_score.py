@@ -19,7 +19,7 @@ from shiq_llm.core.models import build_tokenizer, tiny_reward_model
 from shiq_llm.generation.rewards import RewardFunction, RewardModel, batched
 from shiq_llm.data.rows import validate_rows
 from shiq_llm.generation.score import ScoreConfig, score_rows
-from shiq_llm.storage.shards import read_jsonl
+from shiq_llm.storage.jsonl import read_jsonl
 
 SPEC = "tests.test_llm_score"
 ROWS = [{"prompt": f"p{i}", "completion": " ".join(["w"] * (i % 4 + 1)), "sample_index": i} for i in range(10)]
@@ -208,10 +208,10 @@ def test_score_cli_errors(tmp_path, capsys):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
     out = ["--out", str(tmp_path / "out.jsonl"), "--reward", f"{SPEC}:word_count"]
     cases = [
-        (["--rows", str(tmp_path / "missing.jsonl")], "--rows: no such file"),
+        (["--rows", str(tmp_path / "missing.jsonl")], "--rows .*missing.jsonl: no such file"),
         (["--rows", str(tmp_path / "empty.jsonl")], "no rows"),
         (["--rows", str(tmp_path / "no_completion.jsonl")], "row 0 needs 'prompt' and 'completion' fields"),
-        (["--rows", str(tmp_path / "broken.jsonl")], "line 2 is not JSON"),
+        (["--rows", str(tmp_path / "broken.jsonl")], "broken.jsonl: line 2: not valid JSON"),
         (["--rows", str(tmp_path / "empty.jsonl"), "--batch-size", "0"], "--batch-size must be an integer >= 1"),
     ]
     for args, message in cases:

@@ -19,6 +19,7 @@ from shiq_llm.cli import main
 from shiq_llm.experiments.sweep import RESULT_COLUMNS
 from shiq_toy.experiments import num_threads
 from shiq_llm.data import load_rows, tokenize_rows
+from shiq_llm.storage.jsonl import write_jsonl
 from shiq_llm.tasks.synthetic import (
     ANSWER_WORDS,
     FAMILIES,
@@ -179,7 +180,7 @@ def test_offline_dataset_is_deterministic_and_labelled(small_reference, tmp_path
     order = [prompts.index(r["prompt"]) for r in rows]
     assert order == sorted(order)
 
-    path = synthetic.write_jsonl(rows, tmp_path / "rows.jsonl")
+    path = write_jsonl(rows, tmp_path / "rows.jsonl")
     loaded = load_rows(str(path))
     assert loaded.to_list() == rows
     examples, report = tokenize_rows(loaded, tokenizer)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -282,7 +281,6 @@ def test_bf16_and_gradient_checkpointing_run(tmp_path):
 def test_dro_value_coef_reaches_the_value_head_gradient(tmp_path):
     """value_coef scales the value head's gradient only (dro_loss's split gradients), through the trainer."""
     from shiq_llm.train.trainer import ShiQTrainer
-    from transformers import AutoTokenizer
 
     grads = {}
     for coef in (1.0, 3.0):

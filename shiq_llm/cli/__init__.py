@@ -18,7 +18,6 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from shiq_toy.experiments import num_threads
+from shiq_llm.storage.jsonl import read_jsonl
 
 __all__ = ["register"]
 
@@ -36,7 +37,7 @@ def _make_data(args: argparse.Namespace) -> int:
             eval_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
             progress=not args.no_progress,
         )
-    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    rows = read_jsonl(paths["train"])
     turns = len(rows[0]["rewards"])
     per_turn = [sum(r["rewards"][k] for r in rows) / len(rows) for k in range(turns)]
     episode = sum(sum(r["rewards"]) for r in rows) / len(rows)

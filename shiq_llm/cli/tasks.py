@@ -20,9 +20,9 @@ import math
 from pathlib import Path
 
 from shiq_llm.data.prompts import load_prompts
-from shiq_llm.generation.rewards import load_reward_fn
 from shiq_llm.experiments.demo import DemoConfig, quiet_libraries, run_demo
 from shiq_toy.experiments import num_threads, step_cap
+from shiq_llm.storage.jsonl import read_jsonl
 
 __all__ = ["register"]
 
@@ -40,7 +40,7 @@ def _make_data(args: argparse.Namespace) -> int:
     with num_threads(args.threads):
         paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
-    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    rows = read_jsonl(paths["train"])
     print(f"reference model: {paths['reference']}")
     print(f"offline rows: {paths['train']} ({len(rows)} rows, mean reward {synthetic.mean_reward(rows):.3f})")
     print(f"held-out prompts: {paths['eval_prompts']}")

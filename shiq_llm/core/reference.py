@@ -5,7 +5,7 @@ training, so they are computed once, under ``torch.no_grad``, with ``shiq_llm.co
 and stored; training then holds one model. With LoRA the reference is the base model with the adapters
 disabled (``with model.disable_adapter():``, :func:`reference_mode`), never a copy.
 
-**Cache layout** (a directory, written to ``DIR.tmp`` and moved into place with ``os.replace``)::
+**Cache layout** (a directory, written with ``shiq_llm.storage.atomic.atomic_directory``)::
 
     DIR/manifest.json      format, fingerprints (model, data), settings, counts, has_prompt_state, and
                            files: size and sha256 of every file under DIR/data (shiq_llm.storage.integrity)
@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -59,6 +58,7 @@ import torch
 from torch import nn
 
 from shiq_llm.data import collate
+from shiq_llm.storage.atomic import atomic_directory
 from shiq_llm.storage.integrity import file_manifest, verify_file_manifest
 from shiq_llm.core.sharding import unwrap_model
 from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, response_token_stats
@@ -245,27 +245,15 @@ def compute_reference_stats(
 def save_reference_cache(path: str | Path, stats, manifest: Mapping[str, Any]) -> Path:
     """Write ``stats`` (a Dataset) and ``manifest`` to directory ``path`` atomically; replaces an old cache.
 
-    Written to ``path.tmp`` first (a leftover of a crashed write is cleared), then moved into place; an old
-    cache at ``path`` is moved aside and deleted only once the new one is in place.
+    Written with ``shiq_llm.storage.atomic.atomic_directory``: an old cache at ``path`` is replaced only once the
+    new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    stats.save_to_disk(str(tmp / "data"))
-    files = file_manifest(tmp / "data")
-    (tmp / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, **manifest, "files": files}, indent=2,
-                                                  sort_keys=True))
-    old = None
-    if path.exists():
-        old = path.with_name(f"{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)
+    with atomic_directory(path) as tmp:
+        stats.save_to_disk(str(tmp / "data"))
+        files = file_manifest(tmp / "data")
+        (tmp / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, **manifest, "files": files}, indent=2,
+                                                      sort_keys=True))
     return path
 
 

@@ -39,6 +39,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+from shiq_llm.storage.jsonl import write_jsonl
 
 __all__ = ["parse_calls", "exact_turn_scores", "bfcl_turn_scores", "CHECKERS", "entry_split", "read_bfcl_file",
            "join_results", "first_step_reward", "FUNC_DOC_FILES", "main"]
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m shiq_llm.data.bfcl: error: {error}", file=sys.stderr)
         return 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
+    write_jsonl(out, args.out)
     scores = [s for r in out for s in r["turn_scores"]]
     print(f"wrote {len(out)} rows to {args.out}; mean turn score {sum(scores) / len(scores):.3f}")
     return 0

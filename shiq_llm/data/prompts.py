@@ -85,19 +85,11 @@ def prompt_of_row(row: Mapping[str, Any], index: int, *, field: str | None = Non
 def _read_rows(source: str, *, split: str, format: str | None, format_options: Mapping[str, Any] | None):
     """Rows of a local .jsonl/.json file (read as JSON: prompts may mix strings and messages) or, through
     ``shiq_llm.data.rows.load_rows``, of a parquet file or hub dataset; the adapter ``format`` applied."""
-    from shiq_llm.data.rows import load_rows
+    from shiq_llm.data.rows import load_rows, read_json_records
 
     path = Path(source)
     if path.suffix in (".jsonl", ".json") and path.is_file():
-        text = path.read_text(encoding="utf-8")
-        try:
-            rows = json.loads(text) if path.suffix == ".json" else [
-                json.loads(line) for line in text.splitlines() if line.strip()
-            ]
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: not valid JSON ({error})") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{source}: a .json file must hold a list of rows")
+        rows, _ = read_json_records(path)  # errors name the file and line
         if format is None:
             return rows
         return load_rows(rows, format=format, format_options=format_options, validate=False)

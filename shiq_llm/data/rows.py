@@ -21,11 +21,12 @@ row into ``(messages, turn_rewards)`` — the single representation the tokenise
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from shiq_llm.storage.jsonl import parse_json_lines, utf8_text
 
 __all__ = [
     "SINGLE_TURN_COLUMNS",
@@ -190,31 +191,6 @@ def _list_columns(rows: Sequence[Mapping[str, Any]]) -> set[str]:
     return columns
 
 
-def _utf8_text(data: bytes, path: Path) -> str:
-    """``data`` decoded as UTF-8 (a leading byte-order mark dropped); ValueError naming the line and column."""
-    data = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
-                         "save the file as UTF-8") from None
-
-
-def _json_lines(text: str, path: Path) -> tuple[list[Any], list[str]]:
-    records, where = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
-        where.append(f"line {number}")
-    return records, where
-
-
 def read_json_records(path: str | Path, *, field: str | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
     """The rows of a ``.jsonl`` / ``.json`` file parsed with the standard ``json`` module, and where each one is.
 
@@ -224,10 +200,10 @@ def read_json_records(path: str | Path, *, field: str | None = None) -> tuple[li
     UTF-8, text that is not JSON, a row that is not a JSON object.
     """
     path = Path(path)
-    text = _utf8_text(path.read_bytes(), path)
+    text = utf8_text(path)
     where: list[str] | None = None
     if path.suffix.lower() == ".jsonl":
-        records, where = _json_lines(text, path)
+        records, where = parse_json_lines(text, path)
     elif not text.strip():
         records = []
     else:
@@ -236,7 +212,7 @@ def read_json_records(path: str | Path, *, field: str | None = None) -> tuple[li
         except json.JSONDecodeError as error:
             if error.msg != "Extra data":
                 raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from None
-            records, where = _json_lines(text, path)  # JSON Lines in a .json file
+            records, where = parse_json_lines(text, path)  # JSON Lines in a .json file
         else:
             if field is not None:
                 if not isinstance(records, dict) or field not in records:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -69,14 +68,14 @@ def relabel(source: Path, target: Path, *, bonus: float) -> int:
     (the true one kept as ``true_reward``); returns the number of rows."""
     from shiq_llm.tasks.synthetic import proxy_reward
 
-    lines = source.read_text(encoding="utf-8").splitlines()
-    with target.open("w", encoding="utf-8") as f:
-        for line in lines:
-            row = json.loads(line)
-            row["true_reward"] = row["reward"]
-            row["reward"] = proxy_reward(row["prompt"], row["completion"], bonus=bonus)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(lines)
+    from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
+
+    rows = read_jsonl(source)
+    for row in rows:
+        row["true_reward"] = row["reward"]
+        row["reward"] = proxy_reward(row["prompt"], row["completion"], bonus=bonus)
+    write_jsonl(rows, target)
+    return len(rows)
 
 
 def _proxy_rewards(results: list[dict], sweep_out: Path, config, args: ProxyArgs) -> list[float]:

@@ -29,7 +29,6 @@ Writes, in ``args.out``:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -146,10 +145,6 @@ def _check(args: MultiturnArgs) -> None:
         raise ValueError(f"curve_beta {args.curve_beta} is not one of betas {list(args.betas)}")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def train_options(*, lr: float, steps: int, batch_size: int, log_every: int) -> dict:
     """The ``ShiQConfig`` options of every run of the LLM experiments (the demo's: AdamW with linear decay, gradient
     norm clipped at 1), logging every ``log_every`` steps and at step 1 (the initial loss)."""
@@ -160,9 +155,9 @@ def train_options(*, lr: float, steps: int, batch_size: int, log_every: int) -> 
 
 def write_eval_prompts(data: Path, count: int, path: Path) -> list[str]:
     """The first ``count`` prompts of ``data/eval_prompts.jsonl``, written to ``path``; ValueError when it has fewer."""
-    from shiq_llm.tasks.synthetic import write_jsonl
+    from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
 
-    prompts = [r["prompt"] for r in _read_jsonl(data / "eval_prompts.jsonl")]
+    prompts = [r["prompt"] for r in read_jsonl(data / "eval_prompts.jsonl")]
     if len(prompts) < count:
         raise ValueError(f"{data / 'eval_prompts.jsonl'} has {len(prompts)} prompts, fewer than eval_prompts={count}")
     write_jsonl(({"prompt": p} for p in prompts[:count]), path)
@@ -173,7 +168,7 @@ def main(args: MultiturnArgs) -> dict:
     """Run the experiment (module docstring); returns the summary also written to ``multiturn_summary.json``."""
     from shiq_llm.experiments.demo import quiet_libraries
     from shiq_llm.experiments.sweep import SweepConfig, SweepError, curve_rows, run_sweep, write_curves
-    from shiq_llm.tasks.synthetic import write_jsonl
+    from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
 
     _check(args)
     start = time.perf_counter()
@@ -187,7 +182,7 @@ def main(args: MultiturnArgs) -> dict:
         write_eval_prompts(data, args.eval_prompts, out / "eval_prompts.jsonl")
         variants = {}
         if FINAL_REWARD in args.methods:
-            final = write_jsonl(final_reward_rows(_read_jsonl(data / "train.jsonl")), out / "train_final_reward.jsonl")
+            final = write_jsonl(final_reward_rows(read_jsonl(data / "train.jsonl")), out / "train_final_reward.jsonl")
             variants[FINAL_REWARD] = {"algo": "shiq", "train_data": str(final)}
         config = SweepConfig(
             out=str(out / "sweep"), model=str(data / "reference"), train_data=str(data / "train.jsonl"),

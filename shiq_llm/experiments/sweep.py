@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from shiq_llm.storage.jsonl import read_jsonl
 
 __all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
            "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
@@ -406,8 +407,8 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Write ``value`` as JSON at ``path`` atomically (``shiq_llm.storage.shards.atomic_write``)."""
-    from shiq_llm.storage.shards import atomic_write
+    """Write ``value`` as JSON at ``path`` atomically (``shiq_llm.storage.atomic.atomic_write``)."""
+    from shiq_llm.storage.atomic import atomic_write
 
     with atomic_write(path) as f:
         f.write(json.dumps(value, indent=2))
@@ -457,8 +458,7 @@ def curve_rows(results: Sequence[dict], out: str | Path) -> list[dict]:
             by_step[0] = {k: reference[k] for k in measured}
         log_file = Path(out) / "runs" / cell_name(method, r["beta"], r["seed"]) / "metrics.jsonl"
         if log_file.is_file():
-            for line in log_file.read_text().splitlines():
-                record = json.loads(line)
+            for record in read_jsonl(log_file, allow_empty=True, skip_broken_lines=True):
                 if "loss" in record:
                     by_step.setdefault(record["step"], {}).update({k: record[k] for k in TRAIN_LOG_KEYS if k in record})
         for point in r.get("curve") or [{"step": r.get("steps", math.nan), **r}]:

@@ -97,7 +97,7 @@ class RewardFunction:
         """Call the function; on an exception name the row (a batched call is retried row by row to find it)."""
         try:
             return self.fn(*args)
-        except Exception as error:  # the user's code: any exception is a bad row
+        except Exception as error:  # noqa: F841 (used below, rebound by the row-by-row retry)  the user's code: any exception is a bad row
             index = 0
             if self.batched and len(prompts) > 1:
                 for k in range(len(prompts)):

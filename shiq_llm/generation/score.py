@@ -134,10 +134,11 @@ def score_rows(config: ScoreConfig, *, scorer=None, on_shard: Callable[[int, int
 
     from shiq_llm.core.models import resolve_device, resolve_dtype
     from shiq_llm.generation.rewards import load_reward
-    from shiq_llm.storage.shards import ShardedOutput, read_jsonl
+    from shiq_llm.storage.jsonl import read_jsonl
+    from shiq_llm.storage.shards import ShardedOutput
 
     _check(config, has_scorer=scorer is not None)
-    rows = read_jsonl(config.rows)
+    rows = read_jsonl(config.rows, what="--rows")
     form = rows_form(rows)
     device = resolve_device(config.device)
     dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")

@@ -8,7 +8,7 @@ writes the rows of items ``[start, stop)`` to one shard ``OUT.parts/{start:09d}-
     OUT.parts/000000000-000000064.jsonl
     OUT.parts/000000064-000000128.jsonl   …
 
-Every file is written to a temporary name and renamed into place (:func:`atomic_write`), so a shard either is
+Every file is written to a temporary name and renamed into place (:func:`shiq_llm.storage.atomic.atomic_write`), so a shard either is
 complete or does not exist. A killed job re-run with the same settings finds its finished shards and computes
 only the missing ones; once all exist, OUT is written as their concatenation in order (again atomically) and
 ``OUT.parts`` is deleted. So OUT either does not exist or holds every row exactly once, in input order. A
@@ -17,63 +17,20 @@ re-run with other settings is refused (the manifest differs) rather than mixing 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-__all__ = ["atomic_write", "read_jsonl", "ShardedOutput"]
+from shiq_llm.storage.atomic import atomic_write
+from shiq_llm.storage.jsonl import dumps
+
+__all__ = ["ShardedOutput"]
 
 _SHARD = re.compile(r"^(\d{9})-(\d{9})\.jsonl$")
 MANIFEST = "manifest.json"
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, *, encoding: str = "utf-8") -> Iterator:
-    """Open a text file that appears at ``path`` only when the block ends without an exception.
-
-    The text goes to ``path.tmp-<pid>`` in the same directory, is flushed to disk, and is renamed over ``path``
-    with ``os.replace`` (atomic on POSIX); on an exception the temporary file is deleted and ``path`` untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding=encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_jsonl(path: str | Path, *, what: str = "--rows") -> list[dict]:
-    """The JSON objects of a ``.jsonl`` file, one per non-empty line; ValueError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what}: no such file {str(path)!r}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{what} {path}: line {number} is not JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{what} {path}: line {number} is not a JSON object")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{what} {path}: no rows (the file is empty)")
-    return rows
-
-
-def _dumps(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False)
 
 
 class ShardedOutput:
@@ -150,7 +107,7 @@ class ShardedOutput:
         path = self.shard_path(start, stop)
         with atomic_write(path) as f:
             for row in rows:
-                f.write(_dumps(row) + "\n")
+                f.write(dumps(row) + "\n")
         return path
 
     def finish(self) -> int:

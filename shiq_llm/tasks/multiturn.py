@@ -53,7 +53,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from shiq_llm.tasks.synthetic import ReferenceConfig, fit_reference, write_jsonl
+from shiq_llm.storage.jsonl import write_jsonl
+from shiq_llm.tasks.synthetic import ReferenceConfig, fit_reference
 
 __all__ = [
     "OPERATIONS",

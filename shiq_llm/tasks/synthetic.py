@@ -33,19 +33,20 @@ small ``β`` (with 0.25 reward per word, a correct word gains the factor ``exp(0
 
 **Offline data** (:func:`make_offline_dataset`): ``K`` completions per training prompt sampled from the
 reference (temperature 1, seeded), each labelled with its reward: rows ``{prompt, completion, reward}``,
-written as JSONL (:func:`write_jsonl`) that ``shiq_llm.data.load_rows`` reads (:func:`make_data` does all).
+written as JSONL (``shiq_llm.storage.jsonl.write_jsonl``) that ``shiq_llm.data.load_rows`` reads (:func:`make_data` does all).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
+
+from shiq_llm.storage.jsonl import write_jsonl
 
 __all__ = [
     "FAMILIES",
@@ -65,7 +66,6 @@ __all__ = [
     "build_reference",
     "fit_reference",
     "make_offline_dataset",
-    "write_jsonl",
     "make_data",
     "mean_reward",
 ]
@@ -308,16 +308,6 @@ def make_offline_dataset(
         if completion.strip():
             rows.append({"prompt": prompts[i], "completion": completion, "reward": reward(prompts[i], completion)})
     return rows
-
-
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
-    """Write rows as JSON lines (UTF-8); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 def make_data(

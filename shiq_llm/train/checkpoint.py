@@ -13,23 +13,23 @@ the previous complete checkpoint is still there: older checkpoints are pruned on
 written, and pruning renames a directory to ``*.deleting`` (atomic) before removing it, so a half-deleted
 checkpoint never looks like a checkpoint (leftovers are cleared by :func:`clean_stale`).
 
-Hashing reads every byte (about a second per GB). :func:`atomic_directory` is the one write-then-rename
-mechanism (the final model, checkpoints' manifests).
+Hashing reads every byte (about a second per GB). Directories are written with
+``shiq_llm.storage.atomic.atomic_directory`` (the final model, checkpoints' manifests).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from shiq_llm.storage.integrity import file_manifest, verify_file_manifest
-from shiq_llm.storage.shards import atomic_write
+from shiq_llm.storage.atomic import atomic_write
+from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
 
 __all__ = [
     "STATE_FILE",
@@ -45,7 +45,6 @@ __all__ = [
     "clean_stale",
     "check_resumable",
     "truncate_metrics_log",
-    "atomic_directory",
     "normalise_modes",
 ]
 
@@ -69,12 +68,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def write_manifest(directory: str | Path, **extra: Any) -> Path:
     """Write ``directory/manifest.json``: size and sha256 of every other file (recursively), plus ``extra``.
 
-    Written to a temporary name and renamed, so a manifest is either absent or complete."""
+    Written atomically (``shiq_llm.storage.atomic.atomic_write``), so a manifest is either absent or complete."""
     directory = Path(directory)
-    partial = directory / (MANIFEST_FILE + ".partial")
-    manifest = file_manifest(directory, exclude=(MANIFEST_FILE, partial.name))
-    partial.write_text(json.dumps({**extra, "files": manifest}, indent=2, sort_keys=True))
-    os.replace(partial, directory / MANIFEST_FILE)
+    manifest = file_manifest(directory, exclude=(MANIFEST_FILE,))
+    with atomic_write(directory / MANIFEST_FILE) as f:
+        f.write(json.dumps({**extra, "files": manifest}, indent=2, sort_keys=True))
     return directory / MANIFEST_FILE
 
 
@@ -213,32 +211,6 @@ def truncate_metrics_log(path: str | Path, step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    with atomic_write(path) as f:
-        f.write("".join(line + "\n" for line in kept))
+    records = read_jsonl(path, allow_empty=True, skip_broken_lines=True)  # a line cut by a kill is dropped
+    write_jsonl((r for r in records if r.get("step", 0) <= step), path)
 
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: yields ``path.tmp`` (emptied); on success it replaces ``path`` (an older
-    ``path`` is moved aside first and removed only once the new one is in place). On error ``path`` is kept."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)

@@ -9,12 +9,11 @@ a checkpoint or the final model can be reloaded later and a resumed run starts f
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from shiq_llm.storage.atomic import atomic_directory
 from shiq_llm.train.config import TINY_MODELS
 
 __all__ = ["build_tiny_model", "load_model_and_tokenizer"]
@@ -37,12 +36,10 @@ def build_tiny_model(name: str, directory: Path, *, seed: int) -> None:
                          "use another --out, or --overwrite to rebuild it")
     tokenizer = build_tokenizer()
     model = tiny_causal_lm(tokenizer, arch=TINY_MODELS[name], seed=seed)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _TINY_SPEC).write_text(json.dumps(spec))
-    tmp.replace(directory)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _TINY_SPEC).write_text(json.dumps(spec))
 
 
 def load_model_and_tokenizer(model_args, *, out: Path, seed: int = 0, main_process: bool = True, barrier=None):

@@ -29,7 +29,6 @@ all processes) to ``trainer.state.log_history``, the ``report_to`` trackers (Ten
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from transformers import TrainerCallback
 
+from shiq_llm.storage.jsonl import dumps
 from shiq_toy.losses import TokenStats, log_ratio
 from shiq_toy.methods import METHODS
 
@@ -109,7 +109,7 @@ class MetricsFileCallback(TrainerCallback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            f.write(dumps({"step": state.global_step, **logs}) + "\n")
 
 
 class EvaluateEvery(TrainerCallback):

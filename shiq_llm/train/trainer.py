@@ -52,6 +52,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import ModelOutput
 
+from shiq_llm.storage.atomic import atomic_directory
 from shiq_llm.train import checkpoint as ckpt
 from shiq_llm.train.batching import TrainingItems, collate_items
 from shiq_llm.train.config import LLM_METHODS, RESUME_INVARIANT, ShiQConfig
@@ -396,7 +397,7 @@ class ShiQTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
         if self.is_world_process_zero():
-            with ckpt.atomic_directory(path) as tmp:
+            with atomic_directory(path) as tmp:
                 model = self.accelerator.unwrap_model(self.model)
                 _save_model_files(model, tmp, state_dict=state_dict)
                 self.processing_class.save_pretrained(tmp)

@@ -162,10 +162,9 @@ def run(args: MisspecifiedArgs) -> dict:
     true_rewards = stack_levels([t.rewards for t in true_trees])
     proxy_rewards = stack_levels([p.rewards for p in proxies])
     ref = TabularLogits(ref_levels).requires_grad_(False)
-    curves, optima = {}, {}
+    curves = {}
     for beta in args.betas:
         true_target = stack_levels([solve_tree(t, beta=beta).logits for t in true_trees])
-        proxy_target = stack_levels([solve_tree(p, beta=beta).logits for p in proxies])
 
         def evaluate(tables: list[torch.Tensor], beta=beta, true_target=true_target) -> dict[str, torch.Tensor]:
             return {
