@@ -170,3 +170,19 @@ def test_compare_tables_re_derived_from_the_csv_are_the_same(compare_run, tmp_pa
     cmp.main(again)
     assert (tmp_path / "compare_table.md").read_text() == (out / "compare_table.md").read_text()
     assert (tmp_path / "frontier.csv").read_text() == (out / "frontier.csv").read_text()
+
+
+def test_steps_to_threshold_worked_by_hand():
+    from shiq_llm.experiments.report import steps_to_threshold
+
+    curves = {("a", 0): [0.5, 0.6, 0.9, 0.9], ("a", 1): [0.5, 0.8, 0.85, 0.9], ("b", 0): [0.5, 0.55, 0.6, 0.7],
+              ("b", 1): [0.5, 0.5, 0.6, 0.7]}
+    rows = [{"task": "t", "beta": 0.1, "method": m, "seed": s, "step": 10 * i, "mean_reward": v}
+            for (m, s), values in curves.items() for i, v in enumerate(values)]
+    # best final mean 0.9 (a), reference 0.5: threshold 0.5 + 0.5 · 0.4 = 0.7
+    found = steps_to_threshold(rows, by=("task", "beta"), fraction=0.5)
+    assert all(r["threshold"] == pytest.approx(0.7) for r in found)
+    assert {(r["method"], r["seed"]): r["step"] for r in found} == {("a", 0): 20, ("a", 1): 10, ("b", 0): 30,
+                                                                   ("b", 1): 30}
+    got = {(r["method"], r["seed"]): r["step"] for r in steps_to_threshold(rows, by=("task", "beta"), fraction=1.0)}
+    assert got == {("a", 0): 20, ("a", 1): 30, ("b", 0): None, ("b", 1): None}  # b never reaches 0.9: censored

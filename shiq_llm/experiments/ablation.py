@@ -190,6 +190,10 @@ MARGINS = {"single_turn": {"mean_reward": 0.02, "kl": 0.1, "initial_loss": 0.1},
            "multi_turn": {"mean_reward": 0.1, "kl": 0.1, "initial_loss": 0.1}}
 
 
+#: Steps to threshold: the fraction of the best method's improvement over the reference a run must reach.
+THRESHOLD_FRACTION = 0.8
+
+
 def shared_with_multiturn(task: str, beta: float, method: str) -> bool:
     """Whether the ablation's cell is the same run as a cell of the multi-turn experiment at its defaults (same
     data, reference, seeds and training options): ``multi_turn`` at a β of ``MultiturnArgs().betas`` for a method
@@ -204,8 +208,11 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
     differences: paired t-tests on seed-matched runs (same rows, same seeds), Holm-adjusted over the table, TOST
     equivalence within :data:`MARGINS`; comparisons that the multi-turn table already makes are left out
     (:func:`shared_with_multiturn`)."""
+    import numpy as np
+
     from shiq_llm.experiments.report import (PM_MEANING, comparison_table, compare, final_rows, fmt_ci,
-                                             markdown_table, reference_cell, summarise, verdicts)
+                                             markdown_table, reference_cell, steps_to_threshold, summarise, verdicts)
+    from shiq_toy.experiments import mean_ci
 
     finals = final_rows(rows)
     summary = summarise(finals, ("task", "method", "beta"), ["initial_loss", "mean_reward", "kl"])
@@ -242,7 +249,28 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
                 f"tests them: {', '.join(shared)}." if shared else "")
         markdown += (f"\n\nShiQ's differences (equivalence margins: {margins}).{note} "
                      + comparison_table(comparisons, ["task", "beta"], digits=3))
-    return {"final": summary, "comparisons": comparisons, "markdown": markdown}
+    speed = steps_to_threshold(rows, by=("task", "beta"), fraction=THRESHOLD_FRACTION)
+    if any(r["last_step"] > 0 for r in speed):
+        speed_body = []
+        for task, beta in dict.fromkeys((r["task"], r["beta"]) for r in speed):
+            for method in (m for m in args.methods if any(r["method"] == m for r in speed)):
+                runs = [r for r in speed if (r["task"], r["beta"], r["method"]) == (task, beta, method)]
+                reached = [r["step"] for r in runs if r["step"] is not None]
+                cell = {"step": float(np.mean(reached))} if reached else {}
+                if len(reached) > 1:
+                    cell["step"], cell["step_ci"] = mean_ci(reached)
+                speed_body.append([task, f"{beta:g}", method, f"{runs[0]['threshold']:.3f}",
+                                   f"{len(reached)} of {len(runs)}", fmt_ci(cell, "step", 0) if reached else "–",
+                                   ", ".join(str(r["step"]) if r["step"] is not None else f">{r['last_step']}"
+                                             for r in sorted(runs, key=lambda r: r["seed"]))])
+        markdown += (f"\n\nSteps to threshold: the first evaluated step at which a run's reward reaches the reference "
+                     f"+ {THRESHOLD_FRACTION:g} × (best method's final mean − reference), per task and β; evaluated every "
+                     f"{args.eval_every} steps, so a step is known to that resolution; '>N': not reached by the last step "
+                     f"N (censored, left out of the mean). Mean over the seeds that reached it; {PM_MEANING}. No test: "
+                     "censored runs make a t-test invalid, and the resolution is coarse.\n\n"
+                     + markdown_table(["task", "β", "method", "threshold", "seeds reaching it", "steps (mean ± 95 %)",
+                                       "per seed"], speed_body))
+    return {"final": summary, "comparisons": comparisons, "steps_to_threshold": speed, "markdown": markdown}
 
 
 def plot(rows: list[dict], references: dict, args: AblationArgs, path: Path) -> None:

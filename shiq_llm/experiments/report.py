@@ -28,7 +28,7 @@ import numpy as np
 
 from shiq_toy.experiments import difference_ci, mean_ci
 
-__all__ = ["PM_MEANING", "holm", "paired_test", "welch_test", "tost", "verdicts", "comparison_table", "reference_cell",
+__all__ = ["PM_MEANING", "holm", "paired_test", "welch_test", "tost", "verdicts", "comparison_table", "reference_cell", "steps_to_threshold",
            "summarise", "final_rows", "compare", "fmt_ci", "markdown_table", "method_colors", "plot_tradeoff",
            "plot_steps"]
 
@@ -223,6 +223,34 @@ def reference_cell(reference: dict, key: str, sem_key: str, digits: int = 2) -> 
     its standard error), or the mean alone without one. The caption must say that this ± is over samples."""
     mean, sem = reference[key], reference.get(sem_key)
     return f"{mean:.{digits}f} ± {1.96 * sem:.{digits}f}" if _number(sem) else f"{mean:.{digits}f}"
+
+
+def steps_to_threshold(rows: Iterable[dict], *, by: Sequence[str], fraction: float = 0.8,
+                       key: str = "mean_reward") -> list[dict]:
+    """The training budget at which each run first reaches a fixed fraction of the best improvement: per group of
+    ``by`` (e.g. task, β), ``threshold = ref + fraction · (best − ref)`` with ``ref`` the value at step 0 (the
+    reference) and ``best`` the largest final mean over seeds of any method in the group; per (group, method, seed)
+    the first evaluated step whose ``key`` is ≥ the threshold, or None when the run never reaches it (censored at
+    its last step). Rows ``{by…, method, seed, threshold, step, last_step}``; needs curves evaluated during training
+    (``eval_every``), and is only as fine as their evaluation interval."""
+    rows = [r for r in rows if _number(r.get(key))]
+    curves: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        curves.setdefault((*(r.get(k) for k in by), r["method"], r["seed"]), {})[r["step"]] = r[key]
+    out = []
+    for group in dict.fromkeys(k[:len(by)] for k in curves):
+        members = {k: v for k, v in curves.items() if k[:len(by)] == group}
+        finals: dict[str, list[float]] = {}
+        for k, curve in members.items():
+            finals.setdefault(k[len(by)], []).append(curve[max(curve)])
+        best = max(float(np.mean(v)) for v in finals.values())
+        ref = next(curve[0] for curve in members.values() if 0 in curve)
+        threshold = ref + fraction * (best - ref)
+        for k, curve in members.items():
+            reached = [s for s in sorted(curve) if s > 0 and curve[s] >= threshold]
+            out.append({**dict(zip(by, group)), "method": k[len(by)], "seed": k[len(by) + 1], "threshold": threshold,
+                        "step": reached[0] if reached else None, "last_step": max(curve)})
+    return out
 
 
 def fmt_ci(row: dict, key: str, digits: int = 2) -> str:
