@@ -487,7 +487,12 @@ def plot(rows: Sequence[dict], references: dict, args: CompareArgs, path: Path, 
     if ref:
         ax.axhline(float(np.mean(ref)), color="black", ls="--", lw=0.8, label="reference (KL = 0)")
     if any(r["kl"] > 0 for r in summary):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))  # 0.01, 0.03, 0.1, 0.3, 1, …
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.plot([], [], marker="D", mfc="white", color="grey", ls="none",
             label="frontier at a KL budget (dotted), 95 % bootstrap CI")
     ax.set(xlabel="KL(π‖π_ref) per completion (nats, log scale)", ylabel="test reward (fraction of correct words)",
