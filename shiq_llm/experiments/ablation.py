@@ -298,6 +298,7 @@ def plot(rows: list[dict], references: dict, args: AblationArgs, path: Path) -> 
         row[3].set(title=f"{task}: final reward vs KL, per β", xlabel="KL(π‖π_ref) (nats)", ylabel="mean_reward")
     handles, labels = axes[0, 3].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"ShiQ ablation: {args.seeds} seeds (mean, 95 % interval), β ∈ {list(args.betas)}, {args.steps} steps",
+    fig.suptitle(f"ShiQ ablation: {args.seeds} seeds, β ∈ {list(args.betas)}, {args.steps} steps\npoints and lines: mean "
+                 "over seeds; bars and bands: 95 % t-interval of that mean over seeds (cut at 0); KL in nats",
                  fontsize=10)
     fig.savefig(path, dpi=120)

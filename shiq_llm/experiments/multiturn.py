@@ -280,7 +280,7 @@ def plot(rows: list[dict], references: dict, args: MultiturnArgs, path: Path) ->
         ax.set_visible(id(ax) in used)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"multi-turn calculator task: {args.seeds} seeds (mean, 95 % interval), β ∈ {list(args.betas)}, "
-                 f"{args.steps} steps; {args.eval_prompts} held-out prompts × {args.eval_samples} dialogues",
-                 fontsize=10)
+    fig.suptitle(f"multi-turn calculator task: {args.seeds} seeds, β ∈ {list(args.betas)}, {args.steps} steps; "
+                 f"{args.eval_prompts} held-out prompts × {args.eval_samples} dialogues\npoints and lines: mean over seeds; "
+                 "bars and bands: 95 % t-interval of that mean over seeds (cut at 0); KL in nats", fontsize=10)
     fig.savefig(path, dpi=120)
