@@ -5,6 +5,7 @@ training (which must not change the run), and smoke runs of both experiments on 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -76,7 +77,10 @@ def test_summarise_final_rows_and_compare_on_hand_made_rows():
     assert summary["mean_reward"] == 2.0 and summary["mean_reward_ci"] == pytest.approx(T_975_2 / math.sqrt(3))
     assert summary["initial_loss"] == 8.0 and summary["mean_reward_n"] == 3
     (c,) = compare(finals, "mean_reward", "shiq", "dpo")
-    assert c["diff"] == -3.0 and c["ci"] == pytest.approx(T_975_4 * math.sqrt(2 / 3)) and c["significant"]
+    # same seeds, same data: the paired t-test on the seed-matched differences, all −3 (no spread: p = 0)
+    assert c["diff"] == -3.0 and c["paired"] and c["p"] == 0.0 and math.isnan(c["ci"])
+    (c,) = compare(finals, "mean_reward", "shiq", "dpo", paired=False)
+    assert c["diff"] == -3.0 and c["ci"] == pytest.approx(T_975_4 * math.sqrt(2 / 3)) and not c["paired"]
 
 
 def test_curve_rows_merge_the_training_log_and_the_evaluations_with_the_reference_at_step_0(tmp_path):
@@ -226,7 +230,8 @@ def test_multiturn_smoke_writes_the_long_csv_figure_and_table(multiturn_run):
     assert (out / "multiturn.png").stat().st_size > 20_000
     table = (out / "multiturn_table.md").read_text()
     assert "| 0.3 | shiq_final_reward |" in table and " ± " in table and "shiq − dro" in table
-    assert summary["cells"] == 8 and {r["method"] for r in summary["final"]} == set(args.methods)
+    assert len(summary["cell_seconds"]) == 1 and {r["method"] for r in summary["final"]} == set(args.methods)
+    assert "Holm" in table and "95 % Student-t interval of the mean over seeds" in table
 
 
 def test_multiturn_smoke_trains_the_final_reward_variant_on_moved_rewards(multiturn_run):
@@ -293,8 +298,18 @@ def test_ablation_smoke_on_both_tasks(multiturn_run, tmp_path):
     assert {r["step"] for r in rows if r["task"] == "single_turn" and r["mean_reward"]} == {"0", "2", "3"}
     assert (tmp_path / "ablation.png").stat().st_size > 20_000
     assert "| single_turn | 0.3 | shiq_init |" in (tmp_path / "ablation_table.md").read_text()
-    assert set(summary["seconds_per_task"]) == {"single_turn", "multi_turn"}
+    assert set(summary["seconds_by_stage"]) == {"single_turn", "multi_turn"}
     assert not (tmp_path / "data_multi_turn").exists()  # --multi-data was used as is
+
+
+def test_tables_re_derived_from_the_csv_alone_are_the_run_s(multiturn_run, tmp_path):
+    from shiq_llm.experiments.multiturn import main
+
+    out, args, summary = multiturn_run
+    again = main(dataclasses.replace(args, out=tmp_path, tables_from=str(out / "multiturn.csv")))
+    assert again["markdown"] == summary["markdown"]
+    assert (tmp_path / "multiturn_table.md").read_text() == (out / "multiturn_table.md").read_text()
+    assert (tmp_path / "multiturn.png").is_file() and not (tmp_path / "multiturn.csv").exists()
 
 
 def test_a_failed_cell_is_named_and_the_others_are_still_reported(multiturn_run, tmp_path, capsys):

@@ -1,10 +1,10 @@
-"""``shiq-llm experiment multiturn|ablation --out DIR [--quick]``: the LLM experiments of ``shiq_llm.experiments``.
+"""``shiq-llm experiment multiturn|ablation|compare --out DIR [--quick]``: the LLM experiments of ``shiq_llm.experiments``.
 
     shiq-llm experiment multiturn --out results/multiturn           # the README's run (defaults)
     shiq-llm experiment ablation --out results/ablation --quick     # a reduced budget, about 2 minutes
     shiq-llm experiment multiturn --help                            # every option, with its default
 
-Each option is a field of the experiment's arguments dataclass (``MultiturnArgs``, ``AblationArgs``), its help the
+Each option is a field of the experiment's arguments dataclass (``MultiturnArgs``, ``AblationArgs``, ``CompareArgs``), its help the
 field's docstring. ``--quick`` starts from the experiment's ``QUICK`` preset instead of the defaults; options
 given on the command line override either. :func:`register` adds the command to ``shiq-llm`` (``shiq_llm.cli``).
 """
@@ -25,6 +25,8 @@ EXPERIMENTS = {
                   "ShiQ/ms, ShiQ/tk, DPO, CoPG, DRO"),
     "ablation": ("shiq_llm.experiments.ablation", "AblationArgs",
                  "ShiQ vs ShiQ/init, ShiQ/ms, ShiQ/tk on the single-turn and multi-turn embedded tasks"),
+    "compare": ("shiq_llm.experiments.compare", "CompareArgs",
+                "ShiQ vs DPO, CoPG, DRO, IPO with learning rates tuned on a validation split, reward at matched KL"),
 }
 
 

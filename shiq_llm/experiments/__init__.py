@@ -5,7 +5,12 @@
 - :mod:`~shiq_llm.experiments.multiturn`: credit assignment on the multi-turn task (``shiq-llm experiment multiturn``).
 - :mod:`~shiq_llm.experiments.ablation`: ShiQ against its ablations on both embedded tasks
   (``shiq-llm experiment ablation``).
-- :mod:`~shiq_llm.experiments.report`: means over seeds with 95 % intervals, tables and figures.
+- :mod:`~shiq_llm.experiments.compare`: ShiQ against DPO, CoPG, DRO and IPO with learning rates tuned on a
+  validation split, reward at matched KL on the test split (``shiq-llm experiment compare``).
+- :mod:`~shiq_llm.experiments.driver`: the one driver the three ``shiq-llm experiment`` commands are configurations
+  of (long CSV, figure, table, summary; ``--tables-from`` re-derives them from the CSV).
+- :mod:`~shiq_llm.experiments.report`: means over seeds with 95 % intervals, paired / Welch tests, Holm, TOST,
+  tables and figures.
 
 This module holds what they share: a task's data directory, built once and reused (:func:`prepare_data`).
 """

@@ -22,20 +22,18 @@ Writes, in ``args.out``:
 - ``ablation.png``: per task, training loss (log scale), reward and KL against steps at one β (mean and 95 %
   interval over seeds), and the final reward against KL per β;
 - ``ablation_table.md`` (initial loss, final reward and KL per task, method and β with 95 % intervals, and
-  ShiQ's differences with Welch intervals) and ``ablation_summary.json`` (the same, the arguments, the run time of
+  ShiQ's differences: paired t-tests, Holm-adjusted, TOST equivalence) and ``ablation_summary.json`` (the same, the arguments, the run time of
   this call per task — a re-run skips the finished cells — and the wall time of training and evaluating the cells).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shiq_toy.experiments import num_threads, write_summary
-
-__all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "prepare_single_turn_data", "tables_of", "plot", "main"]
+__all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "prepare_single_turn_data", "collect", "MARGINS",
+           "shared_with_multiturn", "tables_of", "plot", "main"]
 
 TASKS = ("single_turn", "multi_turn")
 METHODS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk")
@@ -95,6 +93,8 @@ class AblationArgs:
     """torch CPU threads (1 is fastest for the tiny models)"""
     progress: bool = True
     """show a progress bar over each sweep's cells"""
+    tables_from: str = ""
+    """an existing ablation.csv: re-derive the figure and the table from it into OUT, without training"""
 
 
 #: ``--quick``: both tasks, every method, 2 seeds, one β, 20 short steps on smaller data sets (the same multi-turn
@@ -168,70 +168,109 @@ def _sweep(task: str, args: AblationArgs, out: Path):
         evaluation={"num_samples": samples, "max_new_tokens": args.max_new_tokens, "seed": 1000 + args.seed})
 
 
-def main(args: AblationArgs) -> dict:
-    """Run the ablation (module docstring); returns the summary also written to ``ablation_summary.json``."""
-    from shiq_llm.experiments.demo import quiet_libraries
-    from shiq_llm.experiments.sweep import SweepError, curve_rows, run_sweep, write_curves
+def collect(args: AblationArgs, out: Path):
+    """One sweep per task (module docstring), each on its data built in ``OUT/data_<task>`` or given."""
+    from shiq_llm.experiments.driver import sweep_tasks
 
-    _check(args)
-    start = time.perf_counter()
-    quiet_libraries()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, references, seconds, cell_seconds, failed = [], {}, {}, {}, None
-    with num_threads(args.threads):
-        for task in (t for t in TASKS if t in args.tasks):
-            tick = time.perf_counter()
-            config = _sweep(task, args, out)
-            try:
-                results = run_sweep(config, progress=args.progress)
-            except SweepError as error:  # the finished cells are still reported; the failure is raised at the end
-                results, failed = error.results, error
-            references[task] = next(r for r in results if r["algo"] == "reference")
-            rows += [{"task": task, **r} for r in curve_rows(results, config.out)]
-            seconds[task] = time.perf_counter() - tick
-            cell_seconds[task] = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in results)
-    write_curves(rows, out / "ablation.csv", first=("task", "method", "algo", "beta", "seed", "step"))
-    plot(rows, references, args, out / "ablation.png")
-    tables = tables_of(rows, references, args)
-    (out / "ablation_table.md").write_text(tables["markdown"] + "\n")
-    total = time.perf_counter() - start
-    print(tables["markdown"])
-    print(f"{out / 'ablation.csv'}, {out / 'ablation.png'}, {out / 'ablation_table.md'}; {total:.0f} s")
-    summary = write_summary(out / "ablation_summary.json", args, {**tables, "seconds": total, "seconds_per_task": seconds,
-                                                                  "cell_seconds_per_task": cell_seconds})
-    if failed is not None:
-        raise failed
-    return summary
+    return sweep_tasks(lambda: ((task, _sweep(task, args, out)) for task in TASKS if task in args.tasks),
+                       args.progress)
+
+
+def main(args: AblationArgs) -> dict:
+    """Run the ablation (module docstring) with the experiments' driver (``shiq_llm.experiments.driver``); returns
+    the summary also written to ``ablation_summary.json``."""
+    from shiq_llm.experiments.driver import Experiment, run
+
+    return run(Experiment("ablation", ("task", "method", "algo", "beta", "seed", "step"), _check, collect, tables_of,
+                          plot), args)
+
+
+#: Equivalence margins of the ablation table's comparisons, per task ("no difference" only within these, by TOST).
+MARGINS = {"single_turn": {"mean_reward": 0.02, "kl": 0.1, "initial_loss": 0.1},
+           "multi_turn": {"mean_reward": 0.1, "kl": 0.1, "initial_loss": 0.1}}
+
+
+#: Steps to threshold: the fraction of the best method's improvement over the reference a run must reach.
+THRESHOLD_FRACTION = 0.8
+
+
+def shared_with_multiturn(task: str, beta: float, method: str) -> bool:
+    """Whether the ablation's cell is the same run as a cell of the multi-turn experiment at its defaults (same
+    data, reference, seeds and training options): ``multi_turn`` at a β of ``MultiturnArgs().betas`` for a method
+    of both experiments. Such comparisons are already in the multi-turn table and are not counted again."""
+    from shiq_llm.experiments import multiturn
+
+    return task == "multi_turn" and beta in multiturn.MultiturnArgs().betas and method in multiturn.METHODS
 
 
 def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
-    """Initial loss, final reward and KL per (task, method, β) with 95 % intervals; ShiQ's differences (Welch)."""
-    from shiq_llm.experiments.report import compare, final_rows, fmt_ci, markdown_table, summarise
+    """Initial loss, final reward and KL per (task, method, β) (mean ± 95 % t-interval over seeds); ShiQ's
+    differences: paired t-tests on seed-matched runs (same rows, same seeds), Holm-adjusted over the table, TOST
+    equivalence within :data:`MARGINS`; comparisons that the multi-turn table already makes are left out
+    (:func:`shared_with_multiturn`)."""
+    import numpy as np
+
+    from shiq_llm.experiments.report import (PM_MEANING, comparison_table, compare, final_rows, fmt_ci,
+                                             markdown_table, reference_cell, steps_to_threshold, summarise, verdicts)
+    from shiq_toy.experiments import mean_ci
 
     finals = final_rows(rows)
     summary = summarise(finals, ("task", "method", "beta"), ["initial_loss", "mean_reward", "kl"])
     order = {m: i for i, m in enumerate(args.methods)}
-    summary.sort(key=lambda r: (TASKS.index(r["task"]), r["beta"], order.get(r["method"], len(order))))
+    summary.sort(key=lambda r: (TASKS.index(r["task"]) if r["task"] in TASKS else len(TASKS), r["beta"],
+                                order.get(r["method"], len(order))))
     body = []
     for task, ref in references.items():  # the reference's own loss is not defined (nothing trains it)
-        body.append([task, "–", "reference", "–", f"{ref['mean_reward']:.3f}", "0"])
+        body.append([task, "–", "reference", "–", reference_cell(ref, "mean_reward", "reward_sem", 3), "0"])
     body += [[r["task"], f"{r['beta']:g}", r["method"], fmt_ci(r, "initial_loss", 3), fmt_ci(r, "mean_reward", 3),
               fmt_ci(r, "kl", 3)] for r in summary]
-    comparisons = []
-    if "shiq" in args.methods:
-        for other in (m for m in args.methods if m != "shiq"):
+    comparisons, left_out = [], []
+    methods = {r["method"] for r in finals}
+    if "shiq" in methods:
+        for other in (m for m in args.methods if m != "shiq" and m in methods):
             for key in ("mean_reward", "kl", "initial_loss"):
-                comparisons += compare(finals, key, "shiq", other, by=("task", "beta"))
-    diff_rows = [[c["task"], f"{c['beta']:g}", f"shiq − {c['b']}", c["key"], f"{c['diff']:+.3f} ± {c['ci']:.3f}",
-                  "yes" if c["significant"] else "no"] for c in comparisons]
-    markdown = (f"After {args.steps} steps; mean over {args.seeds} seeds ± half-width of the 95 % t-interval "
-                "(reward: single_turn fraction of correct words in [0, 1], multi_turn episode reward in [0, 3]).\n\n"
+                for task in (t for t in TASKS if t in references):
+                    found = compare([r for r in finals if r["task"] == task], key, "shiq", other, by=("task", "beta"),
+                                    margin=MARGINS[task][key])
+                    left_out += [c for c in found if shared_with_multiturn(task, c["beta"], other)]
+                    comparisons += [c for c in found if not shared_with_multiturn(task, c["beta"], other)]
+    comparisons = verdicts(comparisons)
+    steps = max((r["step"] for r in finals), default=args.steps)
+    seeds = sorted({r.get("mean_reward_n", 0) for r in summary})
+    markdown = (f"After {steps} steps; mean over {'–'.join(map(str, seeds[::max(1, len(seeds) - 1)]))} seeds; "
+                f"{PM_MEANING}. The references are evaluated once: their reward carries the 95 % normal interval "
+                "over their samples (± 1.96 standard errors). Reward: single_turn fraction of correct words in "
+                "[0, 1], multi_turn episode reward in [0, 3]; KL in nats.\n\n"
                 + markdown_table(["task", "β", "method", "initial loss", "final reward", "final KL"], body))
-    if diff_rows:
-        markdown += ("\n\nDifferences (Welch 95 % interval; significant = the interval excludes 0):\n\n"
-                     + markdown_table(["task", "β", "difference", "value", "mean ± 95 %", "significant"], diff_rows))
-    return {"final": summary, "comparisons": comparisons, "markdown": markdown}
+    if comparisons:
+        margins = "; ".join(f"{t}: " + ", ".join(f"{k} ±{v:g}" for k, v in m.items()) for t, m in MARGINS.items())
+        shared = sorted({f"shiq − {c['b']} at multi_turn β = {c['beta']:g}" for c in left_out})
+        note = (f" Left out, because they are the same runs as the multi-turn experiment's and its table already "
+                f"tests them: {', '.join(shared)}." if shared else "")
+        markdown += (f"\n\nShiQ's differences (equivalence margins: {margins}).{note} "
+                     + comparison_table(comparisons, ["task", "beta"], digits=3))
+    speed = steps_to_threshold(rows, by=("task", "beta"), fraction=THRESHOLD_FRACTION)
+    if any(r["last_step"] > 0 for r in speed):
+        speed_body = []
+        for task, beta in dict.fromkeys((r["task"], r["beta"]) for r in speed):
+            for method in (m for m in args.methods if any(r["method"] == m for r in speed)):
+                runs = [r for r in speed if (r["task"], r["beta"], r["method"]) == (task, beta, method)]
+                reached = [r["step"] for r in runs if r["step"] is not None]
+                cell = {"step": float(np.mean(reached))} if reached else {}
+                if len(reached) > 1:
+                    cell["step"], cell["step_ci"] = mean_ci(reached)
+                speed_body.append([task, f"{beta:g}", method, f"{runs[0]['threshold']:.3f}",
+                                   f"{len(reached)} of {len(runs)}", fmt_ci(cell, "step", 0) if reached else "–",
+                                   ", ".join(str(r["step"]) if r["step"] is not None else f">{r['last_step']}"
+                                             for r in sorted(runs, key=lambda r: r["seed"]))])
+        markdown += (f"\n\nSteps to threshold: the first evaluated step at which a run's reward reaches the reference "
+                     f"+ {THRESHOLD_FRACTION:g} × (best method's final mean − reference), per task and β; evaluated every "
+                     f"{args.eval_every} steps, so a step is known to that resolution; '>N': not reached by the last step "
+                     f"N (censored, left out of the mean). Mean over the seeds that reached it; {PM_MEANING}. No test: "
+                     "censored runs make a t-test invalid, and the resolution is coarse.\n\n"
+                     + markdown_table(["task", "β", "method", "threshold", "seeds reaching it", "steps (mean ± 95 %)",
+                                       "per seed"], speed_body))
+    return {"final": summary, "comparisons": comparisons, "steps_to_threshold": speed, "markdown": markdown}
 
 
 def plot(rows: list[dict], references: dict, args: AblationArgs, path: Path) -> None:
@@ -259,6 +298,7 @@ def plot(rows: list[dict], references: dict, args: AblationArgs, path: Path) -> 
         row[3].set(title=f"{task}: final reward vs KL, per β", xlabel="KL(π‖π_ref) (nats)", ylabel="mean_reward")
     handles, labels = axes[0, 3].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"ShiQ ablation: {args.seeds} seeds (mean, 95 % interval), β ∈ {list(args.betas)}, {args.steps} steps",
+    fig.suptitle(f"ShiQ ablation: {args.seeds} seeds, β ∈ {list(args.betas)}, {args.steps} steps\npoints and lines: mean "
+                 "over seeds; bars and bands: 95 % t-interval of that mean over seeds (cut at 0); KL in nats",
                  fontsize=10)
     fig.savefig(path, dpi=120)

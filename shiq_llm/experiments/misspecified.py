@@ -108,6 +108,10 @@ def _proxy_rewards(results: list[dict], sweep_out: Path, config, args: ProxyArgs
     return out
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def plot(rows: list[dict], path: Path, *, title: str) -> None:
     """True (left) and proxy (right) mean reward against KL(π ‖ π_ref), one curve per method across β."""
     from matplotlib.figure import Figure
@@ -118,16 +122,22 @@ def plot(rows: list[dict], path: Path, *, title: str) -> None:
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]
     for ax, key in zip(axes, ("true_reward", "proxy_reward")):
         for i, method in enumerate(methods):
-            points = sorted((r["kl"], r[key], r["beta"]) for r in rows if r["method"] == method)
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=method)
-            for kl, value, beta in points:
+            points = sorted((r["kl"], r[key], r["beta"], r.get(f"{key}_sem"), r.get("kl_sem"))
+                            for r in rows if r["method"] == method)
+            yerr = [1.96 * p[3] if _finite(p[3]) else 0.0 for p in points]
+            xerr = [1.96 * p[4] if _finite(p[4]) else 0.0 for p in points]
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=yerr, xerr=xerr, fmt="o-", ms=4, capsize=2,
+                        color=f"C{i}", label=method)
+            for kl, value, beta, *_ in points:
                 ax.annotate(f"β={beta:g}", (kl, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(reference[key], color="0.4", ls="--", lw=1, label="reference")
-        ax.set(xscale="symlog", xlabel="KL(π ‖ π_ref) on the policy's samples", ylabel=f"mean {key.replace('_', ' ')}",
+        ax.axhline(reference[key], color="0.4", ls="--", lw=1, label="reference (KL = 0)")
+        ax.set(xscale="log", xlabel="KL(π ‖ π_ref) on the policy's samples (nats, log scale)",
+               ylabel=f"mean {key.replace('_', ' ')}",
                title="judged on the true reward" if key == "true_reward" else "the proxy it was trained on")
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\nbars: 95 % normal intervals (±1.96 standard errors) over one seed's evaluation samples; "
+                 "proxy reward: no bar (its error not measured)", fontsize=9)
     fig.savefig(path, dpi=120)
 
 
@@ -165,8 +175,8 @@ def main(args: ProxyArgs) -> list[dict]:
     ]
     write_csv(out / "misspecified_llm.csv", CSV_HEADER, ([row[k] for k in CSV_HEADER] for row in rows))
     plot(rows, out / "misspecified_llm.png",
-         title=f"embedded task, offline rows ({count}) labelled with a proxy paying {args.bonus:g}× a correct word per large number; "
-               f"{args.steps} steps per run ({time.perf_counter() - start:.0f} s)")
+         title=f"embedded task, {count} offline rows labelled with a proxy paying {args.bonus:g}× a correct word per large "
+               f"number;\n{args.steps} steps per run, one seed ({time.perf_counter() - start:.0f} s)")
     return rows
 
 

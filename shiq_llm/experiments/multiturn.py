@@ -22,22 +22,20 @@ Writes, in ``args.out``:
   reference;
 - ``multiturn.png``: episode reward, episode success and each turn's reward against KL (mean over seeds and
   95 % intervals, one line per method through its β values), and episode reward over training steps;
-- ``multiturn_table.md``: the final numbers per β with 95 % intervals, and ShiQ's differences with Welch
-  intervals; ``multiturn_summary.json``: the same, the arguments, the run time of this call (``seconds``; a re-run
+- ``multiturn_table.md``: the final numbers per β with 95 % intervals over seeds, and ShiQ's differences
+  (paired t-tests on seed-matched runs, Holm-adjusted over the table, TOST equivalence within :data:`MARGINS`;
+  ``shiq_llm.experiments.report``); ``multiturn_summary.json``: the same, the arguments, the run time of this call (``seconds``; a re-run
   skips the finished cells) and the wall time of training and evaluating every cell (``cell_seconds``).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shiq_toy.experiments import num_threads, write_summary
-
 __all__ = ["MultiturnArgs", "METHODS", "FINAL_REWARD", "QUICK", "final_reward_rows", "prepare_multiturn_data",
-           "write_eval_prompts", "train_options", "tables_of", "plot", "main"]
+           "write_eval_prompts", "train_options", "collect", "MARGINS", "tables_of", "plot", "main"]
 
 FINAL_REWARD = "shiq_final_reward"
 #: The methods of the experiment, in the order of the figure and the table.
@@ -88,6 +86,8 @@ class MultiturnArgs:
     """torch CPU threads (1 is fastest for the tiny model)"""
     progress: bool = True
     """show a progress bar over the sweep's cells"""
+    tables_from: str = ""
+    """an existing multiturn.csv: re-derive the figure and the table from it into OUT, without training"""
 
 
 #: ``--quick``: every method, 2 seeds, one β, 20 short steps on a smaller data set (the same reference): a check that
@@ -164,18 +164,13 @@ def write_eval_prompts(data: Path, count: int, path: Path) -> list[str]:
     return prompts[:count]
 
 
-def main(args: MultiturnArgs) -> dict:
-    """Run the experiment (module docstring); returns the summary also written to ``multiturn_summary.json``."""
-    from shiq_llm.experiments.demo import quiet_libraries
-    from shiq_llm.experiments.sweep import SweepConfig, SweepError, curve_rows, run_sweep, write_curves
+def collect(args: MultiturnArgs, out: Path):
+    """The experiment's one sweep (module docstring), on the data built in ``OUT/data`` or given."""
+    from shiq_llm.experiments.driver import sweep_tasks
+    from shiq_llm.experiments.sweep import SweepConfig
     from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
 
-    _check(args)
-    start = time.perf_counter()
-    quiet_libraries()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with num_threads(args.threads):
+    def configs():
         data = prepare_multiturn_data(out / "data", args.data, train_prompts=args.train_prompts,
                                       samples_per_prompt=args.samples_per_prompt, ref_steps=args.ref_steps,
                                       max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress)
@@ -184,43 +179,42 @@ def main(args: MultiturnArgs) -> dict:
         if FINAL_REWARD in args.methods:
             final = write_jsonl(final_reward_rows(read_jsonl(data / "train.jsonl")), out / "train_final_reward.jsonl")
             variants[FINAL_REWARD] = {"algo": "shiq", "train_data": str(final)}
-        config = SweepConfig(
+        yield None, SweepConfig(
             out=str(out / "sweep"), model=str(data / "reference"), train_data=str(data / "train.jsonl"),
             algos=[m for m in args.methods if m != FINAL_REWARD], variants=variants, betas=list(args.betas),
             seeds=list(range(args.seed, args.seed + args.seeds)), eval_prompts=str(out / "eval_prompts.jsonl"),
             evaluator="dialogues", eval_every=args.eval_every,
             train=train_options(lr=args.lr, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every),
             evaluation={"num_samples": args.eval_samples, "max_new_tokens": args.max_new_tokens, "seed": 1000 + args.seed})
-        try:
-            results, failed = run_sweep(config, progress=args.progress), None
-        except SweepError as error:  # the finished cells are still reported; the failure is raised at the end
-            results, failed = error.results, error
-    rows = curve_rows(results, config.out)
-    write_curves(rows, out / "multiturn.csv")
-    reference = next(r for r in results if r["algo"] == "reference")
-    plot(rows, reference, args, out / "multiturn.png")
-    tables = tables_of(rows, reference, args)
-    (out / "multiturn_table.md").write_text(tables["markdown"] + "\n")
-    seconds = time.perf_counter() - start
-    print(tables["markdown"])
-    print(f"{out / 'multiturn.csv'}, {out / 'multiturn.png'}, {out / 'multiturn_table.md'}; {seconds:.0f} s")
-    cell_seconds = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in results)
-    summary = write_summary(out / "multiturn_summary.json", args, {**tables, "seconds": seconds,
-                                                                    "cells": len(results) - 1,
-                                                                    "cell_seconds": cell_seconds})
-    if failed is not None:
-        raise failed
-    return summary
+
+    return sweep_tasks(configs, args.progress)
+
+
+def main(args: MultiturnArgs) -> dict:
+    """Run the experiment (module docstring) with the experiments' driver (``shiq_llm.experiments.driver``);
+    returns the summary also written to ``multiturn_summary.json``."""
+    from shiq_llm.experiments.driver import Experiment, run
+
+    return run(Experiment("multiturn", ("method", "algo", "beta", "seed", "step"), _check, collect, tables_of, plot),
+               args)
 
 
 def _turns(reference: dict) -> int:
     return int(reference["max_reward"])
 
 
-def tables_of(rows: list[dict], reference: dict, args: MultiturnArgs) -> dict:
-    """The final numbers per (method, β) with 95 % intervals, ShiQ's differences (Welch), as data and markdown."""
-    from shiq_llm.experiments.report import compare, final_rows, fmt_ci, markdown_table, summarise
+#: Equivalence margins of the multi-turn table's comparisons ("no difference" only within these, by TOST).
+MARGINS = {"mean_reward": 0.1, "success": 0.05, "kl": 0.1}
 
+
+def tables_of(rows: list[dict], references: dict, args: MultiturnArgs) -> dict:
+    """The final numbers per (method, β) (mean ± 95 % t-interval over seeds), the reference with its interval over
+    dialogues, and ShiQ's differences: paired t-tests on seed-matched runs (every method trains on the same
+    dialogues with the same seeds), Holm-adjusted over the table, TOST equivalence within :data:`MARGINS`."""
+    from shiq_llm.experiments.report import (PM_MEANING, comparison_table, compare, final_rows, fmt_ci,
+                                             markdown_table, reference_cell, summarise, verdicts)
+
+    reference = references[None] if None in references else next(iter(references.values()))
     turns = _turns(reference)
     keys = ["mean_reward", "success", *(f"reward_turn{k}" for k in range(1, turns + 1)), "kl", "initial_loss"]
     finals = final_rows(rows)
@@ -228,34 +222,38 @@ def tables_of(rows: list[dict], reference: dict, args: MultiturnArgs) -> dict:
     order = {m: i for i, m in enumerate(args.methods)}
     summary.sort(key=lambda r: (r["beta"], order.get(r["method"], len(order))))
     header = ["β", "method", "episode reward (of 3)", "success", *(f"turn {k}" for k in range(1, turns + 1)), "KL"]
-    body = [["–", "reference", f"{reference['mean_reward']:.2f}", f"{reference['success']:.2f}",
-             *(f"{reference[f'reward_turn{k}']:.2f}" for k in range(1, turns + 1)), "0"]]
+    body = [["–", "reference", reference_cell(reference, "mean_reward", "reward_sem"),
+             f"{reference['success']:.2f}", *(f"{reference[f'reward_turn{k}']:.2f}" for k in range(1, turns + 1)), "0"]]
     body += [[f"{r['beta']:g}", r["method"], fmt_ci(r, "mean_reward"), fmt_ci(r, "success"),
               *(fmt_ci(r, f"reward_turn{k}") for k in range(1, turns + 1)), fmt_ci(r, "kl")] for r in summary]
     comparisons = []
-    if "shiq" in args.methods:
-        for other in (m for m in args.methods if m != "shiq"):
+    methods = {r["method"] for r in finals}
+    if "shiq" in methods:
+        for other in (m for m in args.methods if m != "shiq" and m in methods):
             for key in ("mean_reward", "success", "kl"):
-                comparisons += compare(finals, key, "shiq", other)
-    diff_rows = [[f"{c['beta']:g}", f"shiq − {c['b']}", c["key"], f"{c['diff']:+.2f} ± {c['ci']:.2f}",
-                  "yes" if c["significant"] else "no"] for c in comparisons]
+                comparisons += compare(finals, key, "shiq", other, margin=MARGINS[key])
+    comparisons = verdicts(comparisons)
     seeds = {r["method"]: r.get("mean_reward_n", 0) for r in summary}
-    markdown = (f"Final policies after {args.steps} steps; mean over {min(seeds.values(), default=0)}–"
-                f"{max(seeds.values(), default=0)} seeds ± half-width of the 95 % t-interval; "
-                f"{args.eval_prompts} held-out prompts × {args.eval_samples} dialogues per evaluation.\n\n"
+    steps = max((r["step"] for r in finals), default=args.steps)
+    markdown = (f"Final policies after {steps} steps; mean over {min(seeds.values(), default=0)}–"
+                f"{max(seeds.values(), default=0)} seeds; {PM_MEANING}. The reference is evaluated once: its "
+                "episode reward carries the 95 % normal interval over its dialogues (± 1.96 standard errors), the "
+                f"other reference values none. {args.eval_prompts} held-out prompts × {args.eval_samples} dialogues "
+                "per evaluation; KL in nats, summed over the agent tokens.\n\n"
                 + markdown_table(header, body))
-    if diff_rows:
-        markdown += ("\n\nDifferences (Welch 95 % interval; significant = the interval excludes 0):\n\n"
-                     + markdown_table(["β", "difference", "value", "mean ± 95 %", "significant"], diff_rows))
+    if comparisons:
+        margins = ", ".join(f"{k} ±{v:g}" for k, v in MARGINS.items())
+        markdown += (f"\n\nShiQ's differences (equivalence margins: {margins}). " + comparison_table(comparisons, ["beta"]))
     return {"final": summary, "comparisons": comparisons, "markdown": markdown}
 
 
-def plot(rows: list[dict], reference: dict, args: MultiturnArgs, path: Path) -> None:
+def plot(rows: list[dict], references: dict, args: MultiturnArgs, path: Path) -> None:
     """Episode reward, success and each turn's reward against KL; episode reward against training steps."""
     from matplotlib.figure import Figure
 
     from shiq_llm.experiments.report import final_rows, method_colors, plot_steps, plot_tradeoff, summarise
 
+    reference = references[None] if None in references else next(iter(references.values()))
     turns = _turns(reference)
     colors = method_colors(args.methods)
     keys = ["mean_reward", "success", "kl", *(f"reward_turn{k}" for k in range(1, turns + 1))]
@@ -277,7 +275,7 @@ def plot(rows: list[dict], reference: dict, args: MultiturnArgs, path: Path) -> 
         ax.set_visible(id(ax) in used)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(f"multi-turn calculator task: {args.seeds} seeds (mean, 95 % interval), β ∈ {list(args.betas)}, "
-                 f"{args.steps} steps; {args.eval_prompts} held-out prompts × {args.eval_samples} dialogues",
-                 fontsize=10)
+    fig.suptitle(f"multi-turn calculator task: {args.seeds} seeds, β ∈ {list(args.betas)}, {args.steps} steps; "
+                 f"{args.eval_prompts} held-out prompts × {args.eval_samples} dialogues\npoints and lines: mean over seeds; "
+                 "bars and bands: 95 % t-interval of that mean over seeds (cut at 0); KL in nats", fontsize=10)
     fig.savefig(path, dpi=120)

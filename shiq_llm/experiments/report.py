@@ -4,8 +4,19 @@ Every number is a mean over seeds with the half-width of its 95 % Student-t inte
 (:func:`shiq_toy.experiments.mean_ci`); :func:`summarise` computes them per group (method, β, step, …),
 :func:`plot_tradeoff` draws a measured value against KL(π‖π_ref) per method across β, :func:`plot_steps` a value
 against training steps with its interval as a band, and :func:`markdown_table` / :func:`fmt_ci` write the tables
-the README quotes. A difference is called significant only when the Welch interval of the difference excludes 0
-(:func:`compare`).
+the README quotes.
+
+**One meaning of "±".** Everywhere in the tables, ``a ± h`` is the mean over seeds and ``h`` the half-width of its
+95 % Student-t interval over those seeds (:data:`PM_MEANING`, written in every caption); a reference evaluated once
+is the one exception, and its caption says which interval it carries (over samples).
+
+**Comparisons** (:func:`compare`, :func:`verdicts`): runs of two methods that share seed and data are compared
+with a paired t-test on the seed-matched differences (:func:`paired_test`), others with Welch's test
+(:func:`welch_test`); the p-values of all comparisons of one table are adjusted together with Holm's step-down
+correction (:func:`holm`). A difference is a finding only when its Holm-adjusted p-value is below 0.05; "no
+difference" is written only when a two one-sided tests equivalence test (:func:`tost`, TOST) with a stated margin
+rejects a difference as large as the margin (Holm-adjusted too); anything else is "inconclusive" — a
+non-significant difference is never read as equality.
 """
 
 from __future__ import annotations
@@ -13,9 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from shiq_toy.experiments import difference_ci, mean_ci
 
-__all__ = ["summarise", "final_rows", "compare", "fmt_ci", "markdown_table", "method_colors", "plot_tradeoff",
+__all__ = ["PM_MEANING", "holm", "paired_test", "welch_test", "tost", "verdicts", "comparison_table", "reference_cell", "steps_to_threshold",
+           "summarise", "final_rows", "compare", "fmt_ci", "markdown_table", "method_colors", "plot_tradeoff",
            "plot_steps"]
 
 
@@ -57,20 +71,185 @@ def final_rows(rows: Iterable[dict]) -> list[dict]:
     return [c for c in cells.values() if "mean_reward" in c]
 
 
-def compare(rows: Sequence[dict], key: str, a: str, b: str, *, by: Sequence[str] = ("beta",)) -> list[dict]:
-    """``a − b`` of ``key`` over seeds, per group of ``by`` where both methods have ≥ 2 runs: ``{by…, diff, ci,
-    significant}`` with Welch's 95 % interval (:func:`shiq_toy.experiments.difference_ci`)."""
+#: What "±" means in every table of the LLM experiments (each caption states it).
+PM_MEANING = "± is the half-width of the 95 % Student-t interval of the mean over seeds"
+
+ALPHA = 0.05  #: the family-wise error rate of every table (Holm)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order: with the m finite p-values sorted increasingly,
+    ``p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) · p_(j))``. Rejecting where ``p̃ < α`` controls the family-wise error
+    rate at α (Holm 1979). NaN p-values stay NaN and do not count in m."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if _number(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> dict:
+    """Paired t-test of ``a − b`` on matched pairs (the same seed and data): ``{diff, ci, p, df, paired: True}``
+    with ``diff`` the mean of the differences, ``ci`` the half-width of its Student-t interval at ``level`` and
+    ``p`` the two-sided p-value (``scipy.stats.ttest_rel``). Needs ≥ 2 pairs; ``ci`` NaN (and ``p`` 0 or 1)
+    when every difference is the same."""
+    from scipy.stats import t
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.size < 2:
+        raise ValueError(f"paired_test needs at least 2 pairs, got {d.size}")
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return {"diff": float(d.mean()), "ci": math.nan, "p": float(d.mean() == 0), "df": d.size - 1, "paired": True}
+    se = sd / math.sqrt(d.size)
+    stat = d.mean() / se
+    return {"diff": float(d.mean()), "ci": float(t.ppf((1 + level) / 2, d.size - 1) * se),
+            "p": float(2 * t.sf(abs(stat), d.size - 1)), "df": d.size - 1, "paired": True}
+
+
+def welch_test(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> dict:
+    """Welch's unequal-variance t-test of ``mean(a) − mean(b)``: ``{diff, ci, p, df, paired: False}``, the interval
+    of :func:`shiq_toy.experiments.difference_ci` and the two-sided p-value (``scipy.stats.ttest_ind(…,
+    equal_var=False)``)."""
+    from scipy.stats import t
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff, ci = difference_ci(x, y, level=level)
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    if va + vb == 0:
+        return {"diff": diff, "ci": math.nan, "p": float(diff == 0), "df": math.nan, "paired": False}
+    df = (va + vb) ** 2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1))
+    return {"diff": diff, "ci": ci, "p": float(2 * t.sf(abs(diff) / math.sqrt(va + vb), df)), "df": float(df),
+            "paired": False}
+
+
+def tost(diff: float, se: float, df: float, margin: float) -> float:
+    """p-value of the two one-sided t-tests (TOST) of equivalence within ``±margin``: ``H0: |δ| ≥ margin`` against
+    ``H1: |δ| < margin``, for an estimate ``diff`` with standard error ``se`` and ``df`` degrees of freedom:
+    ``max(P(T ≥ (diff + margin)/se), P(T ≤ (diff − margin)/se))``, T Student with ``df``. Equivalence is shown
+    at level α when it is below α (the 1 − 2α interval lies inside ``±margin``). NaN without a margin or a finite
+    ``se`` > 0."""
+    from scipy.stats import t
+
+    if not (_number(margin) and margin > 0 and _number(se) and se > 0 and _number(df)):
+        return math.nan
+    return float(max(t.sf((diff + margin) / se, df), t.cdf((diff - margin) / se, df)))
+
+
+def compare(rows: Sequence[dict], key: str, a: str, b: str, *, by: Sequence[str] = ("beta",), paired: bool = True,
+            margin: float | None = None) -> list[dict]:
+    """``a − b`` of ``key`` over seeds, per group of ``by`` where both methods have ≥ 2 runs: ``{by…, a, b, key,
+    diff, ci, p, paired, tost_p, margin}``. With ``paired`` and the same seeds in both groups (runs that share seed
+    and data) the paired t-test on the seed-matched differences (:func:`paired_test`), else Welch's
+    (:func:`welch_test`); ``ci`` is the 95 % half-width. ``tost_p``: the equivalence p-value within ``±margin``
+    (:func:`tost`; NaN without a margin). The p-values are raw: :func:`verdicts` adjusts a table's together."""
     out = []
     for group in dict.fromkeys(tuple(r.get(k) for k in by) for r in rows):
         def values(method):
-            return [r[key] for r in rows if r["method"] == method and tuple(r.get(k) for k in by) == group
-                    and _number(r.get(key))]
+            return {r["seed"]: r[key] for r in rows if r["method"] == method and tuple(r.get(k) for k in by) == group
+                    and _number(r.get(key))}
 
         va, vb = values(a), values(b)
-        if len(va) >= 2 and len(vb) >= 2:
-            diff, ci = difference_ci(va, vb)
-            out.append({**dict(zip(by, group)), "a": a, "b": b, "key": key, "diff": diff, "ci": ci,
-                        "significant": bool(abs(diff) > ci) if math.isfinite(ci) else diff != 0})
+        if len(va) < 2 or len(vb) < 2:
+            continue
+        if paired and set(va) == set(vb):
+            seeds = sorted(va)
+            test = paired_test([va[s] for s in seeds], [vb[s] for s in seeds])
+        else:
+            test = welch_test(list(va.values()), list(vb.values()))
+        se = test["ci"] / _t_quantile(test["df"]) if _number(test["ci"]) else math.nan
+        out.append({**dict(zip(by, group)), "a": a, "b": b, "key": key, **test, "n": min(len(va), len(vb)),
+                    "margin": margin if margin is not None else math.nan,
+                    "tost_p": tost(test["diff"], se, test["df"], margin) if margin is not None else math.nan})
+    return out
+
+
+def _t_quantile(df: float) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df)) if _number(df) and df > 0 else math.nan
+
+
+def verdicts(comparisons: list[dict], *, alpha: float = ALPHA) -> list[dict]:
+    """Adjust the p-values of one table's comparisons together (:func:`holm`, separately for the difference tests
+    and the equivalence tests) and give each a verdict: ``"a > b"`` / ``"a < b"`` when the Holm-adjusted
+    difference p-value is below ``alpha``; ``"equivalent (±margin)"`` when the Holm-adjusted TOST p-value is;
+    otherwise ``"inconclusive"``. Returns new dicts with ``p_holm``, ``tost_p_holm``, ``verdict``."""
+    p_holm = holm([c["p"] for c in comparisons])
+    tost_holm = holm([c.get("tost_p", math.nan) for c in comparisons])
+    out = []
+    for c, p, q in zip(comparisons, p_holm, tost_holm):
+        if _number(p) and p < alpha:
+            verdict = f"{c['a']} {'>' if c['diff'] > 0 else '<'} {c['b']}"
+        elif _number(q) and q < alpha:
+            verdict = f"equivalent (±{c['margin']:g})"
+        else:
+            verdict = "inconclusive"
+        out.append({**c, "p_holm": p, "tost_p_holm": q, "verdict": verdict})
+    return out
+
+
+def comparison_table(comparisons: list[dict], by: Sequence[str], *, digits: int = 2, caption: str | None = None) -> str:
+    """The markdown table of :func:`verdicts` rows: the ``by`` columns, the difference, its value, ``diff ± 95 %``,
+    the test, raw and Holm-adjusted p-values, the equivalence margin and TOST p (Holm) and the verdict; with a
+    caption line saying how it was computed (``caption`` replaces the t-test one; a comparison's ``test`` key, when
+    present, its test column)."""
+    body = []
+    for c in comparisons:
+        margin = f"±{c['margin']:g}" if _number(c.get("margin")) else "–"
+        ci = f"{c['ci']:.{digits}f}" if _number(c["ci"]) else "nan"
+        body.append([*(f"{c[k]:.3g}" if isinstance(c[k], float) else c[k] for k in by), f"{c['a']} − {c['b']}", c["key"],
+                     f"{c['diff']:+.{digits}f} ± {ci}", c.get("test") or f"{'paired t' if c['paired'] else 'Welch'} (n={c['n']})",
+                     _p(c["p"]), _p(c["p_holm"]), margin, _p(c.get("tost_p_holm", math.nan)), c["verdict"]])
+    caption = caption or (f"{len(comparisons)} comparisons, one family: difference ± 95 % t-interval half-width (paired t on the "
+               "seed-matched differences where both methods ran the same seeds on the same data, Welch otherwise); "
+               f"p-values two-sided, Holm-adjusted over the {len(comparisons)} comparisons; a direction is claimed when "
+               f"p(Holm) < {ALPHA}, equivalence when the TOST p(Holm) < {ALPHA} within the stated margin, "
+               "otherwise inconclusive.")
+    return caption + "\n\n" + markdown_table([*by, "difference", "value", "diff ± 95 %", "test", "p", "p (Holm)",
+                                               "equivalence margin", "TOST p (Holm)", "verdict"], body)
+
+
+def _p(p: float) -> str:
+    if not _number(p):
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def reference_cell(reference: dict, key: str, sem_key: str, digits: int = 2) -> str:
+    """A reference evaluated once: ``"mean ± 1.96·sem"`` (the 95 % normal interval over its samples, ``sem_key``
+    its standard error), or the mean alone without one. The caption must say that this ± is over samples."""
+    mean, sem = reference[key], reference.get(sem_key)
+    return f"{mean:.{digits}f} ± {1.96 * sem:.{digits}f}" if _number(sem) else f"{mean:.{digits}f}"
+
+
+def steps_to_threshold(rows: Iterable[dict], *, by: Sequence[str], fraction: float = 0.8,
+                       key: str = "mean_reward") -> list[dict]:
+    """The training budget at which each run first reaches a fixed fraction of the best improvement: per group of
+    ``by`` (e.g. task, β), ``threshold = ref + fraction · (best − ref)`` with ``ref`` the value at step 0 (the
+    reference) and ``best`` the largest final mean over seeds of any method in the group; per (group, method, seed)
+    the first evaluated step whose ``key`` is ≥ the threshold, or None when the run never reaches it (censored at
+    its last step). Rows ``{by…, method, seed, threshold, step, last_step}``; needs curves evaluated during training
+    (``eval_every``), and is only as fine as their evaluation interval."""
+    rows = [r for r in rows if _number(r.get(key))]
+    curves: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        curves.setdefault((*(r.get(k) for k in by), r["method"], r["seed"]), {})[r["step"]] = r[key]
+    out = []
+    for group in dict.fromkeys(k[:len(by)] for k in curves):
+        members = {k: v for k, v in curves.items() if k[:len(by)] == group}
+        finals: dict[str, list[float]] = {}
+        for k, curve in members.items():
+            finals.setdefault(k[len(by)], []).append(curve[max(curve)])
+        best = max(float(np.mean(v)) for v in finals.values())
+        ref = next(curve[0] for curve in members.values() if 0 in curve)
+        threshold = ref + fraction * (best - ref)
+        for k, curve in members.items():
+            reached = [s for s in sorted(curve) if s > 0 and curve[s] >= threshold]
+            out.append({**dict(zip(by, group)), "method": k[len(by)], "seed": k[len(by) + 1], "threshold": threshold,
+                        "step": reached[0] if reached else None, "last_step": max(curve)})
     return out
 
 

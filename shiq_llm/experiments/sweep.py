@@ -524,7 +524,8 @@ def _summary(results: Sequence[dict], seconds: float, out: Path) -> str:
 
 
 def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
-    """Mean reward against KL(π‖π_ref) with error bars (:func:`aggregate_over_seeds`), one line per method
+    """Mean reward against KL(π‖π_ref) with error bars (:func:`aggregate_over_seeds`: ±1 standard error, over the
+    seeds with several, else over the one run's samples — the title says which), one line per method
     through its β values (each point labelled), the reference as a star at KL = 0 and a dashed line at its
     reward (spec §5). The KL axis is symlog (linear below 0.1 nats), so small and large KLs both read."""
     import matplotlib
@@ -552,8 +553,10 @@ def plot_reward_vs_kl(results: Sequence[dict], path: str | Path, *, title: str =
     ax.set_xlim(left=-0.02)
     ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats; exact per token, on π's samples; symlog)")
     ax.set_ylabel("mean reward of π's samples")
-    if title:
-        ax.set_title(title, fontsize=9)
+    seeds = max((r["seeds"] for r in rows if r["algo"] != "reference"), default=1)
+    bars = ("error bars: ±1 standard error over the seeds" if seeds > 1 else
+            "error bars: ±1 standard error over the evaluation samples of the one seed")
+    ax.set_title(f"{title}\n{bars}" if title else bars, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

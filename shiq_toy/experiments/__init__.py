@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band",
+__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band", "BAND_MEANING",
            "STEP_CAP_ENV", "step_cap", "mean_ci", "difference_ci"]
 
 #: Environment variable that caps every step count of the commands (``tests/test_readme.py`` sets it to run
@@ -173,7 +173,13 @@ def write_summary(path: Path, args, summary: dict) -> dict:
     return record
 
 
+#: What :func:`plot_band`'s curves and bands are, for the figures' captions.
+BAND_MEANING = "line: mean over {n} {what}; band: 10–90 % quantiles over the {what} (their spread, not a confidence interval)"
+
+
 def plot_band(ax, steps: np.ndarray, values: np.ndarray, *, color: str, label: str) -> None:
-    """One curve of the figures: the mean over runs and its 10–90% band; steps (K,), values (K, runs)."""
+    """One curve of the figures: the mean over runs and its 10–90% band — the 10 % and 90 % quantiles of the runs,
+    their spread, not a confidence interval of the mean (:data:`BAND_MEANING`; the figure must say over what);
+    steps (K,), values (K, runs)."""
     ax.plot(steps, values.mean(1), color=color, label=label, lw=1.6)
     ax.fill_between(steps, np.quantile(values, 0.1, axis=1), np.quantile(values, 0.9, axis=1), color=color, alpha=0.15, lw=0)

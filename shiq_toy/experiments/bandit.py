@@ -32,7 +32,7 @@ from scipy.optimize import minimize
 
 from shiq_toy.baselines import make_preference_pairs
 from shiq_toy.data import Dataset, on_policy_sampler, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, plot_band, write_csv, write_summary
+from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import Bandit
 from shiq_toy.solvers import solve_bandit
@@ -215,7 +215,7 @@ def plot(results: dict, args: BanditArgs, path: Path) -> None:
             top.axhline(float(results["bt_regret"].mean()), color=colors["dpo"], ls=":", lw=1.4, label="DPO's Bradley–Terry optimum")
         if setting == "offline" and results["empirical_regret"] is not None:
             top.axhline(float(results["empirical_regret"].mean()), color="k", ls=":", lw=1.2, label="best the data allows: π_ref·exp(r̄/β)")
-        top.set(yscale="log", title=f"{setting}: regret β KL(π_t ‖ π*)", ylabel="regularised regret")
+        top.set(yscale="log", title=f"{setting}: regret β KL(π_t ‖ π*)", ylabel="regularised regret = β·KL (KL in nats)")
         bottom.set(title=f"{setting}: cumulative regret", xlabel="training step", ylabel="Σ_{s≤t} regret(π_s)")
         for ax in (top, bottom):
             ax.grid(True, which="major", alpha=0.3)
@@ -223,7 +223,7 @@ def plot(results: dict, args: BanditArgs, path: Path) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(
         f"three-armed bandit: r = {list(args.rewards)}, π_ref = {list(args.ref_probs)}, β = {args.beta}, noise σ = {args.noise_std}, "
-        f"{args.seeds} seeds",
+        f"{args.seeds} seeds\n" + BAND_MEANING.format(n=args.seeds, what="seeds"),
         fontsize=10,
     )
     fig.savefig(path, dpi=120)

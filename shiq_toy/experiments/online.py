@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from shiq_toy.data import Dataset, on_policy_sampler, path_probability, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, step_cap, plot_band, write_csv, write_summary
+from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, step_cap, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.mdp import TokenTree, all_sequences, random_tree
 from shiq_toy.metrics import expected_kl, regret
@@ -224,14 +224,15 @@ def plot(output: dict, args: OnlineArgs, path: Path) -> None:
         plot_band(left, np.asarray(result["steps"]), values, color=colors[data], label=label)
         right.plot(np.maximum(result["queries"], 1), values.mean(1), style, color=colors[data], label=label, lw=1.6,
                    marker="o" if data == "offline" else None, ms=4, markevery=[-1])  # offline: every step at the same count
-    left.set(yscale="log", xlabel="training step", ylabel="regret J(π*) − J(π) = β KL(π ‖ π*)", title="against updates")
+    left.set(yscale="log", xlabel="training step", ylabel="regret J(π*) − J(π) = β KL(π ‖ π*) (KL in nats)", title="against updates")
     right.set(xscale="log", xlabel="reward queries (labelled paths, offline ones included)", title="against reward queries")
     for ax in (left, right):
         ax.grid(True, which="major", alpha=0.3)
     left.legend(fontsize=8)
     fig.suptitle(
         f"offline data from μ ∝ π_ref·exp(−{args.tilt}·q*/β) ({args.num_offline} paths, π* mass on them {np.mean(output['coverage']):.2f}) mixed with fresh "
-        f"samples: V = {args.vocab_size}, H = {args.horizon}, β = {args.beta}, {args.trees} trees, batch {args.batch_size}",
+        f"samples: V = {args.vocab_size}, H = {args.horizon}, β = {args.beta}, {args.trees} trees, batch {args.batch_size}\n"
+        f"left: {BAND_MEANING.format(n=args.trees, what='random trees')}; right: the mean only",
         fontsize=10,
     )
     fig.savefig(path, dpi=120)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from shiq_toy.data import exhaustive_dataset, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, plot_band, write_csv, write_summary
+from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import random_tree
@@ -159,14 +159,15 @@ def plot(results: dict, args: TreeArgs, path: Path) -> None:
     for method in args.methods:
         for ax, values in ((left, results["kl"][method].numpy()), (right, results["loss"][method].numpy())):
             plot_band(ax, steps, np.clip(values, floor, None), color=colors[method], label=method)
-    left.set(yscale="log", xlabel="training step", ylabel="Σ_h E_{s∼d_π*} KL(π_t(·|s) ‖ π*(·|s))", title="distance to the exact solution")
+    left.set(yscale="log", xlabel="training step", ylabel="Σ_h E_{s∼d_π*} KL(π_t(·|s) ‖ π*(·|s)) (nats)", title="distance to the exact solution")
     right.set(yscale="log", xlabel="training step", ylabel="loss: mean over sequences of Σ_t residual²", title="training loss (step 0: at ℓ = ℓ_ref)")
     for ax in (left, right):
         ax.grid(True, which="major", alpha=0.3)
     left.legend(fontsize=8)
     data = f"{args.num_samples} paths from π_ref" if args.num_samples else "every path, weighted by π_ref"
     fig.suptitle(
-        f"token-tree ablation: V = {args.vocab_size}, H = {args.horizon}, terminal reward, β = {args.beta}, {data}, {args.trees} trees, {args.optimizer} lr {args.lr}",
+        f"token-tree ablation: V = {args.vocab_size}, H = {args.horizon}, terminal reward, β = {args.beta}, {data}, {args.trees} trees, {args.optimizer} lr {args.lr}\n"
+        + BAND_MEANING.format(n=args.trees, what="random trees"),
         fontsize=10,
     )
     fig.savefig(path, dpi=120)
