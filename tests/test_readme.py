@@ -8,12 +8,15 @@ budget is shown in a ```text block with its measured time, which this test does 
 outputs as a reader following the site does (the practitioners' ``data/`` is reused by later pages). Not run:
 installation lines (pip, venv), the test commands themselves (``python -m pytest``), scripts (``python …``, the
 benchmarks measure minutes of work by design), and commands for a server or an interactive program
-(``mkdocs serve``, ``jupyter``). The copy is a git repository with the tracked files committed, so that the test
+(``mkdocs serve``, ``jupyter``). Each command is the program's ``main(argv)`` — what its console script calls —
+in a forked child of one process that imported the programs once (``tests/run_commands.py``: the imports cost
+seconds per process). The copy is a git repository with the tracked files committed, so that the test
 also checks that ``.gitignore`` covers everything the documented commands write.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -89,18 +92,22 @@ def _fresh_copy(repo: Path) -> None:
 
 
 def test_every_documented_command_runs_as_written_in_order(tmp_path):
-    repo = tmp_path / "clone"
+    repo, logs = tmp_path / "clone", tmp_path / "logs"
     repo.mkdir()
+    logs.mkdir()
     _fresh_copy(repo)
+    commands = [(page.relative_to(repo), command, status) for page in documented_pages(repo)
+                for command, status in readme_commands(page.read_text())]
     env = {k: v for k, v in os.environ.items() if k != "SHIQ_STEP_CAP"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    bin_dir = Path(sys.executable).parent
-    for page in documented_pages(repo):
-        for command, status in readme_commands(page.read_text()):
-            argv = shlex.split(command)
-            argv[0] = str(bin_dir / argv[0]) if (bin_dir / argv[0]).exists() else argv[0]
-            done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-            where = page.relative_to(repo)
-            assert done.returncode == status, f"{where}: exited {done.returncode}, not {status}: {command}\n{done.stderr[-3000:]}"
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "run_commands.py"), str(repo), str(logs)], env=env,
+                          input=json.dumps([(shlex.split(command), status) for _, command, status in commands]),
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    statuses = json.loads(done.stdout)
+    for number, ((page, command, expected), status) in enumerate(zip(commands, statuses)):
+        log = (logs / f"{number}.log").read_text()
+        assert status == expected, f"{page}: exited {status}, not {expected}: {command}\n{log[-3000:]}"
+    assert len(statuses) == len(commands)
     status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True).stdout
     assert not status, f"the documented commands wrote paths that .gitignore does not cover:\n{status}"
