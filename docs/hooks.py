@@ -14,7 +14,8 @@
   this process through the program's ``main`` (the console script's own code, without a fresh interpreter per
   command). Commands whose help is printed outside argparse (``train`` / ``cache-ref``, parsed by
   ``HfArgumentParser``) are covered the same way, since ``main`` prints it; if it prints nothing, the subparser's
-  own help is used. A ``--help`` that fails fails the build, so the page cannot go stale.
+  own help is used. A ``--help`` that fails fails the build, so the page cannot go stale. A preview build
+  (``SHIQ_DOCS_EXECUTE=false``: no notebook executed) runs no command either: its ``cli.md`` says so.
 """
 
 from __future__ import annotations
@@ -121,5 +122,8 @@ def on_config(config):
 def on_files(files, config):
     for path in _notebooks():
         files.append(File(f"{NOTEBOOK_DIR}/{path.name}", str(ROOT), config.site_dir, config.use_directory_urls))
-    files.append(File.generated(config, CLI_PAGE, content=cli_reference()))
+    preview = os.environ.get("SHIQ_DOCS_EXECUTE", "true").strip().lower() in ("false", "0", "no")
+    content = ("# Command-line reference\n\nThis preview was built with `SHIQ_DOCS_EXECUTE=false`, which runs no "
+               "command: a full build (`mkdocs build`) writes every command's `--help` here.\n") if preview else cli_reference()
+    files.append(File.generated(config, CLI_PAGE, content=content))
     return files
