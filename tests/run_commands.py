@@ -6,8 +6,8 @@ process that imported the two programs once (``tests/test_readme.py``).
 ``commands.json`` is a list of ``[argv, expected exit status]`` (``[["shiq-llm", "train", ...], 0]``), run in
 order with ``REPO`` as the working directory; each child calls the program's ``main(argv)`` — the function the
 console script calls — with its stdout and stderr in ``LOG_DIR/N.log``, and exits with its status. The output is
-the list of exit statuses, up to the first one that is not the expected one (the later commands may need its
-output).
+the list of ``[exit status, wall seconds]``, up to the first status that is not the expected one (the later
+commands may need its output).
 Importing torch and transformers takes seconds of CPU per process; forking one process that already holds them
 removes that cost from every command, which is what keeps the documented commands within the test budget while
 they run at their own (short) settings. The parent does no torch work before forking (no thread pool to inherit).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 
@@ -43,6 +44,7 @@ def main() -> int:
     for number, (argv, expected) in enumerate(commands):
         sys.stdout.flush()
         sys.stderr.flush()
+        start = time.perf_counter()
         pid = os.fork()
         if pid == 0:  # the child: run one command and leave without running the parent's clean-up
             code = 1
@@ -63,8 +65,8 @@ def main() -> int:
                 sys.stderr.flush()
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
-        statuses.append(os.waitstatus_to_exitcode(status))
-        if statuses[-1] != expected:
+        statuses.append((os.waitstatus_to_exitcode(status), round(time.perf_counter() - start, 1)))
+        if statuses[-1][0] != expected:
             break
     json.dump(statuses, sys.stdout)
     return 0

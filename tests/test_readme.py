@@ -105,7 +105,9 @@ def test_every_documented_command_runs_as_written_in_order(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     statuses = json.loads(done.stdout)
-    for number, ((page, command, expected), status) in enumerate(zip(commands, statuses)):
+    for (page, command, _), (status, seconds) in zip(commands, statuses):  # shown with pytest -s / -rP
+        print(f"{seconds:7.1f} s  {status}  {page}: {command}")
+    for number, ((page, command, expected), (status, _)) in enumerate(zip(commands, statuses)):
         log = (logs / f"{number}.log").read_text()
         assert status == expected, f"{page}: exited {status}, not {expected}: {command}\n{log[-3000:]}"
     assert len(statuses) == len(commands)
