@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from shiq_toy.data import Dataset, on_policy_sampler, path_probability, sample_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, step_cap, plot_band, write_csv, write_summary
+from shiq_toy.experiments import num_threads, plot_band, step_cap, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.mdp import TokenTree, all_sequences, random_tree
 from shiq_toy.metrics import expected_kl, regret
