@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shiq_llm.generation.evaluate import naive_token_kl, token_kl  # noqa: E402
 from shiq_llm.core.models import tiny_causal_lm  # noqa: E402
+from shiq_llm.generation.evaluate import naive_token_kl, token_kl  # noqa: E402
 
 
 def _peak_rss_bytes() -> int:

@@ -150,8 +150,7 @@ def _verify(ns: argparse.Namespace) -> int:
 
 
 def _solve_tree(ns: argparse.Namespace) -> None:
-    from shiq_toy.mdp import all_sequences
-    from shiq_toy.mdp import random_tree
+    from shiq_toy.mdp import all_sequences, random_tree
     from shiq_toy.solvers import solve_tree
 
     if ns.vocab_size < 1 or ns.horizon < 1 or ns.max_rows < 0:

@@ -7,6 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, make_pairs, make_preference_pairs, sequence_log_ratio
+from shiq_toy.losses import TokenStats, token_stats
 from shiq_toy.testing.reference import (
     copg_loss_ref,
     dpo_loss_ref,
@@ -16,8 +18,6 @@ from shiq_toy.testing.reference import (
     preference_pairs_ref,
     sequence_log_ratio_ref,
 )
-from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, make_pairs, make_preference_pairs, sequence_log_ratio
-from shiq_toy.losses import TokenStats, token_stats
 from shiq_toy.testing.strategies import betas as beta_values
 
 betas = beta_values()

@@ -13,7 +13,14 @@ import torch
 
 from shiq_toy.episode_train import StateMLP, StateTable, train_episodes
 from shiq_toy.episodes import EPISODE_METHODS, episode_loss, policy_logits, sample_episodes
-from shiq_toy.mdp import GRID_ACTIONS, finite_mdp_from_gym, finite_mdp_from_tree, gridworld, random_tree, reachable_states
+from shiq_toy.mdp import (
+    GRID_ACTIONS,
+    finite_mdp_from_gym,
+    finite_mdp_from_tree,
+    gridworld,
+    random_tree,
+    reachable_states,
+)
 from shiq_toy.metrics import mdp_occupancy, mdp_policy_values, mdp_regret, regret
 from shiq_toy.solvers import soft_value_iteration, solve_tree
 from tests import ref_solvers as ref

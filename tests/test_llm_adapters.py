@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from shiq_llm.data.adapters import ADAPTERS, BFCL_SYSTEM_PROMPT, bfcl_multi_turn, hh_rlhf, paired_preferences, ultrafeedback
-from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
 from shiq_llm.core.models import build_tokenizer
+from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
+from shiq_llm.data.adapters import (
+    ADAPTERS,
+    BFCL_SYSTEM_PROMPT,
+    bfcl_multi_turn,
+    hh_rlhf,
+    paired_preferences,
+    ultrafeedback,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shiq_llm.core.models import build_tokenizer
 from shiq_llm.data import (
     TokenizeReport,
     collate,
@@ -26,7 +27,6 @@ from shiq_llm.data import (
     tokenize_rows,
     validate_rows,
 )
-from shiq_llm.core.models import build_tokenizer
 from shiq_llm.data.tokenization import Encoded, truncate_encoded
 
 # CHAT_TEMPLATE with the assistant turns wrapped in {% generation %}: transformers then returns its own

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from shiq_llm.cli import main
-from shiq_llm.data.prompts import load_prompts
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.data import tokenize_rows
+from shiq_llm.data.prompts import load_prompts
 from shiq_llm.generation.evaluate import (
     encode_prompts,
     evaluate_policy,
@@ -27,9 +28,7 @@ from shiq_llm.generation.evaluate import (
     sequence_kl,
     token_kl,
 )
-from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.tasks.synthetic import build_task_tokenizer, reward, task_prompts
-
 
 V = 6  # vocabulary of the enumeration tests: ids 0 = pad, 1 = BOS, 2 = EOS, 3..5 ordinary
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shiq_llm.cli import build_parser, main as cli_main
+from shiq_llm.cli import build_parser
+from shiq_llm.cli import main as cli_main
 from shiq_llm.experiments import prepare_data
 from shiq_llm.experiments.report import compare, final_rows, summarise
 from shiq_llm.experiments.sweep import curve_rows, load_sweep_config
 from shiq_toy.experiments import args_from_namespace, difference_ci, mean_ci
-
 
 
 def _bisect(f, low: float, high: float) -> float:

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from shiq_llm.cli import build_parser, main
-from shiq_llm.generation.generate import GenerateConfig, generate_rows, resolve_backend, shard_seed
 from shiq_llm.core.models import tiny_causal_lm
 from shiq_llm.data.rows import validate_rows
+from shiq_llm.generation.generate import GenerateConfig, generate_rows, resolve_backend, shard_seed
 from shiq_llm.generation.sampling import HFSampler, VLLMSampler, encode_prompts
 from shiq_llm.storage.jsonl import read_jsonl
 from shiq_llm.tasks.synthetic import build_task_tokenizer, task_prompts

@@ -79,8 +79,8 @@ def test_train_refuses_evaluation_rows_whose_prompts_it_trains_on(tmp_path, capl
             "--eval_strategy", "steps", "--eval_steps", "1", "--disable_tqdm", "true"]
     assert cli.main(argv) == 1
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
-    from shiq_llm.train.run import check_eval_rows_held_out
     from shiq_llm.data.rows import load_rows
+    from shiq_llm.train.run import check_eval_rows_held_out
 
     with pytest.raises(ValueError, match=r"^1 of 2 evaluation \(eval_dataset_name\) prompts \(50.0 %\) also occur in "
                                          r"the training data \(3 distinct prompts\), e.g. 'count up  from 2:'; .*"

@@ -10,8 +10,6 @@ import huggingface_hub
 import pytest
 
 from shiq_llm.cli import main
-from shiq_llm.train.config import ModelArguments
-from shiq_llm.train.loading import load_model_and_tokenizer
 from shiq_llm.core.models import (
     EMBEDDING_PAD_MULTIPLE,
     MAX_UNUSED_EMBEDDING_FRACTION,
@@ -20,6 +18,8 @@ from shiq_llm.core.models import (
     resolve_model_source,
     tiny_causal_lm,
 )
+from shiq_llm.train.config import ModelArguments
+from shiq_llm.train.loading import load_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shiq_llm.tasks import multiturn
 from shiq_llm.cli import main
+from shiq_llm.core.models import tiny_causal_lm
 from shiq_llm.data import collate, load_rows, tokenize_rows
 from shiq_llm.generation.evaluate import conversation_kl, turn_index
-from shiq_llm.core.models import tiny_causal_lm
+from shiq_llm.tasks import multiturn
 from shiq_llm.tasks.multiturn import (
     NUMBER_MAX,
     OPERATIONS,

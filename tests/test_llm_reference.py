@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from shiq_llm.core import reference as R
-from shiq_llm.data import collate, tokenize_rows
 from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.core.stats import naive_response_token_stats
+from shiq_llm.data import collate, tokenize_rows
 
 #: float32: the cached and the reference values come from the same float32 weights through padded vs unpadded
 #: batches and chunked vs full-logit heads; differences are summation-order roundoff of O(1) values.

@@ -16,8 +16,8 @@ import torch
 
 from shiq_llm.cli import main
 from shiq_llm.core.models import build_tokenizer, tiny_reward_model
-from shiq_llm.generation.rewards import RewardFunction, RewardModel, batched
 from shiq_llm.data.rows import validate_rows
+from shiq_llm.generation.rewards import RewardFunction, RewardModel, batched
 from shiq_llm.generation.score import ScoreConfig, score_rows
 from shiq_llm.storage.jsonl import read_jsonl
 

@@ -14,12 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shiq_llm.tasks import synthetic
 from shiq_llm.cli import main
-from shiq_llm.experiments.sweep import RESULT_COLUMNS
-from shiq_toy.experiments import num_threads
 from shiq_llm.data import load_rows, tokenize_rows
+from shiq_llm.experiments.sweep import RESULT_COLUMNS
 from shiq_llm.storage.jsonl import write_jsonl
+from shiq_llm.tasks import synthetic
 from shiq_llm.tasks.synthetic import (
     ANSWER_WORDS,
     FAMILIES,
@@ -34,7 +33,7 @@ from shiq_llm.tasks.synthetic import (
     target_words,
     task_prompts,
 )
-
+from shiq_toy.experiments import num_threads
 
 # --------------------------------------------------------------------------------------------------
 # Task definition

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
+from shiq_llm.core.stats import naive_response_token_stats
+from shiq_llm.data import collate, preference_pairs, sequence_rewards, tokenize_rows
 from shiq_llm.train import checkpoint as ckpt
 from shiq_llm.train.config import LLM_METHODS, parse_train_args
-from shiq_llm.data import collate, preference_pairs, sequence_rewards, tokenize_rows
 from shiq_llm.train.metrics import batch_metrics
-from shiq_llm.core.models import build_tokenizer, tiny_causal_lm
 from shiq_llm.train.run import train_run
-from shiq_llm.core.stats import naive_response_token_stats
 from shiq_llm.train.trainer import VALUE_HEAD, add_stats_forward, algorithm_loss
 from shiq_toy.baselines import copg_loss, dpo_loss, dro_loss, sequence_log_ratio
 from shiq_toy.losses import LOSSES, RESIDUALS, TokenStats, discounted_reverse_cumsum, reduce_loss
@@ -243,8 +243,9 @@ def test_metrics_evaluation_and_tensorboard(tmp_path):
     assert list((result.out_dir / "runs").rglob("events.out.tfevents.*"))
 
     # before training: the eval loss is the closed form at the reference
-    from shiq_llm.train.trainer import ShiQTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shiq_llm.train.trainer import ShiQTrainer
 
     _, _, args = arguments(tmp_path, "fresh", beta=0.5, per_device_eval_batch_size=12)
     model = AutoModelForCausalLM.from_pretrained(result.out_dir / "base_model")

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shiq_llm.data import bfcl
 from shiq_llm import cli
-from shiq_llm.train.config import parse_train_args
+from shiq_llm.data import bfcl
 from shiq_llm.experiments.sweep import load_sweep_config
+from shiq_llm.train.config import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -23,7 +23,15 @@ from shiq_toy.data import (
 )
 from shiq_toy.losses import token_stats
 from shiq_toy.mdp import Bandit, TokenTree, all_sequences, random_tree
-from shiq_toy.metrics import exact_metrics, expected_kl, implicit_value_error, kl_per_state, policy_values, regret, state_distribution
+from shiq_toy.metrics import (
+    exact_metrics,
+    expected_kl,
+    implicit_value_error,
+    kl_per_state,
+    policy_values,
+    regret,
+    state_distribution,
+)
 from shiq_toy.solvers import solve_bandit, solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
 from shiq_toy.train import METHODS, History, train

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from shiq_toy.mdp import all_sequences, random_tree
 from shiq_toy.experiments.tree import TreeArgs, _steps_to, run
+from shiq_toy.mdp import all_sequences, random_tree
 from shiq_toy.metrics import expected_kl
 from shiq_toy.solvers import solve_tree
 

@@ -33,8 +33,8 @@ def _adder(parser: argparse.ArgumentParser, cls: type):
 
 
 def _register_generate(subparsers) -> None:
-    from shiq_llm.generation.generate import BACKENDS, GenerateConfig
     from shiq_llm.core.models import INFERENCE_DTYPES
+    from shiq_llm.generation.generate import BACKENDS, GenerateConfig
 
     d = GenerateConfig(model="", prompts="", out="")
     parser = subparsers.add_parser(
@@ -77,8 +77,8 @@ def _register_generate(subparsers) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from shiq_llm.generation.generate import GenerateConfig, generate_rows
     from shiq_llm.data.prompts import parse_format_options
+    from shiq_llm.generation.generate import GenerateConfig, generate_rows
 
     values = {k: getattr(args, k) for k in GenerateConfig.__dataclass_fields__ if k != "progress"}
     values["progress"] = not args.no_progress

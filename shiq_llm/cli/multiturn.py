@@ -16,8 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from shiq_toy.experiments import num_threads
 from shiq_llm.storage.jsonl import read_jsonl
+from shiq_toy.experiments import num_threads
 
 __all__ = ["register"]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from shiq_llm.data.prompts import load_prompts
 from shiq_llm.experiments.demo import DemoConfig, quiet_libraries, run_demo
-from shiq_toy.experiments import num_threads, step_cap
 from shiq_llm.storage.jsonl import read_jsonl
+from shiq_toy.experiments import num_threads, step_cap
 
 __all__ = ["register"]
 
@@ -79,11 +79,17 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from shiq_llm.core.models import (
+        check_tokenizer_fits_model,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_source,
+    )
+    from shiq_llm.data.prompts import check_held_out, parse_format_options
     from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.generation.generate import make_sampler, resolve_backend
-    from shiq_llm.core.models import (check_tokenizer_fits_model, load_causal_lm, load_tokenizer, resolve_device,
-                                 resolve_dtype, resolve_model_source)
-    from shiq_llm.data.prompts import check_held_out, parse_format_options
     from shiq_llm.generation.rewards import load_reward
 
     if args.reward is None and args.reward_model is None:
@@ -221,10 +227,10 @@ def _register_make_data(subparsers) -> None:
 
 
 def _register_evaluate(subparsers) -> None:
-    from shiq_llm.generation.generate import BACKENDS
     from shiq_llm.core.models import INFERENCE_DTYPES
-    from shiq_llm.data.prompts import LEAK_POLICIES
     from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE
+    from shiq_llm.data.prompts import LEAK_POLICIES
+    from shiq_llm.generation.generate import BACKENDS
 
     ev = subparsers.add_parser(
         "evaluate", formatter_class=_FORMATTER, help="mean reward and KL(π‖π_ref) of a policy on its own samples",

@@ -57,11 +57,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from shiq_llm.core.sharding import unwrap_model
+from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, response_token_stats
 from shiq_llm.data import collate
 from shiq_llm.storage.atomic import atomic_directory
 from shiq_llm.storage.integrity import file_manifest, verify_file_manifest
-from shiq_llm.core.sharding import unwrap_model
-from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, response_token_stats
 
 __all__ = [
     "CACHE_FORMAT",

@@ -49,7 +49,14 @@ import torch
 from torch import nn
 
 from shiq_llm.core.models import position_ids_from_mask
-from shiq_llm.core.sharding import call_as_forward, check_unsharded, head_sharding, inner_module, module_class, unwrap_model
+from shiq_llm.core.sharding import (
+    call_as_forward,
+    check_unsharded,
+    head_sharding,
+    inner_module,
+    module_class,
+    unwrap_model,
+)
 from shiq_toy.losses import TokenStats, token_stats
 
 __all__ = [

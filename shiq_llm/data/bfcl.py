@@ -39,6 +39,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
 from shiq_llm.storage.jsonl import write_jsonl
 
 __all__ = ["parse_calls", "exact_turn_scores", "bfcl_turn_scores", "CHECKERS", "entry_split", "read_bfcl_file",

@@ -109,8 +109,8 @@ def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, compl
                              max_new_tokens: int, seed: int, progress: bool = False) -> Path:
     """The counting task's data directory: ``given`` (checked) or ``default``, built once with these settings
     (:func:`shiq_llm.tasks.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
-    from shiq_llm.tasks import synthetic
     from shiq_llm.experiments import prepare_data
+    from shiq_llm.tasks import synthetic
 
     reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed)
     settings = {"reference": reference.__dict__, "completions_per_prompt": completions_per_prompt,

@@ -106,9 +106,9 @@ def demo_sweep_config(config: DemoConfig, data_dir: Path):
 
 
 def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
+    from shiq_llm.experiments.sweep import run_sweep
     from shiq_llm.tasks import synthetic
     from shiq_llm.train.config import LLM_METHODS
-    from shiq_llm.experiments.sweep import run_sweep
 
     unknown = [a for a in config.algos if a not in LLM_METHODS]
     if unknown or not config.algos:

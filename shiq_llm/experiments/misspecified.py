@@ -66,9 +66,8 @@ QUICK = {"algos": ("shiq", "dpo"), "betas": (0.1, 1.0), "steps": 60, "eval_sampl
 def relabel(source: Path, target: Path, *, bonus: float) -> int:
     """Copy the JSONL rows of ``source`` to ``target`` with ``reward`` = :func:`~shiq_llm.tasks.synthetic.proxy_reward`
     (the true one kept as ``true_reward``); returns the number of rows."""
-    from shiq_llm.tasks.synthetic import proxy_reward
-
     from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
+    from shiq_llm.tasks.synthetic import proxy_reward
 
     rows = read_jsonl(source)
     for row in rows:
@@ -85,8 +84,8 @@ def _proxy_rewards(results: list[dict], sweep_out: Path, config, args: ProxyArgs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shiq_llm.data.prompts import load_prompts
-    from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.experiments.sweep import cell_name
+    from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.tasks.synthetic import proxy_reward
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -144,9 +143,9 @@ def plot(rows: list[dict], path: Path, *, title: str) -> None:
 def main(args: ProxyArgs) -> list[dict]:
     """Build or reuse the data, relabel it with the proxy, run the sweep, evaluate the proxy; write the CSV
     and the figure. Returns the rows."""
-    from shiq_llm.tasks import synthetic
     from shiq_llm.experiments.demo import DemoConfig, demo_sweep_config
     from shiq_llm.experiments.sweep import run_sweep
+    from shiq_llm.tasks import synthetic
     from shiq_toy.experiments import num_threads, step_cap, write_csv
 
     if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)

@@ -110,8 +110,8 @@ def prepare_multiturn_data(default: Path, given: str, *, train_prompts: int, sam
                            max_new_tokens: int, seed: int, progress: bool = False) -> Path:
     """The task's data directory: ``given`` (checked) or ``default``, built once with these settings
     (:func:`shiq_llm.tasks.multiturn.make_multiturn_data`; ``shiq_llm.experiments.prepare_data``)."""
-    from shiq_llm.tasks import multiturn
     from shiq_llm.experiments import prepare_data
+    from shiq_llm.tasks import multiturn
 
     reference = replace(multiturn.REFERENCE, steps=ref_steps, seed=seed)
     settings = {"reference": reference.__dict__, "train_prompts": train_prompts, "samples_per_prompt": samples_per_prompt,

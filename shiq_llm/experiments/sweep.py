@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
 from shiq_llm.storage.jsonl import read_jsonl
 
 __all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
@@ -216,8 +217,8 @@ EVALUATION_KEYS = {"num_samples", "max_new_tokens", "seed", "batch_size", "chunk
 
 
 def _check(config: SweepConfig, where: str) -> None:
-    from shiq_llm.train.config import LLM_METHODS, ModelArguments
     from shiq_llm.data.prompts import LEAK_POLICIES
+    from shiq_llm.train.config import LLM_METHODS, ModelArguments
 
     bad = [a for a in config.algos if a not in LLM_METHODS]
     if not isinstance(config.algos, list) or bad or not (config.algos or config.variants):
@@ -292,11 +293,11 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     writing every output when some cell failed."""
     from tqdm.auto import tqdm
 
-    from shiq_llm.train.config import DataArguments, ModelArguments, ShiQConfig
-    from shiq_llm.data import load_rows, tokenize_rows
-    from shiq_llm.train.metrics import EvaluateEvery
     from shiq_llm.core.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from shiq_llm.data import load_rows, tokenize_rows
     from shiq_llm.generation.rewards import RewardFunction, load_reward
+    from shiq_llm.train.config import DataArguments, ModelArguments, ShiQConfig
+    from shiq_llm.train.metrics import EvaluateEvery
     from shiq_llm.train.run import train_run
     from shiq_toy.methods import METHODS
 

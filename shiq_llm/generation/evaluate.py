@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from shiq_llm.core.models import position_ids_from_mask
-from shiq_llm.generation.sampling import Samples, encode_prompts, generate, response_mask_from_generated
 from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, exact_path_reason, response_hidden_states, scatter_to_mask
+from shiq_llm.generation.sampling import Samples, encode_prompts, generate, response_mask_from_generated
 
 __all__ = [
     "Samples",

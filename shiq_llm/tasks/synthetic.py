@@ -219,8 +219,8 @@ def pretrain_reference(
     """
     from tqdm.auto import tqdm
 
-    from shiq_llm.data import collate, tokenize_rows
     from shiq_llm.core.stats import response_token_stats
+    from shiq_llm.data import collate, tokenize_rows
 
     examples, _ = tokenize_rows(list(rows), tokenizer)
     examples = examples.to_list()

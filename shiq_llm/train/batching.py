@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shiq_llm.data import collate
 from shiq_llm.core.reference import scatter_response_values
+from shiq_llm.data import collate
 
 __all__ = ["TrainingItems", "collate_items"]
 

@@ -27,8 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from shiq_llm.storage.integrity import file_manifest, verify_file_manifest
 from shiq_llm.storage.atomic import atomic_write
+from shiq_llm.storage.integrity import file_manifest, verify_file_manifest
 from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
 
 __all__ = [

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from shiq_llm.data.prompts import LEAK_POLICIES, parse_format_options
 from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE
+from shiq_llm.data.prompts import LEAK_POLICIES, parse_format_options
 from shiq_toy.methods import METHODS
 
 __all__ = [

@@ -107,7 +107,6 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
     from shiq_llm.data import load_rows
     from shiq_llm.train.loading import load_model_and_tokenizer
     from shiq_llm.train.trainer import ShiQTrainer
-
     from shiq_toy.experiments import step_cap
 
     if not data_args.dataset_name and train_dataset is None:
@@ -155,10 +154,10 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
 
 def cache_reference(model_args, data_args, args, *, verify: bool = False) -> Path:
     """Compute (or, with ``verify``, only check) the reference cache of a training run; returns its directory."""
-    from shiq_llm.data import load_rows, tokenize_rows
-    from shiq_llm.train.loading import load_model_and_tokenizer
     from shiq_llm.core.models import check_tokenizer_fits_model
     from shiq_llm.core.reference import expected_manifest, load_reference_cache
+    from shiq_llm.data import load_rows, tokenize_rows
+    from shiq_llm.train.loading import load_model_and_tokenizer
     from shiq_llm.train.trainer import ShiQTrainer
     from shiq_toy.methods import METHODS
 

@@ -52,16 +52,16 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import ModelOutput
 
-from shiq_llm.storage.atomic import atomic_directory
-from shiq_llm.train import checkpoint as ckpt
-from shiq_llm.train.batching import TrainingItems, collate_items
-from shiq_llm.train.config import LLM_METHODS, RESUME_INVARIANT, ShiQConfig
-from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
-from shiq_llm.train.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_llm.core.models import check_tokenizer_fits_model
 from shiq_llm.core.reference import data_fingerprint, model_fingerprint, reference_cache
 from shiq_llm.core.sharding import unwrap_model
 from shiq_llm.core.stats import response_token_stats
+from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
+from shiq_llm.storage.atomic import atomic_directory
+from shiq_llm.train import checkpoint as ckpt
+from shiq_llm.train.batching import TrainingItems, collate_items
+from shiq_llm.train.config import LLM_METHODS, RESUME_INVARIANT, ShiQConfig
+from shiq_llm.train.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_toy.losses import TokenStats, reduce_loss
 from shiq_toy.methods import METHODS, Method, per_item_loss
 

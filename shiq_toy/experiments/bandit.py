@@ -33,8 +33,8 @@ from scipy.optimize import minimize
 from shiq_toy.baselines import make_preference_pairs
 from shiq_toy.data import Dataset, on_policy_sampler, sample_dataset, stack_datasets
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
-from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import Bandit
+from shiq_toy.metrics import expected_kl
 from shiq_toy.solvers import solve_bandit
 from shiq_toy.tabular import TabularLogits
 from shiq_toy.train import METHODS, train

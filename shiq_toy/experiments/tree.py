@@ -42,8 +42,8 @@ import torch
 from shiq_toy.data import exhaustive_dataset, sample_dataset, stack_datasets
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
-from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import random_tree
+from shiq_toy.metrics import expected_kl
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
 from shiq_toy.train import OPTIMIZERS, dataset_loss, train

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from shiq_toy.solvers import solve_tree
 from shiq_toy.testing import reference as ref_impl
 from shiq_toy.testing.exact import fixed_point_logits, tree_batch
-from shiq_toy.testing.failures import OracleFailure, call_under_test, compare, default_tolerance, format_inputs, gradcheck_property
+from shiq_toy.testing.failures import (
+    OracleFailure,
+    call_under_test,
+    compare,
+    default_tolerance,
+    format_inputs,
+    gradcheck_property,
+)
 from shiq_toy.testing.strategies import betas, float_arrays, trees
 
 __all__ = ["baseline_properties"]

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from shiq_toy.losses import NEEDS_SOFT_VALUE, TokenStats, logit_q_soft_value
 from shiq_toy.testing import reference as ref_impl
 from shiq_toy.testing.exact import fixed_point_logits, tree_batch
-from shiq_toy.testing.failures import OracleFailure, call_under_test, compare, default_tolerance, format_inputs, gradcheck_property
+from shiq_toy.testing.failures import (
+    OracleFailure,
+    call_under_test,
+    compare,
+    default_tolerance,
+    format_inputs,
+    gradcheck_property,
+)
 from shiq_toy.testing.properties import TELESCOPES, ZERO_AT_INIT
 from shiq_toy.testing.strategies import Batch, batches, betas, finite_floats, gammas, trees
 
