@@ -210,8 +210,18 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
     (:func:`shared_with_multiturn`)."""
     import numpy as np
 
-    from shiq_llm.experiments.report import (PM_MEANING, comparison_table, compare, final_rows, fmt_ci,
-                                             markdown_table, reference_cell, steps_to_threshold, summarise, verdicts)
+    from shiq_llm.experiments.report import (
+        PM_MEANING,
+        compare,
+        comparison_table,
+        final_rows,
+        fmt_ci,
+        markdown_table,
+        reference_cell,
+        steps_to_threshold,
+        summarise,
+        verdicts,
+    )
     from shiq_toy.experiments import mean_ci
 
     finals = final_rows(rows)

@@ -284,8 +284,8 @@ def _reference_rows(data: Path, prompts: list[str], split: str, seeds: Sequence[
     """The reference evaluated on ``prompts`` with each sampling seed of the runs (1000 + seed, as the sweep's)."""
     import torch
 
-    from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.core.models import load_causal_lm, load_tokenizer
+    from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.generation.rewards import load_reward
 
     tokenizer = load_tokenizer(str(data / "reference"))
@@ -303,11 +303,11 @@ def _reference_rows(data: Path, prompts: list[str], split: str, seeds: Sequence[
 
 def collect(args: CompareArgs, out: Path):
     """Selection on the validation split, then the test runs of the chosen configurations (module docstring)."""
+    from shiq_llm.data.prompts import check_held_out
     from shiq_llm.experiments.ablation import prepare_single_turn_data
     from shiq_llm.experiments.driver import Collected
     from shiq_llm.experiments.multiturn import train_options
     from shiq_llm.experiments.sweep import SweepConfig, SweepError, run_sweep
-    from shiq_llm.data.prompts import check_held_out
     from shiq_llm.storage.jsonl import write_jsonl
 
     seconds: dict[str, float] = {}
@@ -391,8 +391,7 @@ def write_frontier(tables: dict, out: Path) -> None:
 def tables_of(rows: Sequence[dict], references: dict, args: CompareArgs) -> dict:
     """The selection, the test results per (method, β), the frontier at the KL budgets and ShiQ's differences there
     (Holm-adjusted), as data and markdown."""
-    from shiq_llm.experiments.report import (PM_MEANING, comparison_table, fmt_ci, markdown_table, summarise,
-                                             verdicts)
+    from shiq_llm.experiments.report import PM_MEANING, comparison_table, fmt_ci, markdown_table, summarise, verdicts
 
     validation = [r for r in rows if r.get("split") == "validation" and r["method"] != "reference"]
     test = [r for r in rows if r.get("split") == "test"]

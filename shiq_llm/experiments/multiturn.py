@@ -211,8 +211,17 @@ def tables_of(rows: list[dict], references: dict, args: MultiturnArgs) -> dict:
     """The final numbers per (method, β) (mean ± 95 % t-interval over seeds), the reference with its interval over
     dialogues, and ShiQ's differences: paired t-tests on seed-matched runs (every method trains on the same
     dialogues with the same seeds), Holm-adjusted over the table, TOST equivalence within :data:`MARGINS`."""
-    from shiq_llm.experiments.report import (PM_MEANING, comparison_table, compare, final_rows, fmt_ci,
-                                             markdown_table, reference_cell, summarise, verdicts)
+    from shiq_llm.experiments.report import (
+        PM_MEANING,
+        compare,
+        comparison_table,
+        final_rows,
+        fmt_ci,
+        markdown_table,
+        reference_cell,
+        summarise,
+        verdicts,
+    )
 
     reference = references[None] if None in references else next(iter(references.values()))
     turns = _turns(reference)
