@@ -439,6 +439,31 @@ def test_resume_refuses_changed_options_and_keeps_the_checkpoints(tmp_path):
     assert [line["step"] for line in read_metrics(longer.metrics_file)] == [1, 2, 3, 4]
 
 
+def test_resume_refuses_other_rewards_and_other_pairs(tmp_path):
+    """The reference cache is keyed without rewards (the reference does not depend on them), but a resumed run
+    must see them: the same rows with other rewards are refused by name, the checkpoints kept."""
+    first = train(tmp_path, per_device_train_batch_size=12, max_steps=2, save_strategy="steps", save_steps=2)
+    before = sorted(p.name for p in first.out_dir.iterdir())
+    relabelled = write_jsonl(tmp_path / "relabelled.jsonl", [dict(r, reward=-r["reward"]) for r in rows()])
+    with pytest.raises(ValueError, match=r"the training data \(rewards or preference pairs\) differs from the "
+                                         r"checkpoint's run \(training_data_fingerprint"):
+        train(tmp_path, per_device_train_batch_size=12, max_steps=4, resume_from_checkpoint="true",
+              dataset_name=str(relabelled), save_strategy="steps", save_steps=2)
+    assert sorted(p.name for p in first.out_dir.iterdir()) == before
+    # the fingerprint itself: rewards and pairs enter it, ids and masks alone (the cache's key) do not change
+    from shiq_llm.core.reference import data_fingerprint, training_data_fingerprint
+
+    tokenizer = build_tokenizer()
+    examples, _ = tokenize_rows(rows(), tokenizer, max_length=64)
+    other, _ = tokenize_rows([dict(r, reward=-r["reward"]) for r in rows()], tokenizer, max_length=64)
+    assert data_fingerprint(examples) == data_fingerprint(other)
+    assert training_data_fingerprint(examples) != training_data_fingerprint(other)
+    pairs = preference_pairs(examples, pairing="preference")
+    swapped = (pairs[1], pairs[0])
+    assert training_data_fingerprint(examples, pairs) != training_data_fingerprint(examples, swapped)
+    assert training_data_fingerprint(examples, pairs) != training_data_fingerprint(examples)
+
+
 def test_multi_turn_rows_train_on_the_action_tokens_only(tmp_path):
     """BFCL dialogues: tool/user turns are holes in the response mask. At the first step (ρ ≡ 0) the shiq loss
     is Σ_t disc_t(r)² over the action tokens, in order, as if the holes were absent (spec §1, §3)."""

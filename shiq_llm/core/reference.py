@@ -23,7 +23,8 @@ change that touches no sampled element would go unseen (fine-tuning changes esse
 parameters (``lora_*``) are skipped and peft's ``.base_layer`` is removed from names, so a peft-wrapped model
 has its base model's fingerprint. ``data``: sha256 over the number of examples, then per column
 (``input_ids``, ``response_mask``) every example's length and the concatenated values, in the dataset's row order
-(an index mapping left by ``select``/``shuffle`` is followed); rewards do not enter the reference. ``settings``: the compute precision (statistics of a
+(an index mapping left by ``select``/``shuffle`` is followed); rewards do not enter the reference (they enter
+:func:`training_data_fingerprint`, the key of a resumed run and of a sweep cell). ``settings``: the compute precision (statistics of a
 bf16-autocast forward differ from fp32 ones by bf16 rounding; the cache is made with the training precision so
 that the policy starts exactly at ``ℓ = ℓ_ref``).
 
@@ -70,6 +71,7 @@ __all__ = [
     "reference_mode",
     "model_fingerprint",
     "data_fingerprint",
+    "training_data_fingerprint",
     "compute_reference_stats",
     "save_reference_cache",
     "load_reference_cache",
@@ -134,13 +136,14 @@ def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str
     return digest.hexdigest()
 
 
-def data_fingerprint(examples) -> str:
-    """sha256 hex digest of the tokenised examples' ``input_ids`` and ``response_mask``, in order."""
+def data_fingerprint(examples, columns: tuple[str, ...] = ("input_ids", "response_mask")) -> str:
+    """sha256 hex digest of the tokenised examples' ``columns`` (default ``input_ids`` and ``response_mask``: what
+    the reference statistics depend on), in order."""
     import pyarrow.compute as pc
 
     digest = hashlib.sha256()
     digest.update(f"examples={len(examples)}|".encode())
-    columns = ["input_ids", "response_mask"]
+    columns = list(columns)
     # a Dataset as an Arrow table in its row order (``.data`` would ignore the index mapping of select/shuffle)
     table = examples.with_format("arrow", columns=columns)[:] if hasattr(examples, "with_format") else None
     for column in columns:
@@ -152,8 +155,23 @@ def data_fingerprint(examples) -> str:
             rows = [ex[column] for ex in examples]
             lengths = np.array([len(r) for r in rows], dtype=np.int64)
             values = np.concatenate([np.asarray(r) for r in rows]) if rows else np.zeros(0)
-        dtype = np.int64 if column == "input_ids" else np.uint8
+        dtype = {"input_ids": np.int64, "response_mask": np.uint8}.get(column, np.float64)
         digest.update(column.encode() + lengths.tobytes() + values.astype(dtype).tobytes())
+    return digest.hexdigest()
+
+
+def training_data_fingerprint(examples, pairs: tuple | None = None) -> str:
+    """sha256 hex digest of what training sees of the examples: :func:`data_fingerprint` over ``input_ids``,
+    ``response_mask`` and the per-token ``rewards``, and the ``pairs`` ``(first, second)`` index lists of a pair
+    method (None for methods on sequences). Unlike the reference cache's key it changes with the rewards, so a
+    resumed run (``shiq_llm.train.checkpoint.check_resumable``) or a sweep cell sees other rewards."""
+    digest = hashlib.sha256(data_fingerprint(examples, ("input_ids", "response_mask", "rewards")).encode())
+    if pairs is None:
+        digest.update(b"|pairs=none")
+    else:
+        first, second = pairs
+        digest.update(b"|pairs=" + np.asarray(first, dtype=np.int64).tobytes() + b"|"
+                      + np.asarray(second, dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 
