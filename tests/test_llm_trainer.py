@@ -299,6 +299,44 @@ def test_dro_value_coef_reaches_the_value_head_gradient(tmp_path):
     assert float(grads[1.0][0].abs().sum()) > 0
 
 
+def test_compute_loss_reads_the_cached_reference_columns(tmp_path):
+    """ShiQTrainer.compute_loss on a collated batch: its reference columns are the reference's ℓref, vref
+    (full-logit statistics of the initial model), and the loss equals shiq_toy's, written by hand from the batch's
+    columns and the policy's full-logit statistics; swapping ref_logit_taken and ref_logsumexp changes it."""
+    import copy
+
+    from shiq_llm.train.trainer import ShiQTrainer
+
+    _, _, args = arguments(tmp_path, "direct", per_device_train_batch_size=12, gamma=0.9)
+    tokenizer = build_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    reference = copy.deepcopy(model)
+    trainer = ShiQTrainer(model, args, train_dataset=rows(), processing_class=tokenizer)
+    with torch.no_grad():  # the policy moves away from the reference (the cache stays the initial model's)
+        model.lm_head.weight.add_(0.05 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(12)])
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        ref = naive_response_token_stats(reference, batch["input_ids"], batch["attention_mask"], mask)
+        policy = naive_response_token_stats(model, batch["input_ids"], batch["attention_mask"], mask)
+    torch.testing.assert_close(batch["ref_logit_taken"][mask], ref.logit_taken[mask], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(batch["ref_logsumexp"][mask], ref.logsumexp[mask], atol=ATOL, rtol=RTOL)
+    cached = TokenStats(batch["ref_logit_taken"], batch["ref_logsumexp"])
+    expected = reduce_loss(LOSSES["shiq"](policy, cached, batch["rewards"], mask, beta=args.beta, gamma=0.9), mask,
+                           average=args.average)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(loss, expected, atol=ATOL, rtol=RTOL)
+    swapped = {**batch, "ref_logit_taken": batch["ref_logsumexp"], "ref_logsumexp": batch["ref_logit_taken"]}
+    with torch.no_grad():
+        wrong = trainer.compute_loss(model, swapped)
+    assert abs(float(wrong) - float(loss)) > 1e-2 * abs(float(loss))
+    swapped_expected = reduce_loss(LOSSES["shiq"](policy, TokenStats(cached.logsumexp, cached.logit_taken),
+                                                  batch["rewards"], mask, beta=args.beta, gamma=0.9), mask,
+                                   average=args.average)
+    torch.testing.assert_close(wrong, swapped_expected, atol=ATOL, rtol=RTOL)
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume reproduces the uninterrupted run; kills leave a usable run; a corrupt checkpoint is refused by name
 # --------------------------------------------------------------------------------------------------
