@@ -268,6 +268,49 @@ def test_lora_trains_only_the_adapters_and_saves_a_merged_model(tmp_path):
     assert saved and all("lora_" in k for k in saved)  # checkpoints hold the trainable parameters only
 
 
+def test_save_final_merges_a_copy_and_leaves_the_trainers_lora_model_as_it_was(tmp_path):
+    """save_final writes merged weights whose outputs equal the adapter model's, and the trainer keeps its peft
+    model: adapters present, base weights unmerged (adapters off = the reference), so evaluate() and train()
+    after saving see the adapter model."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from shiq_llm.train.trainer import ShiQTrainer
+
+    _, _, args = arguments(tmp_path, "lora", per_device_train_batch_size=12, max_steps=2, learning_rate=1e-2)
+    tokenizer = build_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    trainer = ShiQTrainer(model, args, train_dataset=rows(), eval_dataset=rows(), processing_class=tokenizer,
+                          peft_config=lora)
+    trainer.train()
+    live = trainer.model
+    batch = collate(tokenize_rows(rows(), tokenizer, max_length=64)[0].to_list(), pad_token_id=tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    live.eval()
+    with torch.no_grad():
+        adapted = live(**inputs).logits
+        with live.disable_adapter():
+            base = live(**inputs).logits
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    trainer.save_final(tmp_path / "final")
+    assert trainer.model is live and any("lora_" in k for k in live.state_dict())
+    after = live.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(live(**inputs).logits, adapted, atol=0, rtol=0)
+        with live.disable_adapter():
+            torch.testing.assert_close(live(**inputs).logits, base, atol=0, rtol=0)  # still the reference
+    assert float((adapted - base).abs().max()) > 1e-4  # the adapters were trained
+    metrics = trainer.evaluate()
+    assert metrics["eval_kl_estimate"] > 0  # evaluated with the adapters against the cached reference
+    trainer.args.max_steps = 3
+    trainer.train()  # goes on with the adapter model
+    assert trainer.state.global_step == 3 and any("lora_" in k for k in trainer.model.state_dict())
+
+
 def test_bf16_and_gradient_checkpointing_run(tmp_path):
     result = train(tmp_path, bf16=True, use_cpu=True, activation_checkpointing=True, per_device_train_batch_size=12, max_steps=2)
     lines = read_metrics(result.metrics_file)

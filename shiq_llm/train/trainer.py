@@ -38,6 +38,7 @@ method extras (``dpo_margin``, ``value``), ``grad_norm``, ``learning_rate``, ``t
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -397,7 +398,8 @@ class ShiQTrainer(Trainer):
 
     def save_final(self, path: str | Path) -> Path:
         """Write the trained model (merged weights, for LoRA, with the adapter in ``adapter/``; DRO's value head
-        in ``value_head.safetensors``) and the tokenizer to ``path``, atomically (``path.tmp`` then renamed)."""
+        in ``value_head.safetensors``) and the tokenizer to ``path``, atomically (``path.tmp`` then renamed). The
+        trainer's model is left as it was (LoRA is merged into a copy), so training or evaluation may go on."""
         path = Path(path)
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
@@ -413,7 +415,10 @@ class ShiQTrainer(Trainer):
 
 
 def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> None:
-    """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA merged."""
+    """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA: the adapter in
+    ``adapter/`` and the weights merged into a copy of the model (peft's ``merge_and_unload`` on the live model
+    would leave the trainer with merged weights and no adapter; the copy holds one more model in memory while
+    saving)."""
     from safetensors.torch import save_file
 
     hf_model = unwrap_model(model)
@@ -425,10 +430,11 @@ def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> 
                   str(directory / "value_head.safetensors"))
         delattr(hf_model, VALUE_HEAD)
     try:
-        if hf_model is not model:  # peft: the adapter alone, then the merged weights
+        if hf_model is not model:  # peft: the adapter alone, then the merged weights of a copy
             model.save_pretrained(directory / "adapter")
-            merged = model.merge_and_unload()
+            merged = copy.deepcopy(model).merge_and_unload()  # merging in place would change the live model
             merged.save_pretrained(directory)
+            del merged
         else:
             model.save_pretrained(directory, state_dict=state_dict)
     finally:
