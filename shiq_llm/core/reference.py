@@ -36,7 +36,8 @@ the same whatever the number of processes.
 **Checks.** A cache whose manifest differs from the current model, data or settings, or whose files are
 missing, unreadable or altered (a size or sha256 that differs from the manifest: hashing reads the whole cache,
 about a second per GB), is refused with a ValueError naming the file and what differs (never silently used);
-``recompute=True`` overwrites it (``--recompute-ref``).
+``recompute=True`` overwrites it (``--recompute-ref``). A cache that matches but lacks the ``ref_prompt_state``
+column a method needs (``shiq_toy.methods.METHODS[...].needs_value``: DRO) is rebuilt with it automatically.
 
 **DRO's value.** DRO-V needs a value ``V_φ(x)`` of the prompt. Our choice: a separate linear head
 ``V_φ(x) = w·s_1(x) + b`` on the *reference's* final hidden state at the last prompt token, cached here
@@ -387,7 +388,9 @@ def reference_cache(
     """The reference statistics of ``examples``: loaded from ``path`` if it matches, else computed and saved.
 
     A cache at ``path`` that does not match the model, data or settings raises ValueError unless
-    ``recompute``. ``fingerprints``: ``(model_fingerprint(model), data_fingerprint(examples))`` when the caller
+    ``recompute``. A matching cache that lacks a column this run needs (``ref_prompt_state`` with
+    ``need_prompt_state``: DRO after a cache made for another method) is rebuilt with it, manifest and
+    checksums included, and says so through ``log``. ``fingerprints``: ``(model_fingerprint(model), data_fingerprint(examples))`` when the caller
     has them already. ``compute_kwargs`` go to :func:`compute_reference_stats`. Returns the stats Dataset.
 
     **Several processes** (``world_size > 1``; every rank calls this with the same arguments, its ``rank`` and
@@ -406,9 +409,14 @@ def reference_cache(
         raise ValueError(f"reference_cache: rank must lie in [0, {world_size}), got {rank}")
     expected = expected_manifest(model, examples, settings=settings, fingerprints=fingerprints)
     if path.exists() and not recompute:  # every rank decides before the first barrier, so all decide alike
-        stats = load_reference_cache(path, expected, need_prompt_state=need_prompt_state)
-        log(f"reference statistics: reusing the cache {path}")
-        return stats
+        stats = load_reference_cache(path, expected)  # checked: model, data, settings and every file
+        if not need_prompt_state or _read_manifest(path).get("has_prompt_state"):
+            log(f"reference statistics: reusing the cache {path}")
+            return stats
+        # a matching cache made for a method without a value: rebuilt with the prompt states (a superset)
+        log(f"reference statistics: the cache {path} has no ref_prompt_state column (made for a method without a "
+            "value); rebuilding it with the prompt states")
+        del stats
     shard = contiguous_shard(examples, world_size, rank) if world_size > 1 else examples
     stats = compute_reference_stats(model, shard, with_prompt_state=need_prompt_state, **compute_kwargs)
     if world_size > 1:
