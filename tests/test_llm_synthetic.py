@@ -8,6 +8,7 @@ higher mean reward on the held-out prompts than the reference.
 
 import csv
 import json
+import logging
 import math
 
 import pytest
@@ -282,6 +283,86 @@ def test_sweep_trains_every_cell_skips_finished_ones_and_reports_a_failed_cell(m
     path.write_text(yaml.safe_dump(sweep))
     assert main(["sweep", "--config", str(path), "--no-progress"]) == 0
     assert finished.stat().st_mtime_ns == before  # skipped, not retrained
+
+
+def _tiny_sweep(made_data, tmp_path, **changes) -> dict:
+    sweep = {"out": str(tmp_path / "sweep"), "model": str(made_data / "reference"),
+             "train_data": str(made_data / "train.jsonl"), "algos": ["shiq"], "betas": [0.3], "seeds": [0],
+             "variants": {"shiq_long": {"algo": "shiq", "train": {"max_steps": 2}}},
+             "train": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3},
+             "evaluation": {"num_samples": 1, "max_new_tokens": 4, "seed": 1}}
+    sweep.update(changes)
+    return sweep
+
+
+def _run_sweep_file(sweep: dict, path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(path), "--no-progress"]) == 0
+
+
+def test_sweep_rerun_recomputes_the_cells_whose_settings_changed_and_keeps_the_others(made_data, tmp_path, capsys):
+    """Cells and the reference result are keyed by everything that changes them: a rerun after editing a cell's
+    max_steps retrains that cell only (and says so), after editing the evaluation recomputes every result; results.csv
+    never holds a stale row."""
+    path, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    sweep = _tiny_sweep(made_data, tmp_path)
+    _run_sweep_file(sweep, path)
+    capsys.readouterr()
+    kept, changed = out / "runs" / "shiq_beta0.3_seed0" / "result.json", out / "runs" / "shiq_long_beta0.3_seed0" / "result.json"
+    reference = out / "reference_result.json"
+    times = {p: p.stat().st_mtime_ns for p in (kept, changed, reference)}
+    _run_sweep_file(sweep, path)  # nothing changed: nothing recomputed
+    assert "recomputing" not in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in times.items())
+
+    sweep["variants"]["shiq_long"]["train"]["max_steps"] = 4
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert "sweep: recomputing 1 result(s) whose key changed: shiq_long_beta0.3_seed0 (train.max_steps: 2 → 4)" in printed
+    assert kept.stat().st_mtime_ns == times[kept] and reference.stat().st_mtime_ns == times[reference]
+    assert json.loads(changed.read_text())["steps"] == 4
+    with (out / "results.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"reference", "shiq", "shiq_long"}
+    assert float(rows["shiq_long"]["mean_reward"]) == json.loads(changed.read_text())["mean_reward"]
+
+    sweep["evaluation"]["num_samples"] = 2
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert ("sweep: recomputing 3 result(s) whose key changed: reference, shiq_beta0.3_seed0, shiq_long_beta0.3_seed0 "
+            "(evaluation.options.num_samples: 1 → 2)") in printed
+    before = int(rows["reference"]["num_samples"])  # samples in all: one per held-out prompt before
+    with (out / "results.csv").open() as f:
+        assert {r["method"]: int(r["num_samples"]) for r in csv.DictReader(f)} == {
+            "reference": 2 * before, "shiq": 2 * before, "shiq_long": 2 * before}
+
+
+def test_adding_dro_to_a_finished_sweep_extends_the_shared_reference_cache(made_data, tmp_path, caplog):
+    """A sweep of shiq makes OUT/reference without DRO's prompt states (as `shiq-llm demo --quick` does); adding
+    dro to it trains dro on that cache, rebuilt with the prompt states (manifest and checksums right), and keeps
+    the finished shiq cell."""
+    from shiq_llm.core.reference import load_reference_cache
+
+    path, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    sweep = _tiny_sweep(made_data, tmp_path, variants={})
+    _run_sweep_file(sweep, path)
+    assert json.loads((out / "reference" / "manifest.json").read_text())["has_prompt_state"] is False
+    finished = out / "runs" / "shiq_beta0.3_seed0" / "result.json"
+    before = finished.stat().st_mtime_ns
+    sweep["algos"] = ["shiq", "dro"]
+    with caplog.at_level(logging.INFO, logger="shiq_llm.train.trainer"):
+        _run_sweep_file(sweep, path)
+    assert "has no ref_prompt_state column (made for a method without a value); rebuilding it" in caplog.text
+    assert finished.stat().st_mtime_ns == before
+    manifest = json.loads((out / "reference" / "manifest.json").read_text())
+    assert manifest["has_prompt_state"] is True
+    stats = load_reference_cache(out / "reference", {k: manifest[k] for k in ("model_fingerprint", "data_fingerprint")},
+                                 need_prompt_state=True)  # the checksums of the rebuilt files verify
+    assert len(stats[0]["ref_prompt_state"]) > 0
+    with (out / "results.csv").open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["reference", "dro", "shiq"]
 
 
 def test_sweep_file_errors_name_the_key(tmp_path):
