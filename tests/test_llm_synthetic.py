@@ -232,6 +232,23 @@ def test_quick_demo_trains_shiq_above_the_reference(made_data, tmp_path):
     assert gap > 3 * math.hypot(float(shiq["reward_sem"]), float(ref["reward_sem"]))
 
 
+def test_demo_refuses_its_data_built_with_other_settings_instead_of_reusing_it(made_data, tmp_path, capsys):
+    """OUT/data of `shiq-llm demo` is built once per settings (recorded in settings.json): a rerun with another
+    --seed is refused in one line, never trained on the other seed's reference and rows."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(made_data, out / "data")  # make-data's defaults = the demo's with seed 0
+    settings = {"reference": ReferenceConfig(steps=600, seed=0).__dict__, "completions_per_prompt": 16,
+                "max_new_tokens": 12, "seed": 0}
+    (out / "data" / "settings.json").write_text(json.dumps(settings))
+    assert main(["demo", "--quick", "--seed", "1", "--steps", "1", "--eval-samples", "1", "--out", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'data'} was built with reference=" in err and "choose another --out" in err
+    assert not (out / "results.csv").exists() and not (out / "runs").exists()
+
+
 def test_demo_rejects_bad_options(tmp_path):
     assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 1
     assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 1

@@ -35,8 +35,25 @@ i.e. as many sequences) and is evaluated on the held-out prompts by the config's
 Monte-Carlo KL; ``dialogues``: :func:`shiq_llm.tasks.multiturn.evaluate_dialogues`, the same on dialogues with the
 tool in the loop, per turn too), with the sampling seed ``evaluation.seed + seed`` (so that the seeds' results
 are independent); with ``eval_every`` also during training (``shiq_llm.train.metrics.EvaluateEvery``: the cell's ``curve``). Its
-result is written to ``OUT/runs/<cell>/result.json`` last, atomically, so a re-run skips finished cells. A
-cell that fails is reported and the others go on. ``OUT/results.csv`` holds one row per finished cell
+result is written to ``OUT/runs/<cell>/result.json`` last, atomically, with its key. A cell that fails is
+reported and the others go on.
+
+**Keys: a re-run never reports stale results.** Every result is stored with the key of everything that changes
+it, and a re-run keeps a result only when its key is unchanged. A cell's key: its method name, the resolved
+``ShiQConfig`` of the cell (every option, defaults included, but where it writes and how it reports:
+:data:`KEY_IGNORED_OPTIONS`), the ``model_options``, ``eval_every``, the training data by
+``shiq_llm.core.reference.training_data_fingerprint`` (tokens, masks, rewards and pairs, after the adapter and
+the length options) with its adapter and split, and the evaluation: the reference model's
+``model_fingerprint``, a digest of the evaluation prompts, the evaluator, reward (name, options, model), the
+evaluation options with the cell's sampling seed, device and dtype. The reference result
+(``OUT/reference_result.json``) is keyed by the evaluation alone. A re-run recomputes the results whose key
+changed and says so in one line (which results, and the first entries that changed, e.g. ``shiq_beta0.3_seed0
+(train.max_steps: 40 → 80)``); a result of an older version, with no key, is recomputed. ``results.csv`` is
+rewritten from the current grid's results only. A reference cache is keyed by the model's fingerprint and
+options, the tokenised data's ``data_fingerprint`` and the precision (``OUT/reference.key.json`` beside
+``OUT/reference``): when that key changed the cache is rebuilt (said in a line) instead of being refused; a
+cache that lacks DRO's prompt states is extended by the trainer (``shiq_llm.core.reference.reference_cache``),
+so adding ``dro`` to a finished sweep works. Not in any key: the code of a ``module:function`` reward. ``OUT/results.csv`` holds one row per finished cell
 (:data:`RESULT_COLUMNS`, plus the per-turn columns of ``dialogues``) and the reference;
 ``OUT/curves.csv`` one row per cell and logged or evaluated step (:func:`curve_rows`: the training log of
 ``metrics.jsonl`` and the evaluations, the reference at step 0); ``OUT/reward_vs_kl.png`` plots, per method
@@ -62,7 +79,7 @@ from shiq_llm.storage.jsonl import read_jsonl
 
 __all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
            "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
-           "TRAIN_LOG_KEYS"]
+           "TRAIN_LOG_KEYS", "KEY_IGNORED_OPTIONS", "digest", "training_key", "key_changes"]
 
 logger = logging.getLogger(__name__)
 
@@ -351,8 +368,8 @@ def _read_keyed(path: Path, key: dict) -> tuple[dict | None, str | None]:
 
 
 def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells are read
-    back, not retrained. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
+    """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells whose key
+    is unchanged are read back, not retrained; the others are recomputed, said in one line through ``log``. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
     writing every output when some cell failed."""
     from tqdm.auto import tqdm
 
@@ -418,8 +435,9 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
 
     # First every cell's options and key, so that one line can say which results are recomputed and why.
     cells = [(m, b, s) for m in methods for b in config.betas for s in config.seeds]
-    plans = []  # (name, method, beta, seed, args, data, key, cache key, cached result)
+    plans = []  # (name, method, beta, seed, args, data, examples, key, cache key, cache, kept result or None)
     caches: dict[str, Path] = {}  # reference cache key digest -> its directory (OUT/reference for the sweep's rows)
+    fingerprints: dict[tuple, tuple[str, str]] = {}  # (rows, pairing) -> (data, training data) fingerprints
     for method, beta, seed in cells:
         name = cell_name(method.name, beta, seed)
         run_dir = out / "runs" / name
@@ -434,14 +452,18 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
                                  data_format_options=(config.data_format_options or None) if method.data_format else None,
                                  dataset_train_split=config.train_split)
             train_examples = examples(method, data, args)
-            pairs = (preference_pairs(train_examples, mode=args.pair_mode, pairing=METHODS[method.algo].pairing)
-                     if METHODS[method.algo].consumes == "pairs" else None)
+            pairing = (args.pair_mode, METHODS[method.algo].pairing) if METHODS[method.algo].consumes == "pairs" else None
+            if (id(train_examples), pairing) not in fingerprints:  # hashed once per rows and pairing, not per cell
+                pairs = preference_pairs(train_examples, mode=pairing[0], pairing=pairing[1]) if pairing else None
+                fingerprints[id(train_examples), pairing] = (data_fingerprint(train_examples),
+                                                             training_data_fingerprint(train_examples, pairs))
+            data_fp, training_fp = fingerprints[id(train_examples), pairing]
         except Exception as error:  # noqa: BLE001 — a failed cell is reported, the others go on
             failures.append(f"{name}: {type(error).__name__}: {error}")
             log(f"sweep: cell {name} failed: {type(error).__name__}: {error}")
             continue
         cache_key = {"model_fingerprint": model_fp, "model_options": config.model_options,
-                     "data_fingerprint": data_fingerprint(train_examples), "precision": args.precision}
+                     "data_fingerprint": data_fp, "precision": args.precision}
         cache_id = digest(cache_key)
         if cache_id not in caches:
             main_rows = (method.train_data, method.data_format) == (config.train_data, config.data_format)
@@ -450,7 +472,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
         key = {"method": method.name,
                "evaluation": {**evaluation_key, "options": {**eval_options, "seed": eval_options["seed"] + seed}},
                "eval_every": config.eval_every, "model_options": config.model_options,
-               "data": {"training_data_fingerprint": training_data_fingerprint(train_examples, pairs),
+               "data": {"training_data_fingerprint": training_fp,
                         "data_format": method.data_format, "data_format_options": config.data_format_options,
                         "train_split": config.train_split},
                "train": training_key(args)}
