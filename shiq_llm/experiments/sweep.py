@@ -27,8 +27,8 @@ dtype for every cell (``model_options``) and the evaluation's ``device`` / ``dty
 What it does (:func:`run_sweep`): the evaluation prompts are checked against the training data first (none
 may occur there: ``leak: error``, the default, refuses the sweep naming the counts; ``leak: warn`` logs them);
 the reference statistics are computed once, in ``OUT/reference`` (with DRO's
-prompt states when a method needs them), and shared by every cell (a variant with its own rows gets its own,
-``OUT/reference_<variant>``); each cell trains with :func:`shiq_llm.train.run.train_run` into
+prompt states when a method needs them), and shared by every cell (a variant whose tokenised rows differ gets its own,
+``OUT/reference_<variant>``; one whose rows differ in their rewards only shares it); each cell trains with :func:`shiq_llm.train.run.train_run` into
 ``OUT/runs/<method>_beta<β>_seed<s>`` (pair methods take half as many pairs as ``per_device_train_batch_size``,
 i.e. as many sequences) and is evaluated on the held-out prompts by the config's :data:`EVALUATORS` entry
 (``completions``: :func:`shiq_llm.generation.evaluate.evaluate_policy`, mean reward of its own samples, exact and
