@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -354,6 +355,21 @@ def test_sweep_rerun_recomputes_the_cells_whose_settings_changed_and_keeps_the_o
     with (out / "results.csv").open() as f:
         assert {r["method"]: int(r["num_samples"]) for r in csv.DictReader(f)} == {
             "reference": 2 * before, "shiq": 2 * before, "shiq_long": 2 * before}
+
+    # other training rows (here: the same file with a row left out): every cell and the shared reference cache,
+    # which the trainer would refuse as made for other data, are recomputed; the reference result is kept
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join((made_data / "train.jsonl").read_text().splitlines(keepends=True)[1:]))
+    times = {p: p.stat().st_mtime_ns for p in (kept, reference)}
+    sweep["train_data"] = str(fewer)
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert re.search(r"sweep: recomputing 2 result\(s\) whose key changed: shiq_beta0.3_seed0, shiq_long_beta0.3_seed0 "
+                     r"\(data.training_data_fingerprint: \w{8}… → \w{8}…\)", printed), printed
+    assert f"sweep: rebuilding the reference cache {out / 'reference'} (data_fingerprint: " in printed
+    assert kept.stat().st_mtime_ns != times[kept] and reference.stat().st_mtime_ns == times[reference]
+    manifest = json.loads((out / "reference" / "manifest.json").read_text())
+    assert manifest["num_examples"] == len((made_data / "train.jsonl").read_text().splitlines()) - 1
 
 
 def test_adding_dro_to_a_finished_sweep_extends_the_shared_reference_cache(made_data, tmp_path, caplog):
