@@ -10,6 +10,7 @@ check against the training data and a reward model.
 
 import itertools
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -440,6 +441,47 @@ def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_pat
     assert main(auto) == 1 and "also occur in the training data" in capsys.readouterr().err
     assert main(auto + ["--train-data", "none"]) == 0
     assert json.loads(out.read_text())["leaked_prompts"] is None
+
+
+def test_evaluate_checks_a_runs_training_data_from_any_directory_or_refuses(saved_models, tmp_path, monkeypatch, capsys):
+    """run_args.yaml stores resolved paths: `evaluate --model RUN/final` run from another directory still checks
+    the held-out prompts against the run's training data; a run whose training data cannot be found is refused in
+    one line naming --train-data and --train-data none (never evaluated unchecked with exit 0)."""
+    import yaml
+
+    from shiq_llm.train.config import parse_train_args
+    from shiq_llm.train.run import train_run
+
+    policy, ref = saved_models
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    Path("rows.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c, "reward": r}) + "\n" for p, c, r in [
+        ("repeat 5:", " 5 5 5 5", 1.0), ("repeat 5:", " 6", 0.0), ("repeat 6:", " 6 6 6 6", 1.0), ("repeat 6:", " 1", 0.0)]))
+    train_run(*parse_train_args(["--model_name_or_path", str(policy), "--dataset_name", "rows.jsonl", "--output_dir",
+                                 "run", "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none",
+                                 "--disable_tqdm", "true", "--save_strategy", "no"]), print_logs=False)
+    run_args = work / "run" / "run_args.yaml"
+    assert yaml.safe_load(run_args.read_text())["dataset_name"] == str(work / "rows.jsonl")
+    monkeypatch.chdir(elsewhere)
+    held = elsewhere / "eval.txt"
+    held.write_text("repeat 5:\nrepeat 7:\n")
+    out = elsewhere / "eval.json"
+    command = ["evaluate", "--model", str(work / "run" / "final"), "--ref", str(ref), "--prompts", str(held),
+               "--reward", "none", "--num-samples", "1", "--max-new-tokens", "2", "--out", str(out)]
+    assert main(command) == 1
+    assert "1 of 2 evaluation prompts (50.0 %) also occur in the training data" in capsys.readouterr().err
+    assert not out.exists()
+    # a run_args.yaml with a path relative to where the run was trained (as written before): refused, in one line
+    run_args.write_text(run_args.read_text().replace(str(work / "rows.jsonl"), "rows.jsonl"))
+    assert main(command) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert (f"--train-data auto: the training data 'rows.jsonl' of the run ({run_args}) cannot be read from {elsewhere} "
+            "(no such file 'rows.jsonl'); give --train-data PATH, or --train-data none to skip the held-out check") in err
+    assert not out.exists()
+    assert main(command + ["--train-data", "none"]) == 0  # the explicit way to skip the check, recorded
+    assert json.loads(out.read_text())["train_data"] == "not checked (--train-data none)"
 
 
 def test_evaluate_cli_with_a_reward_model_on_a_device(saved_models, tmp_path):

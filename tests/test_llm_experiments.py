@@ -244,7 +244,9 @@ def test_multiturn_smoke_trains_the_final_reward_variant_on_moved_rewards(multit
     cell = out / "sweep" / "runs" / "shiq_final_reward_beta0.3_seed0"
     assert yaml.safe_load((cell / "run_args.yaml").read_text())["dataset_name"] == str(out / "train_final_reward.jsonl")
     assert json.loads((cell / "result.json").read_text())["algo"] == "shiq"
-    assert (out / "sweep" / "reference_shiq_final_reward" / "manifest.json").is_file()  # its own reference cache
+    # the same tokens as the per-turn rows (only the rewards moved): the reference statistics are shared
+    assert not (out / "sweep" / "reference_shiq_final_reward").exists()
+    assert (out / "sweep" / "reference" / "manifest.json").is_file()
 
 
 def test_evaluating_during_training_does_not_change_the_run(multiturn_run, tmp_path):

@@ -164,7 +164,8 @@ def test_data_fingerprint_follows_the_row_order_of_a_selected_or_shuffled_datase
 
 def _cache(path, model, examples, tokenizer, **kwargs):
     kwargs.setdefault("settings", {"precision": "fp32"})
-    return R.reference_cache(path, model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=4, log=lambda _: None, **kwargs)
+    kwargs.setdefault("log", lambda _: None)
+    return R.reference_cache(path, model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=4, **kwargs)
 
 
 def test_cache_is_computed_once_then_reused(tmp_path, tokenizer, examples, monkeypatch):
@@ -203,13 +204,27 @@ def test_cache_of_another_model_or_precision_is_refused(tmp_path, tokenizer, exa
         _cache(tmp_path / "ref", _model(tokenizer), examples, tokenizer, settings={"precision": "bf16"})
 
 
-def test_cache_without_prompt_states_is_refused_for_dro(tmp_path, tokenizer, examples):
+def test_cache_without_prompt_states_is_rebuilt_with_them_for_dro(tmp_path, tokenizer, examples):
+    """A matching cache made for a method without a value lacks DRO's ref_prompt_state: it is rebuilt with it
+    (saying so), its manifest and checksums right, its other columns unchanged; a mismatching one is still refused."""
     model = _model(tokenizer)
-    _cache(tmp_path / "ref", model, examples, tokenizer)
-    with pytest.raises(ValueError, match="no ref_prompt_state"):
-        _cache(tmp_path / "ref", model, examples, tokenizer, need_prompt_state=True)
-    stats = _cache(tmp_path / "ref", model, examples, tokenizer, need_prompt_state=True, recompute=True)
+    first = _cache(tmp_path / "ref", model, examples, tokenizer)
+    logged = []
+    stats = _cache(tmp_path / "ref", model, examples, tokenizer, need_prompt_state=True, log=logged.append)
+    assert logged[0] == (f"reference statistics: the cache {tmp_path / 'ref'} has no ref_prompt_state column (made "
+                         "for a method without a value); rebuilding it with the prompt states")
     assert len(stats[0]["ref_prompt_state"]) == model.config.hidden_size
+    assert stats["ref_logit_taken"] == first["ref_logit_taken"] and stats["ref_logsumexp"] == first["ref_logsumexp"]
+    manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    assert manifest["has_prompt_state"] is True
+    expected = R.expected_manifest(model, examples, settings={"precision": "fp32"})
+    again = R.load_reference_cache(tmp_path / "ref", expected, need_prompt_state=True)  # checksums verify
+    assert again["ref_prompt_state"] == stats["ref_prompt_state"]
+    assert _cache(tmp_path / "ref", model, examples, tokenizer)["ref_logsumexp"] == first["ref_logsumexp"]
+    other, _ = tokenize_rows(_rows(offset=3), tokenizer, max_length=64)
+    with pytest.raises(ValueError, match="does not match the tokenised data"):
+        _cache(tmp_path / "other", model, examples, tokenizer)
+        _cache(tmp_path / "other", model, other, tokenizer, need_prompt_state=True)
 
 
 def test_damaged_cache_is_refused_naming_the_file(tmp_path, tokenizer, examples):

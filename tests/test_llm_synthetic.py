@@ -8,7 +8,9 @@ higher mean reward on the held-out prompts than the reference.
 
 import csv
 import json
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -230,6 +232,23 @@ def test_quick_demo_trains_shiq_above_the_reference(made_data, tmp_path):
     assert gap > 3 * math.hypot(float(shiq["reward_sem"]), float(ref["reward_sem"]))
 
 
+def test_demo_refuses_its_data_built_with_other_settings_instead_of_reusing_it(made_data, tmp_path, capsys):
+    """OUT/data of `shiq-llm demo` is built once per settings (recorded in settings.json): a rerun with another
+    --seed is refused in one line, never trained on the other seed's reference and rows."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(made_data, out / "data")  # make-data's defaults = the demo's with seed 0
+    settings = {"reference": ReferenceConfig(steps=600, seed=0).__dict__, "completions_per_prompt": 16,
+                "max_new_tokens": 12, "seed": 0}
+    (out / "data" / "settings.json").write_text(json.dumps(settings))
+    assert main(["demo", "--quick", "--seed", "1", "--steps", "1", "--eval-samples", "1", "--out", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'data'} was built with reference=" in err and "choose another --out" in err
+    assert not (out / "results.csv").exists() and not (out / "runs").exists()
+
+
 def test_demo_rejects_bad_options(tmp_path):
     assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 1
     assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 1
@@ -281,6 +300,101 @@ def test_sweep_trains_every_cell_skips_finished_ones_and_reports_a_failed_cell(m
     path.write_text(yaml.safe_dump(sweep))
     assert main(["sweep", "--config", str(path), "--no-progress"]) == 0
     assert finished.stat().st_mtime_ns == before  # skipped, not retrained
+
+
+def _tiny_sweep(made_data, tmp_path, **changes) -> dict:
+    sweep = {"out": str(tmp_path / "sweep"), "model": str(made_data / "reference"),
+             "train_data": str(made_data / "train.jsonl"), "algos": ["shiq"], "betas": [0.3], "seeds": [0],
+             "variants": {"shiq_long": {"algo": "shiq", "train": {"max_steps": 2}}},
+             "train": {"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3},
+             "evaluation": {"num_samples": 1, "max_new_tokens": 4, "seed": 1}}
+    sweep.update(changes)
+    return sweep
+
+
+def _run_sweep_file(sweep: dict, path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(path), "--no-progress"]) == 0
+
+
+def test_sweep_rerun_recomputes_the_cells_whose_settings_changed_and_keeps_the_others(made_data, tmp_path, capsys):
+    """Cells and the reference result are keyed by everything that changes them: a rerun after editing a cell's
+    max_steps retrains that cell only (and says so), after editing the evaluation recomputes every result; results.csv
+    never holds a stale row."""
+    path, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    sweep = _tiny_sweep(made_data, tmp_path)
+    _run_sweep_file(sweep, path)
+    capsys.readouterr()
+    kept, changed = out / "runs" / "shiq_beta0.3_seed0" / "result.json", out / "runs" / "shiq_long_beta0.3_seed0" / "result.json"
+    reference = out / "reference_result.json"
+    times = {p: p.stat().st_mtime_ns for p in (kept, changed, reference)}
+    _run_sweep_file(sweep, path)  # nothing changed: nothing recomputed
+    assert "recomputing" not in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in times.items())
+
+    sweep["variants"]["shiq_long"]["train"]["max_steps"] = 4
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert "sweep: recomputing 1 result(s) whose key changed: shiq_long_beta0.3_seed0 (train.max_steps: 2 → 4)" in printed
+    assert kept.stat().st_mtime_ns == times[kept] and reference.stat().st_mtime_ns == times[reference]
+    assert json.loads(changed.read_text())["steps"] == 4
+    with (out / "results.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"reference", "shiq", "shiq_long"}
+    assert float(rows["shiq_long"]["mean_reward"]) == json.loads(changed.read_text())["mean_reward"]
+
+    sweep["evaluation"]["num_samples"] = 2
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert ("sweep: recomputing 3 result(s) whose key changed: reference, shiq_beta0.3_seed0, shiq_long_beta0.3_seed0 "
+            "(evaluation.options.num_samples: 1 → 2)") in printed
+    before = int(rows["reference"]["num_samples"])  # samples in all: one per held-out prompt before
+    with (out / "results.csv").open() as f:
+        assert {r["method"]: int(r["num_samples"]) for r in csv.DictReader(f)} == {
+            "reference": 2 * before, "shiq": 2 * before, "shiq_long": 2 * before}
+
+    # other training rows (here: the same file with a row left out): every cell and the shared reference cache,
+    # which the trainer would refuse as made for other data, are recomputed; the reference result is kept
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join((made_data / "train.jsonl").read_text().splitlines(keepends=True)[1:]))
+    times = {p: p.stat().st_mtime_ns for p in (kept, reference)}
+    sweep["train_data"] = str(fewer)
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert re.search(r"sweep: recomputing 2 result\(s\) whose key changed: shiq_beta0.3_seed0, shiq_long_beta0.3_seed0 "
+                     r"\(data.training_data_fingerprint: \w{8}… → \w{8}…\)", printed), printed
+    assert f"sweep: rebuilding the reference cache {out / 'reference'} (data_fingerprint: " in printed
+    assert kept.stat().st_mtime_ns != times[kept] and reference.stat().st_mtime_ns == times[reference]
+    manifest = json.loads((out / "reference" / "manifest.json").read_text())
+    assert manifest["num_examples"] == len((made_data / "train.jsonl").read_text().splitlines()) - 1
+
+
+def test_adding_dro_to_a_finished_sweep_extends_the_shared_reference_cache(made_data, tmp_path, caplog):
+    """A sweep of shiq makes OUT/reference without DRO's prompt states (as `shiq-llm demo --quick` does); adding
+    dro to it trains dro on that cache, rebuilt with the prompt states (manifest and checksums right), and keeps
+    the finished shiq cell."""
+    from shiq_llm.core.reference import load_reference_cache
+
+    path, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    sweep = _tiny_sweep(made_data, tmp_path, variants={})
+    _run_sweep_file(sweep, path)
+    assert json.loads((out / "reference" / "manifest.json").read_text())["has_prompt_state"] is False
+    finished = out / "runs" / "shiq_beta0.3_seed0" / "result.json"
+    before = finished.stat().st_mtime_ns
+    sweep["algos"] = ["shiq", "dro"]
+    with caplog.at_level(logging.INFO, logger="shiq_llm.train.trainer"):
+        _run_sweep_file(sweep, path)
+    assert "has no ref_prompt_state column (made for a method without a value); rebuilding it" in caplog.text
+    assert finished.stat().st_mtime_ns == before
+    manifest = json.loads((out / "reference" / "manifest.json").read_text())
+    assert manifest["has_prompt_state"] is True
+    stats = load_reference_cache(out / "reference", {k: manifest[k] for k in ("model_fingerprint", "data_fingerprint")},
+                                 need_prompt_state=True)  # the checksums of the rebuilt files verify
+    assert len(stats[0]["ref_prompt_state"]) > 0
+    with (out / "results.csv").open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["reference", "dro", "shiq"]
 
 
 def test_sweep_file_errors_name_the_key(tmp_path):

@@ -269,6 +269,49 @@ def test_lora_trains_only_the_adapters_and_saves_a_merged_model(tmp_path):
     assert saved and all("lora_" in k for k in saved)  # checkpoints hold the trainable parameters only
 
 
+def test_save_final_merges_a_copy_and_leaves_the_trainers_lora_model_as_it_was(tmp_path):
+    """save_final writes merged weights whose outputs equal the adapter model's, and the trainer keeps its peft
+    model: adapters present, base weights unmerged (adapters off = the reference), so evaluate() and train()
+    after saving see the adapter model."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from shiq_llm.train.trainer import ShiQTrainer
+
+    _, _, args = arguments(tmp_path, "lora", per_device_train_batch_size=12, max_steps=2, learning_rate=1e-2)
+    tokenizer = build_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    trainer = ShiQTrainer(model, args, train_dataset=rows(), eval_dataset=rows(), processing_class=tokenizer,
+                          peft_config=lora)
+    trainer.train()
+    live = trainer.model
+    batch = collate(tokenize_rows(rows(), tokenizer, max_length=64)[0].to_list(), pad_token_id=tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    live.eval()
+    with torch.no_grad():
+        adapted = live(**inputs).logits
+        with live.disable_adapter():
+            base = live(**inputs).logits
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    trainer.save_final(tmp_path / "final")
+    assert trainer.model is live and any("lora_" in k for k in live.state_dict())
+    after = live.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(live(**inputs).logits, adapted, atol=0, rtol=0)
+        with live.disable_adapter():
+            torch.testing.assert_close(live(**inputs).logits, base, atol=0, rtol=0)  # still the reference
+    assert float((adapted - base).abs().max()) > 1e-4  # the adapters were trained
+    metrics = trainer.evaluate()
+    assert metrics["eval_kl_estimate"] > 0  # evaluated with the adapters against the cached reference
+    trainer.args.max_steps = 3
+    trainer.train()  # goes on with the adapter model
+    assert trainer.state.global_step == 3 and any("lora_" in k for k in trainer.model.state_dict())
+
+
 def test_bf16_and_gradient_checkpointing_run(tmp_path):
     result = train(tmp_path, bf16=True, use_cpu=True, activation_checkpointing=True, per_device_train_batch_size=12, max_steps=2)
     lines = read_metrics(result.metrics_file)
@@ -298,6 +341,44 @@ def test_dro_value_coef_reaches_the_value_head_gradient(tmp_path):
     torch.testing.assert_close(grads[3.0][0], 3 * grads[1.0][0])
     torch.testing.assert_close(grads[3.0][1], grads[1.0][1])  # the policy's gradient is unchanged
     assert float(grads[1.0][0].abs().sum()) > 0
+
+
+def test_compute_loss_reads_the_cached_reference_columns(tmp_path):
+    """ShiQTrainer.compute_loss on a collated batch: its reference columns are the reference's ℓref, vref
+    (full-logit statistics of the initial model), and the loss equals shiq_toy's, written by hand from the batch's
+    columns and the policy's full-logit statistics; swapping ref_logit_taken and ref_logsumexp changes it."""
+    import copy
+
+    from shiq_llm.train.trainer import ShiQTrainer
+
+    _, _, args = arguments(tmp_path, "direct", per_device_train_batch_size=12, gamma=0.9)
+    tokenizer = build_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    reference = copy.deepcopy(model)
+    trainer = ShiQTrainer(model, args, train_dataset=rows(), processing_class=tokenizer)
+    with torch.no_grad():  # the policy moves away from the reference (the cache stays the initial model's)
+        model.lm_head.weight.add_(0.05 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(12)])
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        ref = naive_response_token_stats(reference, batch["input_ids"], batch["attention_mask"], mask)
+        policy = naive_response_token_stats(model, batch["input_ids"], batch["attention_mask"], mask)
+    torch.testing.assert_close(batch["ref_logit_taken"][mask], ref.logit_taken[mask], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(batch["ref_logsumexp"][mask], ref.logsumexp[mask], atol=ATOL, rtol=RTOL)
+    cached = TokenStats(batch["ref_logit_taken"], batch["ref_logsumexp"])
+    expected = reduce_loss(LOSSES["shiq"](policy, cached, batch["rewards"], mask, beta=args.beta, gamma=0.9), mask,
+                           average=args.average)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(loss, expected, atol=ATOL, rtol=RTOL)
+    swapped = {**batch, "ref_logit_taken": batch["ref_logsumexp"], "ref_logsumexp": batch["ref_logit_taken"]}
+    with torch.no_grad():
+        wrong = trainer.compute_loss(model, swapped)
+    assert abs(float(wrong) - float(loss)) > 1e-2 * abs(float(loss))
+    swapped_expected = reduce_loss(LOSSES["shiq"](policy, TokenStats(cached.logsumexp, cached.logit_taken),
+                                                  batch["rewards"], mask, beta=args.beta, gamma=0.9), mask,
+                                   average=args.average)
+    torch.testing.assert_close(wrong, swapped_expected, atol=ATOL, rtol=RTOL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,6 +519,31 @@ def test_resume_refuses_changed_options_and_keeps_the_checkpoints(tmp_path):
     longer = train(tmp_path, per_device_train_batch_size=12, max_steps=4, resume_from_checkpoint="true",
                    dataset_name=str(moved), save_strategy="steps", save_steps=2)
     assert [line["step"] for line in read_metrics(longer.metrics_file)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_rewards_and_other_pairs(tmp_path):
+    """The reference cache is keyed without rewards (the reference does not depend on them), but a resumed run
+    must see them: the same rows with other rewards are refused by name, the checkpoints kept."""
+    first = train(tmp_path, per_device_train_batch_size=12, max_steps=2, save_strategy="steps", save_steps=2)
+    before = sorted(p.name for p in first.out_dir.iterdir())
+    relabelled = write_jsonl(tmp_path / "relabelled.jsonl", [dict(r, reward=-r["reward"]) for r in rows()])
+    with pytest.raises(ValueError, match=r"the training data \(rewards or preference pairs\) differs from the "
+                                         r"checkpoint's run \(training_data_fingerprint"):
+        train(tmp_path, per_device_train_batch_size=12, max_steps=4, resume_from_checkpoint="true",
+              dataset_name=str(relabelled), save_strategy="steps", save_steps=2)
+    assert sorted(p.name for p in first.out_dir.iterdir()) == before
+    # the fingerprint itself: rewards and pairs enter it, ids and masks alone (the cache's key) do not change
+    from shiq_llm.core.reference import data_fingerprint, training_data_fingerprint
+
+    tokenizer = build_tokenizer()
+    examples, _ = tokenize_rows(rows(), tokenizer, max_length=64)
+    other, _ = tokenize_rows([dict(r, reward=-r["reward"]) for r in rows()], tokenizer, max_length=64)
+    assert data_fingerprint(examples) == data_fingerprint(other)
+    assert training_data_fingerprint(examples) != training_data_fingerprint(other)
+    pairs = preference_pairs(examples, pairing="preference")
+    swapped = (pairs[1], pairs[0])
+    assert training_data_fingerprint(examples, pairs) != training_data_fingerprint(examples, swapped)
+    assert training_data_fingerprint(examples, pairs) != training_data_fingerprint(examples)
 
 
 def test_multi_turn_rows_train_on_the_action_tokens_only(tmp_path):

@@ -170,7 +170,8 @@ def test_single_turn_recipe_runs_end_to_end(recipe, folder, models, tmp_path, mo
     assert (runs / "shiq" / "final" / "model.safetensors").is_file()
     report = json.loads((runs / "shiq" / "eval.json").read_text())
     # evaluate found the run's training rows (run_args.yaml) and checked the held-out prompts against them
-    assert report["train_data"] == f"runs/{folder}/labelled.jsonl" and report["leaked_prompts"] == 0
+    assert report["train_data"] == str((tmp_path / "runs" / folder / "labelled.jsonl").resolve())  # run_args.yaml: resolved
+    assert report["leaked_prompts"] == 0
     assert report["num_prompts"] == 2 and math.isfinite(report["mean_reward"])
     check_sweep(runs / "sweep", cells=2)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import math
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def _make_data(args: argparse.Namespace) -> int:
 def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None, str]:
     """The training prompts the evaluation prompts are checked against, and where they came from.
 
-    ``--train-data none``: no check. ``auto`` (default): the training data of the ``run_args.yaml`` that
-    ``shiq-llm train`` wrote in its output directory (``RUN/final`` → ``RUN/run_args.yaml``: ``dataset_name``,
-    ``dataset_train_split``, ``data_format``, ``data_format_options``) when it is a local file.
+    ``--train-data none``: no check (the report says so). ``auto`` (default): the training data of the
+    ``run_args.yaml`` that ``shiq-llm train`` wrote in its output directory (``RUN/final`` → ``RUN/run_args.yaml``:
+    ``dataset_name`` — an absolute path for a local file —, ``dataset_train_split``, ``data_format``,
+    ``data_format_options``). A run whose training data cannot be found from here is refused (ValueError naming
+    ``--train-data`` and ``--train-data none``), never evaluated unchecked; a model with no ``run_args.yaml``
+    (not a ``shiq-llm train`` run, e.g. the reference) is reported as not checked.
     """
     import yaml
 
@@ -68,12 +72,23 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
         configs = [Path(model) / "run_args.yaml", Path(model).parent / "run_args.yaml"]
         config = next((c for c in configs if c.is_file()), None)
         values = yaml.safe_load(config.read_text()) if config is not None else None
+        if config is None:
+            return None, "not checked (no run_args.yaml next to --model: not a shiq-llm train run; give --train-data)"
         data = values.get("dataset_name") if isinstance(values, dict) else None
-        if not isinstance(data, str) or not Path(data).is_file():
-            return None, "not checked (no training data found next to --model; give --train-data)"
+        if not isinstance(data, str) or not data:
+            raise ValueError(f"--train-data auto: {config} names no training data (dataset_name); give --train-data "
+                             "PATH, or --train-data none to skip the held-out check")
         source, data_format = data, values.get("data_format")
         split = values.get("dataset_train_split") or split
         options = parse_format_options(values.get("data_format_options"), option=f"{config}: data_format_options")
+        try:
+            train = load_prompts(source, split=split, format=data_format, default_split="train",
+                                 format_options=options or None)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--train-data auto: the training data {source!r} of the run ({config}) cannot be read "
+                             f"from {Path.cwd()} ({re.sub(r'^--prompts [^:]*: ', '', str(error).splitlines()[0]) if str(error) else type(error).__name__});"
+                             " give --train-data PATH, or --train-data none to skip the held-out check") from None
+        return train, source
     train = load_prompts(source, split=split, format=data_format, default_split="train", format_options=options or None)
     return train, source
 
@@ -278,7 +293,7 @@ def _register_evaluate(subparsers) -> None:
                     help="vllm backend: fraction of the GPU memory vLLM may take (the two models need the rest)")
     ev.add_argument("--train-data", default="auto", help="training rows (same forms as --prompts) whose prompts the "
                     "evaluation prompts must not include; 'auto': the training data in the run_args.yaml of the run "
-                    "whose OUT/final is --model, when it is a local file; 'none': no check")
+                    "whose OUT/final is --model (refused when it cannot be found); 'none': skip the check")
     ev.add_argument("--train-split", default="train", help="split of --train-data")
     ev.add_argument("--train-format", default=None, help="adapter of --train-data (as --format)")
     ev.add_argument("--train-format-option", action="append", default=[], metavar="KEY=VALUE",

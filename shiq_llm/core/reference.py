@@ -23,7 +23,8 @@ change that touches no sampled element would go unseen (fine-tuning changes esse
 parameters (``lora_*``) are skipped and peft's ``.base_layer`` is removed from names, so a peft-wrapped model
 has its base model's fingerprint. ``data``: sha256 over the number of examples, then per column
 (``input_ids``, ``response_mask``) every example's length and the concatenated values, in the dataset's row order
-(an index mapping left by ``select``/``shuffle`` is followed); rewards do not enter the reference. ``settings``: the compute precision (statistics of a
+(an index mapping left by ``select``/``shuffle`` is followed); rewards do not enter the reference (they enter
+:func:`training_data_fingerprint`, the key of a resumed run and of a sweep cell). ``settings``: the compute precision (statistics of a
 bf16-autocast forward differ from fp32 ones by bf16 rounding; the cache is made with the training precision so
 that the policy starts exactly at ``ℓ = ℓ_ref``).
 
@@ -35,7 +36,8 @@ the same whatever the number of processes.
 **Checks.** A cache whose manifest differs from the current model, data or settings, or whose files are
 missing, unreadable or altered (a size or sha256 that differs from the manifest: hashing reads the whole cache,
 about a second per GB), is refused with a ValueError naming the file and what differs (never silently used);
-``recompute=True`` overwrites it (``--recompute-ref``).
+``recompute=True`` overwrites it (``--recompute-ref``). A cache that matches but lacks the ``ref_prompt_state``
+column a method needs (``shiq_toy.methods.METHODS[...].needs_value``: DRO) is rebuilt with it automatically.
 
 **DRO's value.** DRO-V needs a value ``V_φ(x)`` of the prompt. Our choice: a separate linear head
 ``V_φ(x) = w·s_1(x) + b`` on the *reference's* final hidden state at the last prompt token, cached here
@@ -70,6 +72,7 @@ __all__ = [
     "reference_mode",
     "model_fingerprint",
     "data_fingerprint",
+    "training_data_fingerprint",
     "compute_reference_stats",
     "save_reference_cache",
     "load_reference_cache",
@@ -134,13 +137,14 @@ def model_fingerprint(model: nn.Module, *, sample: int = SAMPLE_ELEMENTS) -> str
     return digest.hexdigest()
 
 
-def data_fingerprint(examples) -> str:
-    """sha256 hex digest of the tokenised examples' ``input_ids`` and ``response_mask``, in order."""
+def data_fingerprint(examples, columns: tuple[str, ...] = ("input_ids", "response_mask")) -> str:
+    """sha256 hex digest of the tokenised examples' ``columns`` (default ``input_ids`` and ``response_mask``: what
+    the reference statistics depend on), in order."""
     import pyarrow.compute as pc
 
     digest = hashlib.sha256()
     digest.update(f"examples={len(examples)}|".encode())
-    columns = ["input_ids", "response_mask"]
+    columns = list(columns)
     # a Dataset as an Arrow table in its row order (``.data`` would ignore the index mapping of select/shuffle)
     table = examples.with_format("arrow", columns=columns)[:] if hasattr(examples, "with_format") else None
     for column in columns:
@@ -152,8 +156,23 @@ def data_fingerprint(examples) -> str:
             rows = [ex[column] for ex in examples]
             lengths = np.array([len(r) for r in rows], dtype=np.int64)
             values = np.concatenate([np.asarray(r) for r in rows]) if rows else np.zeros(0)
-        dtype = np.int64 if column == "input_ids" else np.uint8
+        dtype = {"input_ids": np.int64, "response_mask": np.uint8}.get(column, np.float64)
         digest.update(column.encode() + lengths.tobytes() + values.astype(dtype).tobytes())
+    return digest.hexdigest()
+
+
+def training_data_fingerprint(examples, pairs: tuple | None = None) -> str:
+    """sha256 hex digest of what training sees of the examples: :func:`data_fingerprint` over ``input_ids``,
+    ``response_mask`` and the per-token ``rewards``, and the ``pairs`` ``(first, second)`` index lists of a pair
+    method (None for methods on sequences). Unlike the reference cache's key it changes with the rewards, so a
+    resumed run (``shiq_llm.train.checkpoint.check_resumable``) or a sweep cell sees other rewards."""
+    digest = hashlib.sha256(data_fingerprint(examples, ("input_ids", "response_mask", "rewards")).encode())
+    if pairs is None:
+        digest.update(b"|pairs=none")
+    else:
+        first, second = pairs
+        digest.update(b"|pairs=" + np.asarray(first, dtype=np.int64).tobytes() + b"|"
+                      + np.asarray(second, dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 
@@ -369,7 +388,9 @@ def reference_cache(
     """The reference statistics of ``examples``: loaded from ``path`` if it matches, else computed and saved.
 
     A cache at ``path`` that does not match the model, data or settings raises ValueError unless
-    ``recompute``. ``fingerprints``: ``(model_fingerprint(model), data_fingerprint(examples))`` when the caller
+    ``recompute``. A matching cache that lacks a column this run needs (``ref_prompt_state`` with
+    ``need_prompt_state``: DRO after a cache made for another method) is rebuilt with it, manifest and
+    checksums included, and says so through ``log``. ``fingerprints``: ``(model_fingerprint(model), data_fingerprint(examples))`` when the caller
     has them already. ``compute_kwargs`` go to :func:`compute_reference_stats`. Returns the stats Dataset.
 
     **Several processes** (``world_size > 1``; every rank calls this with the same arguments, its ``rank`` and
@@ -388,9 +409,14 @@ def reference_cache(
         raise ValueError(f"reference_cache: rank must lie in [0, {world_size}), got {rank}")
     expected = expected_manifest(model, examples, settings=settings, fingerprints=fingerprints)
     if path.exists() and not recompute:  # every rank decides before the first barrier, so all decide alike
-        stats = load_reference_cache(path, expected, need_prompt_state=need_prompt_state)
-        log(f"reference statistics: reusing the cache {path}")
-        return stats
+        stats = load_reference_cache(path, expected)  # checked: model, data, settings and every file
+        if not need_prompt_state or _read_manifest(path).get("has_prompt_state"):
+            log(f"reference statistics: reusing the cache {path}")
+            return stats
+        # a matching cache made for a method without a value: rebuilt with the prompt states (a superset)
+        log(f"reference statistics: the cache {path} has no ref_prompt_state column (made for a method without a "
+            "value); rebuilding it with the prompt states")
+        del stats
     shard = contiguous_shard(examples, world_size, rank) if world_size > 1 else examples
     stats = compute_reference_stats(model, shard, with_prompt_state=need_prompt_state, **compute_kwargs)
     if world_size > 1:

@@ -107,7 +107,6 @@ def demo_sweep_config(config: DemoConfig, data_dir: Path):
 
 def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     from shiq_llm.experiments.sweep import run_sweep
-    from shiq_llm.tasks import synthetic
     from shiq_llm.train.config import LLM_METHODS
 
     unknown = [a for a in config.algos if a not in LLM_METHODS]
@@ -120,13 +119,15 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     quiet_libraries()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    if config.data is None:
+    if config.data is None:  # built once per settings (a directory built with other settings is refused, not reused)
+        from shiq_llm.experiments.ablation import prepare_single_turn_data
+
         data_dir = out / "data"
-        if not (data_dir / "train.jsonl").is_file():
+        if not (data_dir / "settings.json").is_file():
             log("building the reference and the offline data …")
-            reference = synthetic.ReferenceConfig(steps=config.ref_steps, seed=config.seed)
-            synthetic.make_data(data_dir, reference=reference, completions_per_prompt=config.completions_per_prompt,
-                                max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
+        prepare_single_turn_data(data_dir, None, ref_steps=config.ref_steps,
+                                 completions_per_prompt=config.completions_per_prompt,
+                                 max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
     else:
         data_dir = Path(config.data)
         for path in (data_dir / "reference", data_dir / "train.jsonl"):

@@ -157,10 +157,14 @@ def main(args: ProxyArgs) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     with num_threads(args.threads):
         data_dir = Path(args.data) if args.data else out / "data"
-        if not (data_dir / "train.jsonl").is_file():
-            if args.data:
-                raise ValueError(f"--data {data_dir}: no train.jsonl (make it with `shiq-llm make-data --out {data_dir}`)")
-            synthetic.make_data(data_dir, reference=synthetic.ReferenceConfig(seed=args.seed), seed=args.seed)
+        if args.data and not (data_dir / "train.jsonl").is_file():
+            raise ValueError(f"--data {data_dir}: no train.jsonl (make it with `shiq-llm make-data --out {data_dir}`)")
+        if not args.data:  # built once per seed (one built with another seed is refused, never reused)
+            from shiq_llm.experiments.ablation import prepare_single_turn_data
+
+            defaults = synthetic.ReferenceConfig()
+            prepare_single_turn_data(data_dir, None, ref_steps=defaults.steps, completions_per_prompt=16,
+                                     max_new_tokens=12, seed=args.seed)
         count = relabel(data_dir / "train.jsonl", out / "train_proxy.jsonl", bonus=args.bonus)
         demo = DemoConfig(out=str(out / "sweep"), algos=args.algos, betas=args.betas, steps=args.steps, lr=args.lr,
                           batch_size=args.batch_size, eval_samples=args.eval_samples, seed=args.seed, progress=False)

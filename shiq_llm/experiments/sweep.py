@@ -27,16 +27,33 @@ dtype for every cell (``model_options``) and the evaluation's ``device`` / ``dty
 What it does (:func:`run_sweep`): the evaluation prompts are checked against the training data first (none
 may occur there: ``leak: error``, the default, refuses the sweep naming the counts; ``leak: warn`` logs them);
 the reference statistics are computed once, in ``OUT/reference`` (with DRO's
-prompt states when a method needs them), and shared by every cell (a variant with its own rows gets its own,
-``OUT/reference_<variant>``); each cell trains with :func:`shiq_llm.train.run.train_run` into
+prompt states when a method needs them), and shared by every cell (a variant whose tokenised rows differ gets its own,
+``OUT/reference_<variant>``; one whose rows differ in their rewards only shares it); each cell trains with :func:`shiq_llm.train.run.train_run` into
 ``OUT/runs/<method>_beta<β>_seed<s>`` (pair methods take half as many pairs as ``per_device_train_batch_size``,
 i.e. as many sequences) and is evaluated on the held-out prompts by the config's :data:`EVALUATORS` entry
 (``completions``: :func:`shiq_llm.generation.evaluate.evaluate_policy`, mean reward of its own samples, exact and
 Monte-Carlo KL; ``dialogues``: :func:`shiq_llm.tasks.multiturn.evaluate_dialogues`, the same on dialogues with the
 tool in the loop, per turn too), with the sampling seed ``evaluation.seed + seed`` (so that the seeds' results
 are independent); with ``eval_every`` also during training (``shiq_llm.train.metrics.EvaluateEvery``: the cell's ``curve``). Its
-result is written to ``OUT/runs/<cell>/result.json`` last, atomically, so a re-run skips finished cells. A
-cell that fails is reported and the others go on. ``OUT/results.csv`` holds one row per finished cell
+result is written to ``OUT/runs/<cell>/result.json`` last, atomically, with its key. A cell that fails is
+reported and the others go on.
+
+**Keys: a re-run never reports stale results.** Every result is stored with the key of everything that changes
+it, and a re-run keeps a result only when its key is unchanged. A cell's key: its method name, the resolved
+``ShiQConfig`` of the cell (every option, defaults included, but where it writes and how it reports:
+:data:`KEY_IGNORED_OPTIONS`), the ``model_options``, ``eval_every``, the training data by
+``shiq_llm.core.reference.training_data_fingerprint`` (tokens, masks, rewards and pairs, after the adapter and
+the length options) with its adapter and split, and the evaluation: the reference model's
+``model_fingerprint``, a digest of the evaluation prompts, the evaluator, reward (name, options, model), the
+evaluation options with the cell's sampling seed, device and dtype. The reference result
+(``OUT/reference_result.json``) is keyed by the evaluation alone. A re-run recomputes the results whose key
+changed and says so in one line (which results, and the first entries that changed, e.g. ``shiq_beta0.3_seed0
+(train.max_steps: 40 → 80)``); a result of an older version, with no key, is recomputed. ``results.csv`` is
+rewritten from the current grid's results only. A reference cache is keyed by the model's fingerprint and
+options, the tokenised data's ``data_fingerprint`` and the precision (``OUT/reference.key.json`` beside
+``OUT/reference``): when that key changed the cache is rebuilt (said in a line) instead of being refused; a
+cache that lacks DRO's prompt states is extended by the trainer (``shiq_llm.core.reference.reference_cache``),
+so adding ``dro`` to a finished sweep works. Not in any key: the code of a ``module:function`` reward. ``OUT/results.csv`` holds one row per finished cell
 (:data:`RESULT_COLUMNS`, plus the per-turn columns of ``dialogues``) and the reference;
 ``OUT/curves.csv`` one row per cell and logged or evaluated step (:func:`curve_rows`: the training log of
 ``metrics.jsonl`` and the evaluations, the reference at step 0); ``OUT/reward_vs_kl.png`` plots, per method
@@ -63,7 +80,7 @@ from shiq_llm.storage.jsonl import read_jsonl
 
 __all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
            "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
-           "TRAIN_LOG_KEYS"]
+           "TRAIN_LOG_KEYS", "KEY_IGNORED_OPTIONS", "digest", "training_key", "key_changes"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +304,73 @@ def _methods(config: SweepConfig) -> list[_Method]:
     return rows
 
 
+#: ``ShiQConfig`` fields that do not change a cell's result (where it writes, how it reports, hub pushes): left
+#: out of the cell's key (:func:`cell_key`). Every other field is in it, so a changed option or default retrains.
+KEY_IGNORED_OPTIONS = frozenset({
+    "output_dir", "logging_dir", "ref_cache", "overwrite_output_dir", "disable_tqdm", "report_to", "run_name",
+    "recompute_ref", "resume_from_checkpoint", "push_to_hub", "local_rank", "dataloader_num_workers",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+})
+
+
+def digest(value: Any) -> str:
+    """sha256 hex digest of a JSON-able value (keys sorted; other objects by ``str``)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def training_key(args) -> dict:
+    """The options of a cell's ``ShiQConfig`` that change its result: every field but
+    :data:`KEY_IGNORED_OPTIONS` and the hub's, as JSON values."""
+    values = json.loads(json.dumps(args.to_dict(), default=str))
+    return {k: v for k, v in values.items() if k not in KEY_IGNORED_OPTIONS and not k.startswith("hub_")}
+
+
+def key_changes(old: dict | None, new: dict, *, limit: int = 3) -> str:
+    """Why ``old`` is not ``new``, in words: the first ``limit`` differing entries as ``a.b: old → new``
+    (fingerprints shortened), or that no key was recorded (a result of an older version)."""
+    if not isinstance(old, dict):
+        return "no key recorded"
+    a, b = _flatten(old), _flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+    def show(value):
+        text = "unset" if value is None else str(value)
+        return text[:8] + "…" if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+    words = [f"{k}: {show(a.get(k))} → {show(b.get(k))}" for k in changed[:limit]]
+    return ", ".join(words) + (f" (+{len(changed) - limit} more)" if len(changed) > limit else "")
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in value.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _read_keyed(path: Path, key: dict) -> tuple[dict | None, str | None]:
+    """(the result at ``path`` without its key, None) when it was made under ``key``; (None, why not) when
+    ``path`` holds a result of another key; (None, None) when there is none."""
+    if not path.is_file():
+        return None, None
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return None, f"unreadable ({error})"
+    old = row.pop("key", None)
+    if old != json.loads(json.dumps(key, default=str)):
+        return None, key_changes(old, json.loads(json.dumps(key, default=str)))
+    return row, None
+
+
 def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells are read
-    back, not retrained. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
+    """Run the sweep (module docstring); returns the result rows, the reference first. Finished cells whose key
+    is unchanged are read back, not retrained; the others are recomputed, said in one line through ``log``. Raises :class:`SweepError` (a RuntimeError holding the rows of the finished cells) after
     writing every output when some cell failed."""
     from tqdm.auto import tqdm
 
@@ -299,6 +380,8 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     from shiq_llm.train.config import DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.train.metrics import EvaluateEvery
     from shiq_llm.train.run import train_run
+    from shiq_llm.core.reference import data_fingerprint, model_fingerprint, training_data_fingerprint
+    from shiq_llm.data import preference_pairs
     from shiq_toy.methods import METHODS
 
     _check(config, "sweep")
@@ -326,19 +409,20 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
         options = {**eval_options, "seed": eval_options["seed"] + seed}
         return evaluator.evaluate(policy, ref, tokenizer, prompts, reward_fn, **options)
 
+    # What every result depends on (module docstring, "Keys"): the reference model, the evaluation and its prompts.
+    model_fp = model_fingerprint(ref)
+    evaluation_key = {"model_fingerprint": model_fp, "eval_prompts": digest(prompts), "evaluator": config.evaluator,
+                      "reward": config.reward, "reward_options": config.reward_options,
+                      "reward_model": config.reward_model, "options": eval_options, "device": str(device),
+                      "dtype": str(dtype), "reward_batch_size": reward_batch_size}
+    stale: dict[str, list[str]] = {}  # why -> the results recomputed for that reason
     reference_file = out / "reference_result.json"
-    if reference_file.is_file():
-        reference = json.loads(reference_file.read_text())
-    else:
-        reference = {"method": "reference", "algo": "reference", "beta": math.nan, "seed": math.nan, **evaluate(ref),
-                     "train_seconds": 0.0}
-        _write_json(reference_file, reference)
-    reference["beta"] = reference["seed"] = math.nan
-    results, failures = [reference], []
+    reference_key = {"evaluation": evaluation_key}  # evaluated with the sampling seed evaluation.seed (+ 0)
+    reference, why = _read_keyed(reference_file, reference_key)
+    if why:
+        stale.setdefault(why, []).append("reference")
+    results, failures = [], []
     methods = sorted(_methods(config), key=lambda m: not METHODS[m.algo].needs_value)  # the value caches first
-    caches: dict[tuple, Path] = {(config.train_data, config.data_format): out / "reference"}
-    for m in methods:
-        caches.setdefault((m.train_data, m.data_format), out / f"reference_{m.name}")
     tokenised: dict[tuple, Any] = {}  # the rows of each method tokenised once, for all its cells
 
     def examples(method: _Method, data: DataArguments, args: ShiQConfig):
@@ -350,34 +434,93 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
                                               max_prompt_length=args.max_prompt_length, long_response=args.long_response)
         return tokenised[key]
 
+    # First every cell's options and key, so that one line can say which results are recomputed and why.
     cells = [(m, b, s) for m in methods for b in config.betas for s in config.seeds]
-    bar = tqdm(cells, desc="sweep", disable=not progress)
-    for method, beta, seed in bar:
+    plans = []  # (name, method, beta, seed, args, data, examples, key, cache key, cache, kept result or None)
+    caches: dict[str, Path] = {}  # reference cache key digest -> its directory (OUT/reference for the sweep's rows)
+    fingerprints: dict[tuple, tuple[str, str]] = {}  # (rows, pairing) -> (data, training data) fingerprints
+    for method, beta, seed in cells:
         name = cell_name(method.name, beta, seed)
-        bar.set_postfix_str(name)
         run_dir = out / "runs" / name
-        result_file = run_dir / "result.json"
-        if result_file.is_file():
-            results.append(json.loads(result_file.read_text()))
-            continue
         options = {"per_device_train_batch_size": 8, "save_strategy": "no", "logging_steps": 10, "report_to": "none",
                    **method.train}
         if METHODS[method.algo].consumes == "pairs":
             options["per_device_train_batch_size"] = max(1, options["per_device_train_batch_size"] // 2)
         try:
-            curve = None
-            if config.eval_every:
-                curve = EvaluateEvery(config.eval_every, lambda policy, s=seed: evaluate(policy, s))
             args = ShiQConfig(output_dir=str(run_dir), loss_type=method.algo, beta=beta, seed=seed,
-                              ref_cache=str(caches[method.train_data, method.data_format]), overwrite_output_dir=True,
-                              disable_tqdm=True, **options)
+                              overwrite_output_dir=True, disable_tqdm=True, **options)
             data = DataArguments(dataset_name=method.train_data, data_format=method.data_format,
                                  data_format_options=(config.data_format_options or None) if method.data_format else None,
                                  dataset_train_split=config.train_split)
             train_examples = examples(method, data, args)
+            pairing = (args.pair_mode, METHODS[method.algo].pairing) if METHODS[method.algo].consumes == "pairs" else None
+            if (id(train_examples), pairing) not in fingerprints:  # hashed once per rows and pairing, not per cell
+                pairs = preference_pairs(train_examples, mode=pairing[0], pairing=pairing[1]) if pairing else None
+                fingerprints[id(train_examples), pairing] = (data_fingerprint(train_examples),
+                                                             training_data_fingerprint(train_examples, pairs))
+            data_fp, training_fp = fingerprints[id(train_examples), pairing]
+        except Exception as error:  # noqa: BLE001 — a failed cell is reported, the others go on
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+            log(f"sweep: cell {name} failed: {type(error).__name__}: {error}")
+            continue
+        cache_key = {"model_fingerprint": model_fp, "model_options": config.model_options,
+                     "data_fingerprint": data_fp, "precision": args.precision}
+        cache_id = digest(cache_key)
+        if cache_id not in caches:
+            main_rows = (method.train_data, method.data_format) == (config.train_data, config.data_format)
+            caches[cache_id] = out / ("reference" if main_rows and out / "reference" not in caches.values()
+                                      else f"reference_{method.name}")
+        key = {"method": method.name,
+               "evaluation": {**evaluation_key, "options": {**eval_options, "seed": eval_options["seed"] + seed}},
+               "eval_every": config.eval_every, "model_options": config.model_options,
+               "data": {"training_data_fingerprint": training_fp,
+                        "data_format": method.data_format, "data_format_options": config.data_format_options,
+                        "train_split": config.train_split},
+               "train": training_key(args)}
+        done, why = _read_keyed(run_dir / "result.json", key)
+        if why:
+            stale.setdefault(why, []).append(name)
+        plans.append((name, method, beta, seed, args, data, train_examples, key, cache_key, caches[cache_id], done))
+    if stale:
+        log(f"sweep: recomputing {sum(map(len, stale.values()))} result(s) whose key changed: "
+            + "; ".join(f"{', '.join(names)} ({why})" for why, names in stale.items()))
+    if reference is None:
+        reference_file.unlink(missing_ok=True)
+        reference = {"method": "reference", "algo": "reference", "beta": math.nan, "seed": math.nan, **evaluate(ref),
+                     "train_seconds": 0.0}
+        _write_json(reference_file, {**reference, "key": reference_key})
+    reference["beta"] = reference["seed"] = math.nan
+    results.insert(0, reference)
+    # A reference cache is rebuilt when its key (model, model options, tokenised data, precision) changed since the
+    # sweep made it (recorded beside it in <cache>.key.json); until a cell has remade it, each cell recomputes it.
+    fresh: set[Path] = set()
+    for cache_key, path in {str(p[9]): (p[8], p[9]) for p in plans}.values():
+        recorded = path.with_name(path.name + ".key.json")
+        if path.exists() and (not recorded.is_file() or json.loads(recorded.read_text()) != json.loads(json.dumps(cache_key))):
+            old = json.loads(recorded.read_text()) if recorded.is_file() else None
+            log(f"sweep: rebuilding the reference cache {path} ({key_changes(old, json.loads(json.dumps(cache_key)))})")
+        elif path.exists():
+            fresh.add(path)
+    bar = tqdm(plans, desc="sweep", disable=not progress)
+    for name, method, beta, seed, args, data, train_examples, key, cache_key, cache, done in bar:
+        bar.set_postfix_str(name)
+        run_dir = out / "runs" / name
+        result_file = run_dir / "result.json"
+        if done is not None:
+            results.append(done)
+            continue
+        result_file.unlink(missing_ok=True)  # never left beside a retrained cell
+        try:
+            curve = None
+            if config.eval_every:
+                curve = EvaluateEvery(config.eval_every, lambda policy, s=seed: evaluate(policy, s))
+            args.ref_cache, args.recompute_ref = str(cache), cache not in fresh
             tick = time.perf_counter()
             run = train_run(ModelArguments(model_name_or_path=config.model, **config.model_options), data, args,
                             callbacks=[curve] if curve else None, train_dataset=train_examples, print_logs=False)
+            if cache not in fresh:
+                _write_json(cache.with_name(cache.name + ".key.json"), cache_key)
+                fresh.add(cache)
             seconds = time.perf_counter() - tick - (curve.seconds if curve else 0.0)
             tick = time.perf_counter()
             policy = load_causal_lm(str(run.final_dir), device=device, dtype=dtype)
@@ -392,7 +535,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
             failures.append(f"{name}: {type(error).__name__}: {error}")
             log(f"sweep: cell {name} failed: {type(error).__name__}: {error}")
             continue
-        _write_json(result_file, row)
+        _write_json(result_file, {**row, "key": key})
         results.append(row)
     bar.close()
     extra = [k for k in reference if k not in RESULT_COLUMNS and k != "curve"] if evaluator.extra_columns else []
@@ -412,7 +555,7 @@ def _write_json(path: Path, value: dict) -> None:
     from shiq_llm.storage.atomic import atomic_write
 
     with atomic_write(path) as f:
-        f.write(json.dumps(value, indent=2))
+        f.write(json.dumps(value, indent=2, default=str))
 
 
 def check_sweep_held_out(config: SweepConfig) -> list:

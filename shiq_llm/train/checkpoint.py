@@ -191,7 +191,8 @@ def clean_stale(root: str | Path) -> list[Path]:
 
 def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """ValueError unless a run with state ``current`` may resume checkpoint ``path`` (state ``saved``): the same
-    options that change the trajectory, number of processes, base model and data (by fingerprint)."""
+    options that change the trajectory, number of processes, base model and data (by fingerprint: the tokenised
+    data, and the training data with its rewards and pairs; a checkpoint saved without the latter is refused)."""
     old, new = saved.get("config", {}), current["config"]
     changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
     if changed:
@@ -199,7 +200,8 @@ def check_resumable(path: str | Path, saved: Mapping[str, Any], current: Mapping
     if saved.get("num_processes") != current["num_processes"]:
         raise ValueError(f"cannot resume from {path}: it was saved by {saved.get('num_processes')} process(es), "
                          f"this run has {current['num_processes']} (the data order depends on it)")
-    for key, what in (("model_fingerprint", "base model"), ("data_fingerprint", "tokenised data")):
+    for key, what in (("model_fingerprint", "base model"), ("data_fingerprint", "tokenised data"),
+                      ("training_data_fingerprint", "training data (rewards or preference pairs)")):
         if saved.get(key) != current[key]:
             raise ValueError(f"cannot resume from {path}: the {what} differs from the checkpoint's run ({key} "
                              f"{saved.get(key)!r} in {Path(path) / STATE_FILE}, this run has {current[key]!r})")

@@ -66,7 +66,9 @@ def _prepare_output_dir(out: Path, model_args: ModelArguments, args: ShiQConfig,
 
 
 def _write_run_args(path: Path, model_args, data_args, args) -> None:
-    """Every option of the run as one YAML file that ``shiq-llm train --config`` reads back."""
+    """Every option of the run as one YAML file that ``shiq-llm train --config`` reads back; the paths of local
+    files and directories (model, data, output, reference cache) resolved to absolute ones, so that
+    ``shiq-llm evaluate`` finds the training data of the run from any directory."""
     import dataclasses
 
     import yaml
@@ -78,6 +80,11 @@ def _write_run_args(path: Path, model_args, data_args, args) -> None:
         if name in init and value != defaults.get(name) and isinstance(value, (str, int, float, bool, type(None))):
             values[name] = value
     values["output_dir"] = args.output_dir
+    for name in ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "eval_dataset_name", "output_dir",
+                 "ref_cache"):  # local paths resolved: the file is read back from any directory
+        value = values.get(name)
+        if isinstance(value, str) and value and Path(value).exists():
+            values[name] = str(Path(value).resolve())
     path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 

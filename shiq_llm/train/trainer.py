@@ -38,6 +38,7 @@ method extras (``dpo_margin``, ``value``), ``grad_norm``, ``learning_rate``, ``t
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -53,7 +54,7 @@ from transformers import Trainer
 from transformers.utils import ModelOutput
 
 from shiq_llm.core.models import check_tokenizer_fits_model
-from shiq_llm.core.reference import data_fingerprint, model_fingerprint, reference_cache
+from shiq_llm.core.reference import data_fingerprint, model_fingerprint, reference_cache, training_data_fingerprint
 from shiq_llm.core.sharding import unwrap_model
 from shiq_llm.core.stats import response_token_stats
 from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
@@ -226,8 +227,8 @@ class ShiQTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens, self._last_log = 0.0, time.perf_counter()
         self.data_format = data_format
-        self.data_fingerprint = None
-        self.train_dataset, self.data_fingerprint = self._prepare(train_dataset, "train")
+        self.data_fingerprint = self.training_data_fingerprint = None
+        self.train_dataset, (self.data_fingerprint, self.training_data_fingerprint) = self._prepare(train_dataset, "train")
         self.eval_dataset, _ = self._prepare(eval_dataset, "eval")
         self.add_callback(MetricsFileCallback(Path(args.output_dir) / "metrics.jsonl"))
 
@@ -236,11 +237,14 @@ class ShiQTrainer(Trainer):
     # ----------------------------------------------------------------------------------------------
 
     def _prepare(self, dataset, split: str):
-        """(TrainingItems, data fingerprint) of ``dataset``, or (None, None)."""
+        """(TrainingItems, (data fingerprint, training data fingerprint)) of ``dataset``, or (None, (None, None)).
+
+        The data fingerprint (ids and masks) keys the reference cache; the training data fingerprint
+        (``shiq_llm.core.reference.training_data_fingerprint``: also the rewards and the pairs) keys a resume."""
         import datasets
 
         if dataset is None:
-            return None, None
+            return None, (None, None)
         args = self.args
         if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
             examples = dataset
@@ -267,8 +271,9 @@ class ShiQTrainer(Trainer):
         if self.method.consumes == "pairs":
             pairs = preference_pairs(examples, mode=args.pair_mode, pairing=self.method.pairing)
         fingerprint = data_fingerprint(examples)
+        training_fingerprint = training_data_fingerprint(examples, pairs)
         if split == "train":
-            self._check_resume_inputs(fingerprint)  # before the cache: a resumed run names the checkpoint
+            self._check_resume_inputs(fingerprint, training_fingerprint)  # before the cache: a resumed run names the checkpoint
         root = Path(args.ref_cache) if args.ref_cache else Path(args.output_dir) / "reference"
         path = root if split == "train" else root.with_name(root.name + f"_{split}")
         accelerator = self.accelerator  # each rank computes its shard of the reference pass; rank 0 assembles
@@ -283,7 +288,7 @@ class ShiQTrainer(Trainer):
             progress=not args.disable_tqdm and self.is_world_process_zero(),
         )
         examples = datasets.concatenate_datasets([examples, ref], axis=1)
-        return TrainingItems(examples, pairs), fingerprint
+        return TrainingItems(examples, pairs), (fingerprint, training_fingerprint)
 
     # ----------------------------------------------------------------------------------------------
     # The loss, evaluation and logging
@@ -335,7 +340,7 @@ class ShiQTrainer(Trainer):
     def shiq_state(self) -> dict[str, Any]:
         """What a resumed run must share with this one (saved as ``shiq_state.json`` in each checkpoint)."""
         return {"num_processes": self.args.world_size, "model_fingerprint": self.model_fingerprint,
-                "data_fingerprint": self.data_fingerprint,
+                "data_fingerprint": self.data_fingerprint, "training_data_fingerprint": self.training_data_fingerprint,
                 "config": {k: getattr(self.args, k) for k in RESUME_INVARIANT}}
 
     def _save_checkpoint(self, model, trial):
@@ -369,11 +374,12 @@ class ShiQTrainer(Trainer):
             return str(found[0])
         return str(resume_from_checkpoint)
 
-    def _check_resume_inputs(self, fingerprint: str) -> None:
-        """With ``args.resume_from_checkpoint``: refuse other data, base model or options early."""
+    def _check_resume_inputs(self, fingerprint: str, training_fingerprint: str) -> None:
+        """With ``args.resume_from_checkpoint``: refuse other data (rewards and pairs included), base model or
+        options early."""
         path = self._resume_path(self.args.resume_from_checkpoint, warn=lambda message: None)
         if path is not None:
-            state = {**self.shiq_state(), "data_fingerprint": fingerprint}
+            state = {**self.shiq_state(), "data_fingerprint": fingerprint, "training_data_fingerprint": training_fingerprint}
             ckpt.check_resumable(path, ckpt.verify_checkpoint(path), state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -392,7 +398,8 @@ class ShiQTrainer(Trainer):
 
     def save_final(self, path: str | Path) -> Path:
         """Write the trained model (merged weights, for LoRA, with the adapter in ``adapter/``; DRO's value head
-        in ``value_head.safetensors``) and the tokenizer to ``path``, atomically (``path.tmp`` then renamed)."""
+        in ``value_head.safetensors``) and the tokenizer to ``path``, atomically (``path.tmp`` then renamed). The
+        trainer's model is left as it was (LoRA is merged into a copy), so training or evaluation may go on."""
         path = Path(path)
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
@@ -408,7 +415,10 @@ class ShiQTrainer(Trainer):
 
 
 def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> None:
-    """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA merged."""
+    """save_pretrained without the value head (saved beside as ``value_head.safetensors``); LoRA: the adapter in
+    ``adapter/`` and the weights merged into a copy of the model (peft's ``merge_and_unload`` on the live model
+    would leave the trainer with merged weights and no adapter; the copy holds one more model in memory while
+    saving)."""
     from safetensors.torch import save_file
 
     hf_model = unwrap_model(model)
@@ -420,10 +430,11 @@ def _save_model_files(model: nn.Module, directory: Path, *, state_dict=None) -> 
                   str(directory / "value_head.safetensors"))
         delattr(hf_model, VALUE_HEAD)
     try:
-        if hf_model is not model:  # peft: the adapter alone, then the merged weights
+        if hf_model is not model:  # peft: the adapter alone, then the merged weights of a copy
             model.save_pretrained(directory / "adapter")
-            merged = model.merge_and_unload()
+            merged = copy.deepcopy(model).merge_and_unload()  # merging in place would change the live model
             merged.save_pretrained(directory)
+            del merged
         else:
             model.save_pretrained(directory, state_dict=state_dict)
     finally:
