@@ -26,19 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band",
-           "STEP_CAP_ENV", "step_cap", "mean_ci", "difference_ci"]
-
-#: Environment variable that caps every step count of the commands (``tests/test_readme.py`` sets it to run
-#: each README command as written, flags and paths unchanged, in seconds). Unset in normal use.
-STEP_CAP_ENV = "SHIQ_STEP_CAP"
-
-
-def step_cap(steps: int) -> int:
-    """``steps``, or ``min(steps, $SHIQ_STEP_CAP)`` when that variable is set (see :data:`STEP_CAP_ENV`)."""
-    import os
-
-    cap = os.environ.get(STEP_CAP_ENV)
-    return min(steps, int(cap)) if cap else steps
+           "mean_ci", "difference_ci"]
 
 
 def field_docs(cls: type) -> dict[str, str]:
