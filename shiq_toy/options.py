@@ -254,7 +254,8 @@ def check_path(kind: str, value: Any, name: str, *, overwrite: bool | None = Non
         folder = path if kind == "out_dir" and path.is_dir() else ancestor if not path.exists() else path.parent
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OptionError(f"{name} {value}: cannot write in {folder} (read-only)")
-        if kind == "out_file" and path.is_file() and overwrite is False:
+        unfinished = Path(f"{path}.parts").is_dir()  # a resumable job killed after OUT was swapped in
+        if kind == "out_file" and path.is_file() and overwrite is False and not unfinished:
             raise OptionError(f"{name} {value} exists; give --overwrite to replace it")
         return
     if kind == "data":
@@ -357,7 +358,9 @@ class Command:
     gets ``quick=False``: the preset is already applied), else ``--quick`` is added. ``check(*instances)``: the
     command's own validation (before any work; raise ValueError). ``overwrite``: the field that allows replacing
     an existing output file. ``choices``: allowed values of options (of each item for a tuple), beside those in
-    the fields' metadata. ``positional``: the option that may also be given as the first argument.
+    the fields' metadata. ``positional``: the option that may also be given as the first argument. ``aliases``:
+    other names of options, beside those in the fields' metadata (for classes the command does not own).
+    ``check_source``: ``check`` also gets ``source=`` (the ``--config`` file, or "the command line") to name.
     """
 
     name: str
@@ -370,6 +373,8 @@ class Command:
     overwrite: str = "overwrite"
     choices: Mapping[str, Sequence] = field(default_factory=dict)
     positional: str | None = None
+    aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    check_source: bool = False
 
     def choices_of(self, name: str) -> Sequence | None:
         """The allowed values of an option: the command's ``choices``, else its field's metadata."""
@@ -431,19 +436,21 @@ def command_parser(command: Command, prog: str):
             f = copy.copy(f)
             meta = dict(f.metadata)
             meta.pop("path", None)
+            meta.pop("key_values", None)
             if command.choices.get(f.name):
                 meta["choices"] = tuple(command.choices[f.name])
             if meta.get("choices"):
                 meta.setdefault("metavar", f.name.upper())
                 meta["help"] = f"{meta.get('help', '')} One of: {', '.join(map(str, meta['choices']))}."
-            aliases = [s for a in meta.pop("aliases", ()) for s in _spellings(a)]
+            aliases = [s for a in (*meta.pop("aliases", ()), *command.aliases.get(f.name, ())) for s in _spellings(a)]
             if aliases:
                 meta["aliases"] = [a for a in aliases if a not in _spellings(f.name)]
             meta["help"] = option_help(f, meta.get("help")).replace("%", "%%")
             origin = typing.get_origin(f.type)
-            if origin is tuple:
+            if origin in (tuple, list):  # items read as text, then split at commas and typed by coerce
                 default = f.default
-                f.type = list[typing.get_args(f.type)[0]]
+                f.type = list[str]
+                meta.pop("choices", None)
                 if default is not MISSING:
                     f.default, f.default_factory = MISSING, (lambda d=default: list(d))
             elif origin is dict or f.type is dict:
@@ -501,6 +508,9 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
         hint, f = hints[name], fields[name][1]
         if _is_dict(hint):
             explicit[name] = parse_key_values(value, option=_spellings(name)[-1])
+        elif typing.get_origin(hint) in (tuple, list) and isinstance(value, list):
+            items = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+            explicit[name] = coerce(items, hint, f"option --{name}", choices=command.choices_of(name))
         else:
             explicit[name] = coerce(value, hint, f"option --{name}", choices=command.choices_of(name))
     from_file = _config_values(Path(config_file), command, hints) if config_file is not None else {}
@@ -531,7 +541,10 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
             check_path(kind, value, _spellings(name)[-1], overwrite=overwrite)
     if command.check is not None:
         try:
-            command.check(*instances)
+            if command.check_source:
+                command.check(*instances, source=str(config_file) if config_file else "the command line")
+            else:
+                command.check(*instances)
         except OptionError:
             raise
         except ValueError as error:
@@ -555,32 +568,45 @@ def _config_values(path: Path, command: Command, hints: dict) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise OptionError(f"--config {path}: not UTF-8 text (byte {error.start})") from None
+        raise OptionError(f"cannot read config file {path}: not UTF-8 text (byte {error.start})") from None
     except OSError as error:
-        raise OptionError(f"--config {path}: cannot read it ({error.strerror})") from None
+        raise OptionError(f"cannot read config file {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise OptionError(f"--config {path}: {where}not valid YAML ({getattr(error, 'problem', None) or error})") from None
+        raise OptionError(f"cannot read config file {path}: {where}not valid YAML ({getattr(error, 'problem', None) or error})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise OptionError(f"--config {path} must hold a mapping of option names to values, got {type(loaded).__name__}")
+        raise OptionError(f"config file {path} must hold a mapping of option names to values, got "
+                          f"{type(loaded).__name__}")
     fields = command.fields
     names = {}
     for name, (_, f) in fields.items():
-        for alias in (name, *f.metadata.get("aliases", ())):
+        for alias in (name, *f.metadata.get("aliases", ()), *command.aliases.get(name, ())):
             names[alias.replace("-", "_")] = name
     names["quick"] = "quick"
     values: dict[str, Any] = {}
     for key, value in loaded.items():
         name = names.get(str(key).replace("-", "_"))
+        where = f"config file {path}: key {key!r}"
         if name is None:
-            raise OptionError(f"{path}: unknown key {key!r} (the keys are the command's option names, see --help)")
+            raise OptionError(f"config file {path}: unknown key {key!r} (the keys are the command's option names, "
+                              "see --help)")
         if name == "quick":
-            values[name] = coerce(value, bool, f"{path}: key {key!r}")
+            values[name] = coerce(value, bool, where)
             continue
-        values[name] = coerce(value, hints[name], f"{path}: key {key!r}", choices=command.choices_of(name))
+        hint = hints[name]
+        if value is None and type(None) not in typing.get_args(hint):
+            continue  # an empty key: the default
+        if fields[name][1].metadata.get("key_values") or _is_dict(hint):
+            if not isinstance(value, (Mapping, list, str)) or (isinstance(value, list) and not all(
+                    isinstance(v, str) for v in value)):
+                raise OptionError(f"{where} must be a mapping (key: value), got {value!r}")
+            value = parse_key_values(value, option=where)
+            values[name] = value if _is_dict(hint) else [json.dumps(value)]
+            continue
+        values[name] = coerce(value, hint, where, choices=command.choices_of(name))
     return values
 
 

@@ -108,7 +108,7 @@ def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, compl
     return prepare_data(given, default, settings, build, command="shiq-llm make-data")
 
 
-def _check(args: AblationArgs) -> None:
+def check_args(args: AblationArgs) -> None:
     from shiq_llm.train.config import LLM_METHODS
 
     if not args.tasks or not set(args.tasks) <= set(TASKS):
@@ -158,7 +158,7 @@ def main(args: AblationArgs) -> dict:
     from shiq_llm.experiments.demo import quiet_libraries
     from shiq_llm.experiments.sweep import SweepError, curve_rows, run_sweep, write_curves
 
-    _check(args)
+    check_args(args)
     start = time.perf_counter()
     quiet_libraries()
     out = Path(args.out)

@@ -113,7 +113,7 @@ def prepare_multiturn_data(default: Path, given: str, *, train_prompts: int, sam
     return prepare_data(given, default, settings, build, command="shiq-llm make-multiturn-data")
 
 
-def _check(args: MultiturnArgs) -> None:
+def check_args(args: MultiturnArgs) -> None:
     from shiq_llm.train.config import LLM_METHODS
 
     bad = [m for m in args.methods if m not in (*LLM_METHODS, FINAL_REWARD)]
@@ -158,7 +158,7 @@ def main(args: MultiturnArgs) -> dict:
     from shiq_llm.experiments.sweep import SweepConfig, SweepError, curve_rows, run_sweep, write_curves
     from shiq_llm.storage.jsonl import read_jsonl, write_jsonl
 
-    _check(args)
+    check_args(args)
     start = time.perf_counter()
     quiet_libraries()
     out = Path(args.out)

@@ -62,7 +62,7 @@ from shiq_llm.storage.jsonl import read_jsonl
 
 from shiq_toy.options import option
 
-__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
+__all__ = ["SweepConfig", "load_sweep_config", "check_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
            "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
            "TRAIN_LOG_KEYS"]
 
@@ -201,7 +201,7 @@ def load_sweep_config(path: str | Path, **overrides) -> SweepConfig:
     if missing:
         raise ValueError(f"sweep file {path}: missing key {missing[0]!r}")
     config = SweepConfig(**values)
-    _check(config, str(path))
+    check_sweep_config(config, str(path))
     return config
 
 
@@ -210,7 +210,8 @@ EVALUATION_KEYS = {"num_samples", "max_new_tokens", "seed", "batch_size", "chunk
                    "reward_batch_size"}
 
 
-def _check(config: SweepConfig, where: str) -> None:
+def check_sweep_config(config: SweepConfig, where: str) -> None:
+    """ValueError naming ``where`` (the sweep file) and the first bad key of ``config``."""
     from shiq_llm.train.config import LLM_METHODS, ModelArguments
     from shiq_llm.data.prompts import LEAK_POLICIES
 
@@ -295,7 +296,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     from shiq_llm.train.run import train_run
     from shiq_toy.methods import METHODS
 
-    _check(config, "sweep")
+    check_sweep_config(config, "sweep")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
