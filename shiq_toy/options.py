@@ -90,7 +90,8 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + (" or null" if type(None) in args else "")
     if origin in (tuple, list):
-        return f"a list of {_type_name(args[0]) if args else 'values'}"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans", Path: "paths"}
+        return f"a list of {plural.get(args[0], _type_name(args[0])) if args else 'values'}"
     if origin is dict or hint is dict:
         return "a mapping (key: value)"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}.get(
@@ -295,7 +296,7 @@ def _check_rows(path: Path, name: str) -> None:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise OptionError(f"{name} {path}: line {number}: not JSON ({error.msg})") from None
+                raise OptionError(f"{name} {path}: line {number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise OptionError(f"{name} {path}: line {number}: expected a JSON object (one row), got "
                                   f"{type(record).__name__}")
@@ -542,7 +543,7 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
     if command.check is not None:
         try:
             if command.check_source:
-                command.check(*instances, source=str(config_file) if config_file else "the command line")
+                command.check(*instances, source=f"config file {config_file}" if config_file else "the command line")
             else:
                 command.check(*instances)
         except OptionError:
@@ -634,7 +635,7 @@ def run_cli(prog: str, commands: Mapping[str, Command], argv: Sequence[str] | No
         if group and (len(argv) == 1 or argv[1] in ("-h", "--help")):
             print(_overview(prog, description, commands, prefix=argv[0] + " "))
             return 0 if len(argv) > 1 else 2
-        known = sorted({n.split()[0] for n in commands} | set(group))
+        known = [n.split()[-1] for n in group] if group else sorted({n.split()[0] for n in commands})
         print(f"{prefix(argv[0])}: error: unknown command {' '.join(argv[:2 if group else 1])!r}; one of: "
               f"{', '.join(known)}", file=sys.stderr)
         return 2

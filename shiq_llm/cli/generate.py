@@ -17,15 +17,9 @@ __all__ = ["commands"]
 
 
 def _check_generate(config) -> None:
-    for name in ("num_completions", "max_new_tokens", "batch_size", "shard_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"option --{name} must be >= 1, got {getattr(config, name)}")
-    if not config.temperature > 0:
-        raise ValueError(f"option --temperature must be > 0, got {config.temperature}")
-    if not 0.0 < config.top_p <= 1.0:
-        raise ValueError(f"option --top_p must lie in (0, 1], got {config.top_p}")
-    if not 0.0 < config.gpu_memory_utilization <= 1.0:
-        raise ValueError(f"option --gpu_memory_utilization must lie in (0, 1], got {config.gpu_memory_utilization}")
+    from shiq_llm.generation.generate import check_generate_config
+
+    check_generate_config(config)
     if config.format_options and config.format is None:
         raise ValueError("option --format-option needs a --format")
 
@@ -39,10 +33,9 @@ def _generate(config) -> int:
 
 def _check_score(config) -> None:
     from shiq_llm.cli.tasks import check_reward_options
+    from shiq_llm.generation.score import check_score_config
 
-    for name in ("batch_size", "shard_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"option --{name} must be >= 1, got {getattr(config, name)}")
+    check_score_config(config)
     check_reward_options(config.reward, config.reward_model, need_one=True)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from shiq_toy.options import option
 
 __all__ = ["GenerateConfig", "BACKENDS", "resolve_backend", "make_sampler", "shard_seed", "completion_rows",
-           "generate_rows"]
+           "generate_rows", "check_generate_config"]
 
 #: ``--backend`` choices; ``auto`` is :func:`resolve_backend`'s choice.
 BACKENDS = ("auto", "hf", "vllm")
@@ -155,7 +155,8 @@ def _manifest(config: GenerateConfig, prompts: Sequence, backend: str, dtype) ->
     }
 
 
-def _check(config: GenerateConfig) -> None:
+def check_generate_config(config: GenerateConfig) -> None:
+    """ValueError naming the first bad option of ``config`` (before any work)."""
     for name in ("num_completions", "max_new_tokens", "batch_size", "shard_size"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -179,7 +180,7 @@ def generate_rows(config: GenerateConfig, *, on_shard: Callable[[int, int], None
     from shiq_llm.generation.sampling import check_sampling, encode_prompts
     from shiq_llm.storage.shards import ShardedOutput
 
-    _check(config)
+    check_generate_config(config)
     check_sampling(config.temperature, config.top_p)
     prompts = load_prompts(config.prompts, split=config.split, prompt_field=config.prompt_field,
                            format=config.format, format_options=config.format_options or None,

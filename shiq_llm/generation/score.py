@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from shiq_toy.options import option
 
-__all__ = ["ScoreConfig", "rows_form", "score_shard", "score_rows"]
+__all__ = ["ScoreConfig", "rows_form", "score_shard", "score_rows", "check_score_config"]
 
 
 @dataclass
@@ -84,7 +84,8 @@ def _file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _check(config: ScoreConfig, *, has_scorer: bool) -> None:
+def check_score_config(config: ScoreConfig, *, has_scorer: bool = False) -> None:
+    """ValueError naming the first bad option of ``config`` (before any work)."""
     for name in ("batch_size", "shard_size"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -132,7 +133,7 @@ def score_rows(config: ScoreConfig, *, scorer=None, on_shard: Callable[[int, int
     from shiq_llm.storage.jsonl import read_jsonl
     from shiq_llm.storage.shards import ShardedOutput
 
-    _check(config, has_scorer=scorer is not None)
+    check_score_config(config, has_scorer=scorer is not None)
     rows = read_jsonl(config.rows, what="--rows")
     form = rows_form(rows)
     device = resolve_device(config.device)
