@@ -15,6 +15,7 @@ both spellings of every option, ``--quick`` under explicit options, paths checke
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from shiq_toy.experiments import num_threads
 from shiq_toy.options import Command, load_callable, option, run_cli
 
-__all__ = ["COMMANDS", "SolveTreeArgs", "VerifyArgs", "main"]
+__all__ = ["SolveTreeArgs", "VerifyArgs", "commands", "main"]
 
 
 @dataclass
@@ -113,8 +114,7 @@ def _check_solve_tree(ns: SolveTreeArgs) -> None:
 
 
 def _solve_tree_run(ns: SolveTreeArgs) -> None:
-    from shiq_toy.mdp import all_sequences
-    from shiq_toy.mdp import random_tree
+    from shiq_toy.mdp import all_sequences, random_tree
     from shiq_toy.solvers import solve_tree
 
     tree = random_tree(
@@ -213,9 +213,12 @@ def _misspecified(args) -> int:
     return 0
 
 
-def _commands() -> dict[str, Command]:
+@functools.cache
+def commands() -> dict[str, Command]:
+    """Every ``shiq-toy`` command, by name."""
     from shiq_toy.experiments import bandit, gym, misspecified, online, tree
     from shiq_toy.testing.properties import VARIANTS
+    from shiq_toy.train import OPTIMIZERS
 
     online_methods = tuple(m for m in online.LOSSES if m != "logit_q")
     return {
@@ -223,7 +226,7 @@ def _commands() -> dict[str, Command]:
                           description=bandit.__doc__, check=bandit.check_args,
                           choices={"methods": bandit.METHODS, "settings": bandit.SETTINGS, "pair_mode": ("disjoint", "all")}),
         "tree": Command("tree", (tree.TreeArgs,), _tree, help="token-tree ablation of the ShiQ variants", description=tree.__doc__,
-                        check=tree.check_args, choices={"methods": tuple(tree.LOSSES), "optimizer": tuple(tree.OPTIMIZERS)}),
+                        check=tree.check_args, choices={"methods": tuple(tree.LOSSES), "optimizer": tuple(OPTIMIZERS)}),
         "gym": Command("gym", (gym.GymArgs,), _gym, help="Q1: offline ShiQ on deterministic gymnasium MDPs", description=gym.__doc__,
                        quick=gym.QUICK, check=gym.check_args,
                        choices={"envs": tuple(gym.ENV_SPECS), "behaviours": gym.BEHAVIOURS, "methods": gym.EPISODE_METHODS,
@@ -246,7 +249,7 @@ def _commands() -> dict[str, Command]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``shiq-toy``; returns the exit code (0 success, 1 a property of ``verify`` failed, 2 bad arguments or input)."""
-    return run_cli("shiq-toy", _commands(), argv, description="ShiQ toy experiments and the exact solver (shiq_toy).",
+    return run_cli("shiq-toy", commands(), argv, description="ShiQ toy experiments and the exact solver (shiq_toy).",
                    runtime_status=2, error_prefix=lambda name: f"shiq-toy {name}")
 
 

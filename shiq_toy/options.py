@@ -32,7 +32,6 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
 import types
@@ -423,10 +422,20 @@ class _Flags:
     quick: bool = option(False, "a reduced budget (the preset below); options given explicitly still win")
 
 
+_PARSERS: dict[tuple[int, str], Any] = {}
+
+
 def command_parser(command: Command, prog: str):
     """The ``transformers.HfArgumentParser`` of a command: one option per field (both spellings, aliases), the
     help with each default, ``--config FILE`` and, with a preset, ``--quick``. Every default is
-    ``argparse.SUPPRESS`` so that the parsed namespace holds the explicit options only."""
+    ``argparse.SUPPRESS`` so that the parsed namespace holds the explicit options only. Built once per command."""
+    key = (id(command), prog)
+    if key not in _PARSERS or _PARSERS[key][0] is not command:
+        _PARSERS[key] = (command, _build_parser(command, prog))
+    return _PARSERS[key][1]
+
+
+def _build_parser(command: Command, prog: str):
     import argparse
 
     from transformers import HfArgumentParser
@@ -473,6 +482,7 @@ def command_parser(command: Command, prog: str):
     parser.add_argument("-h", "--help", action="store_true", default=argparse.SUPPRESS, help="show this help and exit")
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="YAML file of options (option names as keys); options given here override it")
+    parser.error = _raise_option_error  # type: ignore[method-assign]
     for action in parser._actions:
         action.default = argparse.SUPPRESS
         action.required = False
@@ -489,7 +499,6 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
     """The instances of the command's option classes from the defaults, ``--quick``, ``--config`` and the command
     line (in that order of precedence, last wins), checked: OptionError naming the option, key, file or row."""
     parser = command_parser(command, prog)
-    parser.error = _raise_option_error  # type: ignore[method-assign]
     argv = list(argv)
     if command.positional and argv and not argv[0].startswith("-"):
         argv = [f"--{command.positional}", *argv]

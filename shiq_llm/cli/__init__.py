@@ -19,6 +19,7 @@ work itself (data, checkpoint, reference cache) one such line, status 1.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -98,6 +99,7 @@ def _train_commands() -> dict[str, Command]:
     }
 
 
+@functools.cache
 def commands() -> dict[str, Command]:
     """Every ``shiq-llm`` command, by name (``experiment multiturn``: a group and its member)."""
     table = _train_commands()

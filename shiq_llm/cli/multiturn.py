@@ -10,9 +10,9 @@ two commands to ``shiq-llm`` (``shiq_llm.cli``); each is a dataclass of options 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import dataclasses
 from dataclasses import dataclass
 
 from shiq_llm.cli.tasks import write_report

@@ -221,11 +221,17 @@ def _training_prompts(args: "EvaluateArgs", model: str) -> tuple[list | None, st
 
 
 def _evaluate(args: "EvaluateArgs") -> int:
+    from shiq_llm.core.models import (
+        check_tokenizer_fits_model,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_source,
+    )
+    from shiq_llm.data.prompts import check_held_out
     from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.generation.generate import make_sampler, resolve_backend
-    from shiq_llm.core.models import (check_tokenizer_fits_model, load_causal_lm, load_tokenizer, resolve_device,
-                                 resolve_dtype, resolve_model_source)
-    from shiq_llm.data.prompts import check_held_out
     from shiq_llm.generation.rewards import load_reward
 
     args.reward = default_reward(args)
@@ -305,11 +311,11 @@ def _demo(config: DemoConfig) -> int:
 
 
 def _check_sweep(config, flags: SweepFlags, *, source: str) -> None:
+    import typing
+
     from shiq_llm.experiments.sweep import EVALUATION_KEYS, check_sweep_config
     from shiq_llm.train.config import ModelArguments, ShiQConfig
     from shiq_toy.options import coerce
-
-    import typing
 
     if flags.threads < 1:
         raise ValueError(f"option --threads must be >= 1, got {flags.threads}")

@@ -55,7 +55,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from shiq_llm.storage.jsonl import read_jsonl

@@ -22,7 +22,6 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Sequence
 
 from transformers import TrainingArguments

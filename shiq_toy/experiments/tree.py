@@ -45,7 +45,7 @@ from shiq_toy.metrics import expected_kl
 from shiq_toy.mdp import random_tree
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
-from shiq_toy.train import OPTIMIZERS, dataset_loss, train
+from shiq_toy.train import dataset_loss, train
 
 from shiq_toy.options import option
 
