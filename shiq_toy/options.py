@@ -14,7 +14,8 @@ or TRL names: ``--out`` and ``--output_dir``), ``--no_X`` for booleans that defa
 field from its ``metadata["help"]``, followed by its default. On top of it (:func:`resolve_options`):
 
 - ``--config FILE.yaml``: keys are option names (either spelling, or an alias); the command line overrides the
-  file. An unknown key or a value of the wrong type is a one-line :class:`OptionError` naming the key and the file.
+  file (``KEY=VALUE`` items of a mapping option update the file's mapping: ``--train max_steps=2``). An unknown
+  key or a value of the wrong type is a one-line :class:`OptionError` naming the key and the file.
 - ``--quick`` (a command's ``quick`` preset): the preset changes only the options neither the command line nor
   the file set — explicit options always win.
 - Validation before any work: options marked ``path=…`` are checked (an output that is a file, under a file, in a
@@ -524,6 +525,9 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
         else:
             explicit[name] = coerce(value, hint, f"option --{name}", choices=command.choices_of(name))
     from_file = _config_values(Path(config_file), command, hints) if config_file is not None else {}
+    for name, value in explicit.items():  # KEY=VALUE items on the command line update a mapping of the file
+        if isinstance(value, dict) and isinstance(from_file.get(name), dict):
+            explicit[name] = {**from_file[name], **value}
     quick = bool(explicit.get("quick", from_file.get("quick", False)))
     values = {**(preset_values(command.options[0], command.quick) if quick else {}), **from_file, **explicit}
     if command.has_quick_field:

@@ -398,5 +398,6 @@ def commands() -> dict[str, Command]:
             "evaluations per cell and step; 'eval_every' evaluates during training) and OUT/reward_vs_kl.png (mean "
             "over seeds with error bars, one curve per method). Re-running skips finished cells; a failed cell is "
             "reported and the others go on. The keys are documented in shiq_llm.experiments.sweep (example: "
-            "shiq_llm/experiments/embedded_sweep.yaml)."),
+            "shiq_llm/experiments/embedded_sweep.yaml). Mapping options given here update the file's: a short run is "
+            "--train max_steps=2 --evaluation num_samples=2."),
     }
