@@ -546,7 +546,8 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
         except OptionError:
             raise
         except (ValueError, TypeError) as error:
-            raise OptionError(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OptionError(_from_file(message, from_file, config_file)) from None
     overwrite = bool(values.get(command.overwrite, False)) if command.overwrite in fields else None
     for name, (_, f) in fields.items():
         kind = f.metadata.get("path")
@@ -562,8 +563,16 @@ def resolve_options(command: Command, argv: Sequence[str], *, prog: str) -> list
         except OptionError:
             raise
         except ValueError as error:
-            raise OptionError(str(error)) from None
+            raise OptionError(_from_file(str(error), from_file, config_file)) from None
     return instances
+
+
+def _from_file(message: str, from_file: Mapping[str, Any], config_file: str | None) -> str:
+    """``message``, followed by the config file when it names one of the file's keys (a bad value of the file)."""
+    if config_file and str(config_file) not in message and any(
+            f"'{k}'" in message or f"--{k}" in message or message.startswith(f"{k} ") for k in from_file):
+        return f"{message} (in config file {config_file})"
+    return message
 
 
 def _is_dict(hint: Any) -> bool:

@@ -106,8 +106,21 @@ def _all_commands():
             yield (cli, name), command
 
 
-def _typed_fields(command) -> list[tuple[str, typing.Any, dataclasses.Field]]:
-    """(name, type hint, field) of the options the battery types: all, but of TrainingArguments only a few."""
+def _typed_fields(command, per_kind: int = 1) -> list[tuple[str, typing.Any, dataclasses.Field]]:
+    """(name, type hint, field) of the options the battery types: the first ``per_kind`` of each kind of type
+    (integer, number, boolean, list of numbers, list, mapping, with choices) of every command's options."""
+    seen: dict[str, int] = {}
+    picked = []
+    for name, hint, f in _all_typed_fields(command):
+        kind = ("choices-" if command.choices_of(name) else "") + str(_kind(hint))
+        seen[kind] = seen.get(kind, 0) + 1
+        if seen[kind] <= per_kind:
+            picked.append((name, hint, f))
+    return picked
+
+
+def _all_typed_fields(command) -> list[tuple[str, typing.Any, dataclasses.Field]]:
+    """(name, type hint, field) of the options of a command: all, but of TrainingArguments only a few."""
     out = []
     for cls in command.options:
         hints = typing.get_type_hints(cls)
