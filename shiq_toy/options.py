@@ -620,8 +620,10 @@ def _config_values(path: Path, command: Command, hints: dict) -> dict[str, Any]:
             values[name] = coerce(value, bool, where)
             continue
         hint = hints[name]
-        if value is None and type(None) not in typing.get_args(hint):
-            continue  # an empty key: the default
+        if value is None:
+            if type(None) in typing.get_args(hint):
+                values[name] = None
+            continue  # an empty key of an option that cannot be None: its default
         if fields[name][1].metadata.get("key_values") or _is_dict(hint):
             if not isinstance(value, (Mapping, list, str)) or (isinstance(value, list) and not all(
                     isinstance(v, str) for v in value)):

@@ -222,7 +222,7 @@ def test_score_cli_errors(tmp_path, capsys):
                  "--reward", "no_such_module:f"]) == 2
     assert "cannot import module 'no_such_module'" in capsys.readouterr().err
     assert main(["score", "--rows", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert "give --reward" in capsys.readouterr().err  # exactly one reward source
+    assert "give exactly one of --reward" in capsys.readouterr().err
 
 
 def test_reward_function_checks_return_lengths_of_batched_calls():
