@@ -334,10 +334,13 @@ def test_evaluate_cli_on_a_prompts_file(saved_models, tmp_path):
     assert main(base) == 0
     report = json.loads(out.read_text())
     assert report["num_prompts"] == 2 and report["reward"] == "none" and report["mean_reward"] is None
-    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward"]) == 0
+    saved = out.read_text()
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward"]) == 2  # a finished report is never lost
+    assert out.read_text() == saved
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward", "--overwrite"]) == 0
     assert 0 <= json.loads(out.read_text())["mean_reward"] <= 1
-    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:no_such_function"]) == 1
-    assert main(["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(tmp_path / "none.jsonl")]) == 1
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:no_such_function", "--overwrite"]) == 2
+    assert main(["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(tmp_path / "none.jsonl")]) == 2
 
 
 def test_load_prompts_from_text_and_json(tmp_path):

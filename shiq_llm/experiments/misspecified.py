@@ -158,3 +158,8 @@ def main(args: ProxyArgs) -> list[dict]:
          title=f"embedded task, offline rows ({count}) labelled with a proxy paying {args.bonus:g}× a correct word per large number; "
                f"{args.steps} steps per run ({time.perf_counter() - start:.0f} s)")
     return rows
+
+
+if __name__ == "__main__":  # the command moved to the one command line (shiq_llm.cli), which this layer never imports
+    raise SystemExit("python -m shiq_llm.experiments.misspecified is now: shiq-llm experiment misspecified --out DIR "
+                     "[--quick] (shiq-llm experiment misspecified --help: every option)")
