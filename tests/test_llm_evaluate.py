@@ -426,7 +426,7 @@ def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_pat
     held.write_text("repeat  5:\nrepeat 7:\n")  # "repeat  5:" is "repeat 5:" up to whitespace
     out = tmp_path / "eval.json"
     base = ["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(held), "--num-samples", "1",
-            "--max-new-tokens", "3", "--out", str(out)]
+            "--max-new-tokens", "3", "--out", str(out), "--overwrite"]  # re-run into one report
     assert main(base + ["--train-data", str(train)]) == 1
     err = capsys.readouterr().err
     assert "1 of 2 evaluation prompts (50.0 %) also occur in the training data (2 distinct prompts)" in err
