@@ -247,6 +247,18 @@ def test_quick_demo_trains_shiq_above_the_reference(made_data, tmp_path):
     assert gap > 3 * math.hypot(float(shiq["reward_sem"]), float(ref["reward_sem"]))
 
 
+def test_experiment_misspecified_command_runs_with_quick_under_explicit_options(made_data, tmp_path, capsys):
+    """`shiq-llm experiment misspecified --quick` on the made data, explicit options over the preset (one cell)."""
+    out = tmp_path / "q3"
+    assert main(["experiment", "misspecified", "--quick", "--out", str(out), "--data", str(made_data), "--algos", "shiq",
+                 "--betas", "0.3", "--steps", "2", "--eval_samples", "1", "--batch_size", "8"]) == 0
+    with (out / "misspecified_llm.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["beta"])) for r in rows if r["method"] != "reference"] == [("shiq", 0.3)]
+    assert (out / "misspecified_llm.png").stat().st_size > 10_000
+    assert "misspecified_llm.csv" in capsys.readouterr().out
+
+
 def test_demo_rejects_bad_options(tmp_path):
     assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 2
     assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 2
