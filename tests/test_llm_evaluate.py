@@ -319,7 +319,8 @@ def test_evaluate_cli_on_synthetic_prompts(saved_models, tmp_path):
     report = json.loads(out.read_text())
     assert report["num_prompts"] == len(task_prompts("eval")) and report["num_samples"] == 2 * report["num_prompts"]
     assert report["reward"] == "synthetic" and 0 <= report["mean_reward"] <= 1 and report["kl"] > 0
-    assert main(["evaluate", "--model", str(ref), "--ref", str(ref), "--num-samples", "1", "--out", str(out)]) == 0
+    assert main(["evaluate", "--model", str(ref), "--ref", str(ref), "--num-samples", "1", "--out", str(out),
+                 "--overwrite"]) == 0
     assert json.loads(out.read_text())["kl"] == 0
 
 
