@@ -222,10 +222,10 @@ class DataArguments:
 TRAIN_ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShiQConfig)
 
 #: Short names of the training options, as the other commands spell them (``--model``, ``--data``, ``--out``,
-#: ``--lr``, ``--batch_size``, ``--format``, ``--format_option``; both spellings of each).
+#: ``--lr``, ``--batch_size``, ``--format``, ``--format_option``, ``--algo`` as in the sweep's ``algos``; both spellings).
 TRAIN_ALIASES = {"model_name_or_path": ("model",), "dataset_name": ("data",), "output_dir": ("out",),
                  "learning_rate": ("lr",), "per_device_train_batch_size": ("batch_size",),
-                 "data_format_options": ("format_option",), "data_format": ("format",)}
+                 "data_format_options": ("format_option",), "data_format": ("format",), "loss_type": ("algo",)}
 
 
 def train_command(run=None, check=None, *, name: str = "train", extra: tuple = (), **kwargs):
