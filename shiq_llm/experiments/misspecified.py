@@ -46,7 +46,8 @@ class ProxyArgs:
     batch_size: int = option(32, 'sequences per step')
     eval_samples: int = option(16, 'completions sampled per held-out prompt')
     seed: int = option(0, 'seed of the reference, the data, the runs and the evaluation samples')
-    quick: bool = option(False, 'a small budget: shiq and dpo at β = 0.1 and 1, 60 steps, 8 samples per prompt')
+    quick: bool = option(False, 'a small budget (QUICK): shiq and dpo at β = 0.1 and 1, 60 steps, 8 samples per prompt, except '
+                         'the options given explicitly')
     threads: int = option(1, 'torch CPU threads')
 
 

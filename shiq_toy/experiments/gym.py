@@ -111,7 +111,8 @@ class GymArgs:
     seeds: int = option(3, 'independent datasets and initialisations (seeds seed, seed+1, …), trained together as '
                         'stacked copies')
     seed: int = option(0, 'first seed')
-    quick: bool = option(False, 'a small budget: overrides envs, episodes, seeds, steps, eval_every and grid_size')
+    quick: bool = option(False, 'a small budget (QUICK): sets envs, episodes, seeds, steps, eval_every and grid_size, except '
+                         'those given explicitly')
     threads: int = option(1, 'torch intra-op threads (1 is fastest for these small tensors)')
 
 

@@ -78,7 +78,8 @@ class MisspecifiedArgs:
     trees: int = option(6, 'random trees (seeds seed, seed+1, …); trees × errors are trained together as stacked '
                         'copies')
     seed: int = option(0, 'first seed')
-    quick: bool = option(False, 'a small budget: overrides trees, steps, noise_scales and betas')
+    quick: bool = option(False, 'a small budget (QUICK): sets trees, steps, noise_scales and betas, except those given '
+                         'explicitly')
     threads: int = option(1, 'torch intra-op threads (1 is fastest for these tiny tensors)')
 
 

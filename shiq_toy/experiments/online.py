@@ -77,7 +77,7 @@ class OnlineArgs:
     eval_every: int = option(10, 'updates between two exact evaluations')
     trees: int = option(8, 'random trees (seeds seed, seed+1, …), trained together as stacked copies')
     seed: int = option(0, 'first seed')
-    quick: bool = option(False, 'a small budget: overrides trees, steps and eval_every')
+    quick: bool = option(False, 'a small budget (QUICK): sets trees, steps and eval_every, except those given explicitly')
     threads: int = option(1, 'torch intra-op threads (1 is fastest for these tiny tensors)')
 
 
