@@ -8,64 +8,57 @@
     shiq-toy solve-tree --vocab-size 2 --horizon 3 --beta 0.5   # print the exact solution of a random tree
     shiq-toy verify my_module:my_shiq --as shiq                 # check your own loss against the spec
 
-Every option of every command is listed, with its default, by ``shiq-toy COMMAND --help``.
+Every option of every command is listed, with its default, by ``shiq-toy COMMAND --help``. Each command is a
+dataclass of options parsed by :mod:`shiq_toy.options` (the dialect ``shiq-llm`` shares): ``--config FILE.yaml``,
+both spellings of every option, ``--quick`` under explicit options, paths checked before any work.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from shiq_toy.experiments import args_from_namespace, num_threads
+from shiq_toy.experiments import num_threads
+from shiq_toy.options import Command, load_callable, option, run_cli
 
-__all__ = ["build_parser", "main"]
-
-
-def _add_solve_tree(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab-size", type=int, default=2, help="V, tokens per node (default: 2)")
-    parser.add_argument("--horizon", type=int, default=3, help="H, tokens per sequence (default: 3)")
-    parser.add_argument("--beta", type=float, default=1.0, help="KL regularisation β (default: 1.0)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="discount γ in (0, 1] (default: 1.0)")
-    parser.add_argument("--reward", choices=("terminal", "dense"), default="terminal", help="reward on the last token only, or on every token (default: terminal)")
-    parser.add_argument("--ref-scale", type=float, default=1.0, help="reference logits ~ ref_scale · N(0, 1) (default: 1.0)")
-    parser.add_argument("--reward-scale", type=float, default=1.0, help="rewards ~ reward_scale · N(0, 1) (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tree (default: 0)")
-    parser.add_argument("--max-rows", type=int, default=40, help="print at most this many states, level by level (default: 40)")
+__all__ = ["SolveTreeArgs", "VerifyArgs", "commands", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``shiq-toy`` parser with its subcommands."""
-    from shiq_toy.experiments import bandit, gym, misspecified, online, tree
+@dataclass
+class SolveTreeArgs:
+    """Options of ``shiq-toy solve-tree``."""
 
-    parser = argparse.ArgumentParser(prog="shiq-toy", description="ShiQ toy experiments and the exact solver (shiq_toy).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    raw = argparse.RawDescriptionHelpFormatter  # the experiment's docstring: set-up, outputs, expectations
-    bandit.build_parser(
-        commands.add_parser("bandit", help="three-armed bandit regret figure (offline and online)", description=bandit.__doc__, formatter_class=raw)
-    )
-    tree.build_parser(commands.add_parser("tree", help="token-tree ablation of the ShiQ variants", description=tree.__doc__, formatter_class=raw))
-    gym.build_parser(commands.add_parser("gym", help="Q1: offline ShiQ on deterministic gymnasium MDPs", description=gym.__doc__, formatter_class=raw))
-    online.build_parser(commands.add_parser("online", help="Q2: offline data mixed with fresh on-policy samples", description=online.__doc__, formatter_class=raw))
-    misspecified.build_parser(
-        commands.add_parser("misspecified", help="Q3: over-optimisation of a flawed reward", description=misspecified.__doc__, formatter_class=raw)
-    )
-    _add_solve_tree(
-        commands.add_parser(
-            "solve-tree",
-            help="print the exact soft-optimal solution of a small random tree",
-            description="Backward induction on a random token tree: v*, π* and q* of every state (spec §1).",
-        )
-    )
-    verify_parser = commands.add_parser(
-        "verify",
-        help="check your own residual or loss against the spec (shiq_toy.testing)",
-        description=_VERIFY_DESCRIPTION,
-        formatter_class=raw,
-    )
-    _add_verify(verify_parser)
-    return parser
+    vocab_size: int = option(2, "V, tokens per node")
+    horizon: int = option(3, "H, tokens per sequence")
+    beta: float = option(1.0, "KL regularisation β")
+    gamma: float = option(1.0, "discount γ in (0, 1]")
+    reward: str = option("terminal", "reward on the last token only, or on every token", choices=("terminal", "dense"))
+    ref_scale: float = option(1.0, "reference logits ~ ref_scale · N(0, 1)")
+    reward_scale: float = option(1.0, "rewards ~ reward_scale · N(0, 1)")
+    seed: int = option(0, "seed of the random tree")
+    max_rows: int = option(40, "print at most this many states, level by level")
+
+
+@dataclass
+class VerifyArgs:
+    """Options of ``shiq-toy verify`` (``target`` may be given first, without ``--target``)."""
+
+    target: str = option(help="the function to check: an importable module (the current directory is on the path) "
+                         "or a path/to/file.py, a colon, and the function's name", metavar="MODULE:FUNCTION")
+    variant: str = option(help="which loss it claims to be (shiq_toy.testing.properties.VARIANTS)", aliases=("as",))
+    numpy: bool = option(False, "the function takes NumPy arrays (shiq_toy.testing.adapters.from_numpy); gradient "
+                         "checks are skipped")
+    examples: int = option(40, "hypothesis examples per property (the gradient check uses at most 10)")
+    seed: int = option(0, "hypothesis seed")
+    shrink: bool = option(True, "shrink a failing example to the smallest (--no-shrink: report the first found, faster)")
+    rtol: float | None = option(None, "relative tolerance (default: 1e-8 for float64 output, 1e-4 for float32)")
+    atol: float | None = option(None, "absolute tolerance (default: as --rtol)")
+    properties: str = option("", "comma-separated subset of the properties (shiq_toy.testing.properties.PROPERTIES; "
+                             "empty: all)")
 
 
 _VERIFY_DESCRIPTION = """Run the property battery of shiq_toy.testing.oracle on FUNCTION and print property → pass / FAIL / n/a,
@@ -82,56 +75,20 @@ Signatures (like shiq_toy.losses.RESIDUALS and shiq_toy.baselines):
 With --numpy the function receives NumPy arrays (TokenStats of arrays) instead of torch tensors."""
 
 
-def _add_verify(parser: argparse.ArgumentParser) -> None:
-    from shiq_toy.testing.properties import PROPERTIES, VARIANTS
+def _check_verify(args: VerifyArgs) -> None:
+    from shiq_toy.testing.properties import PROPERTIES
 
-    parser.add_argument("target", metavar="MODULE:FUNCTION", help="the function to check: an importable module (the current directory is on the path) or a path/to/file.py, a colon, and the function's name")
-    parser.add_argument("--as", dest="variant", required=True, choices=VARIANTS, metavar="VARIANT", help=f"which loss it claims to be: {', '.join(VARIANTS)}")
-    parser.add_argument("--numpy", action="store_true", help="the function takes NumPy arrays (shiq_toy.testing.adapters.from_numpy); gradient checks are skipped")
-    parser.add_argument("--examples", type=int, default=40, help="hypothesis examples per property (default: 40; the gradient check uses at most 10)")
-    parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (default: 0)")
-    parser.add_argument("--no-shrink", action="store_true", help="report the first failing example found instead of shrinking it to the smallest (faster)")
-    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: 1e-8 for float64 output, 1e-4 for float32)")
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: as --rtol)")
-    parser.add_argument("--properties", default=",".join(PROPERTIES), help=f"comma-separated subset of {','.join(PROPERTIES)} (default: all)")
+    unknown = [p.strip() for p in args.properties.split(",") if p.strip() and p.strip() not in PROPERTIES]
+    if unknown:
+        raise ValueError(f"option --properties: unknown property {unknown[0]!r}; one of {', '.join(PROPERTIES)}")
+    if args.examples < 1:
+        raise ValueError(f"option --examples must be >= 1, got {args.examples}")
+    load_callable(args.target, what="target")
 
 
-def _load_target(target: str):
-    """``module:function`` or ``path/to/file.py:function`` -> the callable."""
-    import importlib
-    import importlib.util
-    import os
-    from pathlib import Path
-
-    module_name, sep, attr = target.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"target {target!r} must be MODULE:FUNCTION (e.g. my_losses:shiq or path/to/file.py:shiq)")
-    if module_name.endswith(".py") or os.sep in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # like python -m: modules of the current directory are importable
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            raise ValueError(f"cannot import module {module_name!r}: {error}") from None
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"{module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"{target} is a {type(fn).__name__}, not a function")
-    return fn
-
-
-def _verify(ns: argparse.Namespace) -> int:
+def _verify(ns: VerifyArgs) -> int:
     from shiq_toy.testing.adapters import from_numpy
+    from shiq_toy.testing.properties import PROPERTIES
 
     try:
         from shiq_toy.testing.oracle import verify
@@ -140,21 +97,26 @@ def _verify(ns: argparse.Namespace) -> int:
             raise
         raise ValueError('verify needs hypothesis: pip install "shiq[testing]"') from None
 
-    fn = _load_target(ns.target)
+    fn = load_callable(ns.target, what="target")
     if ns.numpy:
         fn = from_numpy(fn)
     properties = tuple(p.strip() for p in ns.properties.split(",") if p.strip())
-    report = verify(fn, ns.variant, max_examples=ns.examples, seed=ns.seed, rtol=ns.rtol, atol=ns.atol, properties=properties, shrink=not ns.no_shrink, target=ns.target)
+    with num_threads(1):
+        report = verify(fn, ns.variant, max_examples=ns.examples, seed=ns.seed, rtol=ns.rtol, atol=ns.atol,
+                        properties=properties or PROPERTIES, shrink=ns.shrink, target=ns.target)
     print(report.table())
     return 0 if report.ok else 1
 
 
-def _solve_tree(ns: argparse.Namespace) -> None:
+def _check_solve_tree(ns: SolveTreeArgs) -> None:
+    if ns.vocab_size < 1 or ns.horizon < 1 or ns.max_rows < 0:
+        raise ValueError("--vocab-size and --horizon must be >= 1 and --max-rows >= 0")
+
+
+def _solve_tree_run(ns: SolveTreeArgs) -> None:
     from shiq_toy.mdp import all_sequences, random_tree
     from shiq_toy.solvers import solve_tree
 
-    if ns.vocab_size < 1 or ns.horizon < 1 or ns.max_rows < 0:
-        raise ValueError("--vocab-size and --horizon must be >= 1 and --max-rows >= 0")
     tree = random_tree(
         ns.vocab_size, ns.horizon, generator=torch.Generator().manual_seed(ns.seed), reward=ns.reward,
         ref_scale=ns.ref_scale, reward_scale=ns.reward_scale,
@@ -186,57 +148,109 @@ def _solve_tree(ns: argparse.Namespace) -> None:
             rows += 1
 
 
-def _report(name: str, out, summary: dict) -> None:
+def _solve_tree(ns: SolveTreeArgs) -> int:
+    with num_threads(1):
+        _solve_tree_run(ns)
+    return 0
+
+
+def _report(name: str, out: Path, summary: dict) -> None:
     """The files an experiment wrote (``NAME.csv``, ``NAME.png``, ``NAME_summary.json``) and its run time."""
     print(f"wrote {out / (name + '.csv')}, {out / (name + '.png')}, {out / (name + '_summary.json')} in {summary['seconds']:.1f} s")
 
 
+def _bandit(args) -> int:
+    from shiq_toy.experiments import bandit
+
+    summary = bandit.main(args)
+    out = args.out
+    print(f"wrote {out / 'bandit_regret.png'}, {out / 'bandit_regret.csv'}, {out / 'bandit_summary.json'} in {summary['seconds']:.1f} s")
+    print(f"regret of π_ref: {summary['reference_regret']:.4g}")
+    for name, final in summary["final_regret"].items():
+        print(f"  {name:<20} final regret {final['mean']:.3e}  ({final['mean'] / summary['reference_regret']:.2%} of π_ref's)")
+    return 0
+
+
+def _tree(args) -> int:
+    from shiq_toy.experiments import tree
+
+    summary = tree.main(args)
+    out = args.out
+    print(f"wrote {out / 'tree_ablation.png'}, {out / 'tree_ablation.csv'}, {out / 'tree_summary.json'} in {summary['seconds']:.1f} s")
+    for name, result in summary["methods"].items():
+        print(f"  {name:<10} KL {result['initial_kl']:.3e} -> {result['final_kl']:.3e}   initial loss {result['initial_loss']:.3g}")
+    return 0
+
+
+def _gym(args) -> int:
+    from shiq_toy.experiments import gym
+
+    summary = gym.main(args)
+    _report("gym", args.out, summary)
+    for key, ratio in summary["final_regret_ratio"].items():
+        print(f"  {key:<45} regret / regret of π_ref {ratio:.3f}")
+    return 0
+
+
+def _online(args) -> int:
+    from shiq_toy.experiments import online
+
+    summary = online.main(args)
+    _report("online", args.out, summary)
+    print(f"π* mass on the offline paths: {summary['offline_coverage_of_pi_star']:.3f}")
+    for key, result in summary["settings"].items():
+        print(f"  {key:<20} regret {result['initial_regret']:.3g} -> {result['final_regret']:.3g} with {result['reward_queries']} reward queries")
+    return 0
+
+
+def _misspecified(args) -> int:
+    from shiq_toy.experiments import misspecified
+
+    summary = misspecified.main(args)
+    _report("misspecified", args.out, summary)
+    for key, result in summary["runs"].items():
+        print(f"  {key:<28} KL {result['final_kl']:.3f}  true reward {result['final_true_reward']:.3f} (peak {result['peak_true_reward']:.3f} at KL {result['kl_at_peak']:.3f})")
+    return 0
+
+
+@functools.cache
+def commands() -> dict[str, Command]:
+    """Every ``shiq-toy`` command, by name."""
+    from shiq_toy.experiments import bandit, gym, misspecified, online, tree
+    from shiq_toy.testing.properties import VARIANTS
+    from shiq_toy.train import OPTIMIZERS
+
+    online_methods = tuple(m for m in online.LOSSES if m != "logit_q")
+    return {
+        "bandit": Command("bandit", (bandit.BanditArgs,), _bandit, help="three-armed bandit regret figure (offline and online)",
+                          description=bandit.__doc__, check=bandit.check_args,
+                          choices={"methods": bandit.METHODS, "settings": bandit.SETTINGS, "pair_mode": ("disjoint", "all")}),
+        "tree": Command("tree", (tree.TreeArgs,), _tree, help="token-tree ablation of the ShiQ variants", description=tree.__doc__,
+                        check=tree.check_args, choices={"methods": tuple(tree.LOSSES), "optimizer": tuple(OPTIMIZERS)}),
+        "gym": Command("gym", (gym.GymArgs,), _gym, help="Q1: offline ShiQ on deterministic gymnasium MDPs", description=gym.__doc__,
+                       quick=gym.QUICK, check=gym.check_args,
+                       choices={"envs": tuple(gym.ENV_SPECS), "behaviours": gym.BEHAVIOURS, "methods": gym.EPISODE_METHODS,
+                                "approximations": gym.APPROXIMATIONS}),
+        "online": Command("online", (online.OnlineArgs,), _online, help="Q2: offline data mixed with fresh on-policy samples",
+                          description=online.__doc__, quick=online.QUICK, check=online.check_args,
+                          choices={"data": tuple(online.DATA), "methods": online_methods}),
+        "misspecified": Command("misspecified", (misspecified.MisspecifiedArgs,), _misspecified,
+                                help="Q3: over-optimisation of a flawed reward", description=misspecified.__doc__,
+                                quick=misspecified.QUICK, check=misspecified.check_args,
+                                choices={"methods": misspecified.METHODS}),
+        "solve-tree": Command("solve-tree", (SolveTreeArgs,), _solve_tree, check=_check_solve_tree,
+                              help="print the exact soft-optimal solution of a small random tree",
+                              description="Backward induction on a random token tree: v*, π* and q* of every state (spec §1)."),
+        "verify": Command("verify", (VerifyArgs,), _verify, help="check your own residual or loss against the spec (shiq_toy.testing)",
+                          description=_VERIFY_DESCRIPTION, check=_check_verify, positional="target",
+                          choices={"variant": VARIANTS}),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``shiq-toy``; returns the exit code (0 success, 1 a property of ``verify`` failed, 2 bad arguments or input)."""
-    from shiq_toy.experiments import bandit, gym, misspecified, online, tree
-
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        if ns.command == "bandit":
-            summary = bandit.main(args_from_namespace(bandit.BanditArgs, ns))
-            out = ns.out
-            print(f"wrote {out / 'bandit_regret.png'}, {out / 'bandit_regret.csv'}, {out / 'bandit_summary.json'} in {summary['seconds']:.1f} s")
-            print(f"regret of π_ref: {summary['reference_regret']:.4g}")
-            for name, final in summary["final_regret"].items():
-                print(f"  {name:<20} final regret {final['mean']:.3e}  ({final['mean'] / summary['reference_regret']:.2%} of π_ref's)")
-        elif ns.command == "tree":
-            summary = tree.main(args_from_namespace(tree.TreeArgs, ns))
-            out = ns.out
-            print(f"wrote {out / 'tree_ablation.png'}, {out / 'tree_ablation.csv'}, {out / 'tree_summary.json'} in {summary['seconds']:.1f} s")
-            for name, result in summary["methods"].items():
-                print(f"  {name:<10} KL {result['initial_kl']:.3e} -> {result['final_kl']:.3e}   initial loss {result['initial_loss']:.3g}")
-        elif ns.command == "gym":
-            summary = gym.main(args_from_namespace(gym.GymArgs, ns))
-            _report("gym", ns.out, summary)
-            for key, ratio in summary["final_regret_ratio"].items():
-                print(f"  {key:<45} regret / regret of π_ref {ratio:.3f}")
-        elif ns.command == "online":
-            summary = online.main(args_from_namespace(online.OnlineArgs, ns))
-            _report("online", ns.out, summary)
-            print(f"π* mass on the offline paths: {summary['offline_coverage_of_pi_star']:.3f}")
-            for key, result in summary["settings"].items():
-                print(f"  {key:<20} regret {result['initial_regret']:.3g} -> {result['final_regret']:.3g} with {result['reward_queries']} reward queries")
-        elif ns.command == "misspecified":
-            summary = misspecified.main(args_from_namespace(misspecified.MisspecifiedArgs, ns))
-            _report("misspecified", ns.out, summary)
-            for key, result in summary["runs"].items():
-                print(f"  {key:<28} KL {result['final_kl']:.3f}  true reward {result['final_true_reward']:.3f} (peak {result['peak_true_reward']:.3f} at KL {result['kl_at_peak']:.3f})")
-        elif ns.command == "verify":
-            with num_threads(1):
-                return _verify(ns)
-        else:
-            with num_threads(1):
-                _solve_tree(ns)
-    except ValueError as error:
-        print(f"shiq-toy {ns.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("shiq-toy", commands(), argv, description="ShiQ toy experiments and the exact solver (shiq_toy).",
+                   runtime_status=2, error_prefix=lambda name: f"shiq-toy {name}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shiq_toy.cli import build_parser, main
-from shiq_toy.experiments import field_docs
+from shiq_toy.cli import main
 from shiq_toy.experiments.bandit import BanditArgs
 from shiq_toy.experiments.gym import GymArgs
 from shiq_toy.experiments.misspecified import MisspecifiedArgs
@@ -87,26 +86,23 @@ def test_bad_input_exit_codes(tmp_path, capsys):
     assert "same number" in capsys.readouterr().err
     assert main(["solve-tree", "--beta", "0"]) == 2
     assert "beta" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tree", "--methods", "ppo"])
-    assert exit_info.value.code == 2
-    with pytest.raises(SystemExit):
-        main([])
+    assert main(["tree", "--methods", "ppo"]) == 2
+    assert "--methods" in capsys.readouterr().err
+    assert main([]) == 2
 
 
 @pytest.mark.parametrize(
     "command, cls", [("bandit", BanditArgs), ("tree", TreeArgs), ("gym", GymArgs), ("online", OnlineArgs), ("misspecified", MisspecifiedArgs)]
 )
-def test_help_documents_every_option_with_its_default(command, cls):
-    parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices[command]  # the subcommand's parser
-    text = sub.format_help()
-    docs = field_docs(cls)
-    for name in cls.__dataclass_fields__:
-        assert name in docs, f"{cls.__name__}.{name} has no docstring"
-        option = next(a for a in sub._actions if a.dest == name)
-        assert "(default: " in option.help and docs[name][:20] in " ".join(option.help.split())
-        assert "--" + name.replace("_", "-") in text
+def test_help_documents_every_option_with_its_default(command, cls, capsys):
+    from dataclasses import fields
+
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+        assert "--" + f.name in text and " ".join(f.metadata["help"].split())[:20] in text, f.name
+    assert text.count("(default: ") >= len(fields(cls))
 
 
 def test_module_entry_point_in_a_subprocess():

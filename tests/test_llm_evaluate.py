@@ -10,8 +10,8 @@ check against the training data and a reward model.
 
 import itertools
 import json
-from pathlib import Path
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,7 +319,8 @@ def test_evaluate_cli_on_synthetic_prompts(saved_models, tmp_path):
     report = json.loads(out.read_text())
     assert report["num_prompts"] == len(task_prompts("eval")) and report["num_samples"] == 2 * report["num_prompts"]
     assert report["reward"] == "synthetic" and 0 <= report["mean_reward"] <= 1 and report["kl"] > 0
-    assert main(["evaluate", "--model", str(ref), "--ref", str(ref), "--num-samples", "1", "--out", str(out)]) == 0
+    assert main(["evaluate", "--model", str(ref), "--ref", str(ref), "--num-samples", "1", "--out", str(out),
+                 "--overwrite"]) == 0
     assert json.loads(out.read_text())["kl"] == 0
 
 
@@ -334,10 +335,13 @@ def test_evaluate_cli_on_a_prompts_file(saved_models, tmp_path):
     assert main(base) == 0
     report = json.loads(out.read_text())
     assert report["num_prompts"] == 2 and report["reward"] == "none" and report["mean_reward"] is None
-    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward"]) == 0
+    saved = out.read_text()
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward"]) == 2  # a finished report is never lost
+    assert out.read_text() == saved
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:reward", "--overwrite"]) == 0
     assert 0 <= json.loads(out.read_text())["mean_reward"] <= 1
-    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:no_such_function"]) == 1
-    assert main(["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(tmp_path / "none.jsonl")]) == 1
+    assert main(base + ["--reward", "shiq_llm.tasks.synthetic:no_such_function", "--overwrite"]) == 2
+    assert main(["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(tmp_path / "none.jsonl")]) == 2
 
 
 def test_load_prompts_from_text_and_json(tmp_path):
@@ -423,7 +427,7 @@ def test_evaluate_cli_refuses_prompts_of_the_training_data(saved_models, tmp_pat
     held.write_text("repeat  5:\nrepeat 7:\n")  # "repeat  5:" is "repeat 5:" up to whitespace
     out = tmp_path / "eval.json"
     base = ["evaluate", "--model", str(policy), "--ref", str(ref), "--prompts", str(held), "--num-samples", "1",
-            "--max-new-tokens", "3", "--out", str(out)]
+            "--max-new-tokens", "3", "--out", str(out), "--overwrite"]  # re-run into one report
     assert main(base + ["--train-data", str(train)]) == 1
     err = capsys.readouterr().err
     assert "1 of 2 evaluation prompts (50.0 %) also occur in the training data (2 distinct prompts)" in err

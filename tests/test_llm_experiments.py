@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shiq_llm.cli import build_parser
+from shiq_llm.cli import commands as cli_commands
 from shiq_llm.cli import main as cli_main
 from shiq_llm.experiments import prepare_data
 from shiq_llm.experiments.report import compare, final_rows, summarise
 from shiq_llm.experiments.sweep import curve_rows, load_sweep_config
-from shiq_toy.experiments import args_from_namespace, difference_ci, mean_ci
+from shiq_toy.experiments import difference_ci, mean_ci
+from shiq_toy.options import resolve_options
 
 
 def _bisect(f, low: float, high: float) -> float:
@@ -174,25 +175,25 @@ def test_final_reward_rows_move_the_turn_rewards_to_the_last_turn():
 def test_quick_presets_and_command_line_options_combine():
     from shiq_llm.experiments import ablation, multiturn
 
-    parser = build_parser()
-    ns = parser.parse_args(["experiment", "multiturn", "--quick", "--seeds", "3", "--out", "x"])
-    args = args_from_namespace(multiturn.MultiturnArgs, ns, multiturn.QUICK)
+    table = cli_commands()
+    [args] = resolve_options(table["experiment multiturn"], ["--quick", "--seeds", "3", "--out", "x"], prog="t")
     assert args.seeds == 3 and args.steps == multiturn.QUICK.steps and args.out == Path("x")
-    ns = parser.parse_args(["experiment", "ablation", "--no-progress", "--betas", "0.3", "1"])
-    args = args_from_namespace(ablation.AblationArgs, ns, ablation.AblationArgs())
+    [args] = resolve_options(table["experiment ablation"], ["--no-progress", "--betas", "0.3", "1"], prog="t")
     assert args.betas == (0.3, 1.0) and args.progress is False and args.steps == ablation.AblationArgs().steps
+    [args] = resolve_options(table["experiment ablation"], ["--quick", "--steps", "7", "--betas", "0.3,1"], prog="t")
+    assert args.steps == 7 and args.betas == (0.3, 1.0) and args.seeds == ablation.QUICK.seeds
     assert multiturn.QUICK.seeds >= 2 and ablation.QUICK.seeds >= 2
 
 
 def test_experiment_command_refuses_bad_values_in_one_line(tmp_path, capsys):
-    assert cli_main(["experiment", "multiturn", "--out", str(tmp_path), "--betas", "-1"]) == 1
+    assert cli_main(["experiment", "multiturn", "--out", str(tmp_path), "--betas", "-1"]) == 2
     assert "shiq-llm: error: betas must be finite numbers > 0" in capsys.readouterr().err
-    assert cli_main(["experiment", "ablation", "--out", str(tmp_path), "--seeds", "0"]) == 1
+    assert cli_main(["experiment", "ablation", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "shiq-llm: error: seeds must be >= 1" in capsys.readouterr().err
-    assert cli_main(["experiment", "multiturn", "--out", str(tmp_path), "--data", str(tmp_path / "no")]) == 1
-    assert "missing reference" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: an unknown method is a usage error (status 2)
-        cli_main(["experiment", "ablation", "--methods", "ppo"])
+    assert cli_main(["experiment", "multiturn", "--out", str(tmp_path), "--data", str(tmp_path / "no")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert cli_main(["experiment", "ablation", "--methods", "ppo"]) == 2  # an unknown method: a usage error
+    assert "--methods" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

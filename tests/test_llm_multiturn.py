@@ -7,8 +7,11 @@ per-dialogue loop on full logits, and end to end: make-multiturn-data with the d
 reward is clearly between 0 and the maximum and whose per-turn success falls with the turn.
 """
 
+import contextlib
+import io
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -334,9 +337,22 @@ def test_evaluate_dialogues_reports_consistent_turn_metrics(tiny_reference):
 def made_data(tmp_path_factory):
     """`shiq-llm make-multiturn-data` with the default reference, on fewer prompts than the default."""
     out = tmp_path_factory.mktemp("mt") / "data"
-    assert main(["make-multiturn-data", "--out", str(out), "--train-prompts", "64", "--samples-per-prompt", "4",
-                 "--eval-prompts", "16", "--no-progress"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["make-multiturn-data", "--out", str(out), "--train-prompts", "64", "--samples-per-prompt", "4",
+                     "--eval-prompts", "16", "--no-progress"]) == 0
+    (out.parent / "printed.txt").write_text(printed.getvalue())
     return out
+
+
+def test_the_printed_next_command_runs(made_data, tmp_path, monkeypatch):
+    """make-multiturn-data's "next:" hint is a valid train command: run as printed, with a short budget."""
+    [hint] = [line for line in (made_data.parent / "printed.txt").read_text().splitlines() if line.startswith("next: ")]
+    argv = shlex.split(hint.removeprefix("next: "))
+    assert argv[:2] == ["shiq-llm", "train"]
+    monkeypatch.chdir(tmp_path)  # its --output_dir is relative
+    assert main([*argv[1:], "--max_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true"]) == 0
+    assert (tmp_path / "runs" / "mt_shiq" / "final").is_dir()
 
 
 def test_default_reference_is_mediocre_and_later_turns_fail_more(made_data):
@@ -366,5 +382,5 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     bad.write_text("count up from 7:\n")
     assert main(["evaluate-multiturn", "--model", "x", "--ref", "x", "--prompts", str(bad)]) == 1
     assert "prompt 0: not a prompt of the multi-turn task" in capsys.readouterr().err
-    assert main(["make-multiturn-data", "--out", str(tmp_path), "--samples-per-prompt", "0"]) == 1
-    assert "--samples-per-prompt must be >= 1" in capsys.readouterr().err
+    assert main(["make-multiturn-data", "--out", str(tmp_path), "--samples-per-prompt", "0"]) == 2
+    assert "--samples_per_prompt must be >= 1" in capsys.readouterr().err

@@ -6,11 +6,14 @@ labels), and end to end: make-data, then the quick demo on that data, asserting 
 higher mean reward on the held-out prompts than the reference.
 """
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import math
 import re
+import shlex
 
 import pytest
 import torch
@@ -199,8 +202,21 @@ def test_offline_dataset_is_deterministic_and_labelled(small_reference, tmp_path
 def made_data(tmp_path_factory):
     """`shiq-llm make-data` with its defaults (the demo's reference and data)."""
     out = tmp_path_factory.mktemp("made") / "data"
-    assert main(["make-data", "--out", str(out), "--no-progress"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["make-data", "--out", str(out), "--no-progress"]) == 0
+    (out.parent / "printed.txt").write_text(printed.getvalue())
     return out
+
+
+def test_the_printed_next_command_runs(made_data, tmp_path, monkeypatch):
+    """make-data's "next:" hint is a valid train command: run as printed, with a short budget."""
+    [hint] = [line for line in (made_data.parent / "printed.txt").read_text().splitlines() if line.startswith("next: ")]
+    argv = shlex.split(hint.removeprefix("next: "))
+    assert argv[:2] == ["shiq-llm", "train"]
+    monkeypatch.chdir(tmp_path)  # its --output_dir is relative
+    assert main([*argv[1:], "--max_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true"]) == 0
+    assert (tmp_path / "runs" / "shiq" / "final").is_dir()
 
 
 def test_make_data_cli_writes_reference_rows_and_prompts(made_data):
@@ -249,10 +265,23 @@ def test_demo_refuses_its_data_built_with_other_settings_instead_of_reusing_it(m
     assert not (out / "results.csv").exists() and not (out / "runs").exists()
 
 
+def test_experiment_misspecified_command_runs_with_quick_under_explicit_options(made_data, tmp_path, capsys):
+    """`shiq-llm experiment misspecified --quick` on the made data, explicit options over the preset (one cell)."""
+    out = tmp_path / "q3"
+    assert main(["experiment", "misspecified", "--quick", "--out", str(out), "--data", str(made_data), "--algos", "shiq",
+                 "--betas", "0.3", "--steps", "2", "--eval_samples", "1", "--batch_size", "8"]) == 0
+    with (out / "misspecified_llm.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["beta"])) for r in rows if r["method"] != "reference"] == [("shiq", 0.3)]
+    assert (out / "misspecified_llm.png").stat().st_size > 10_000
+    assert "misspecified_llm.csv" in capsys.readouterr().out
+
+
 def test_demo_rejects_bad_options(tmp_path):
-    assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 1
-    assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 1
-    assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+    assert main(["demo", "--algos", "shiq,ppo", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--betas", "0.1,-1", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--quick", "--steps", "0", "--out", str(tmp_path)]) == 2  # --quick never hides a bad value
 
 
 def test_torch_threads_restores_the_thread_count():

@@ -176,7 +176,7 @@ def test_reference_and_exact_import_without_hypothesis():
     code = (
         "import sys; sys.modules['hypothesis'] = None\n"
         "import shiq_toy.testing.reference, shiq_toy.testing.exact, shiq_toy.testing as t\n"
-        "from shiq_toy.cli import build_parser; build_parser()\n"
+        "from shiq_toy.cli import main; assert main(['verify', '--help']) == 0\n"
         "try:\n    t.verify\nexcept ModuleNotFoundError as e:\n    print('MISSING', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -5,59 +5,40 @@
     shiq-llm cache-ref --config configs/shiq_tiny.yaml [--verify]           # reference statistics only
     accelerate launch -m shiq_llm.cli train --config configs/shiq_llama_lora.yaml   # several GPUs, FSDP, …
 
-``train`` and ``cache-ref`` are parsed by ``transformers.HfArgumentParser`` over ``ModelArguments``,
-``DataArguments`` and ``ShiQConfig`` (``shiq_llm.train.config``): every ``TrainingArguments`` option, both
-``--learning_rate`` and ``--learning-rate`` spellings, a YAML ``--config``. Other subcommands come from
-``shiq_llm.cli.tasks``. Bad input (a ValueError from the data, the options, a checkpoint or the reference cache)
-is printed as one ``shiq-llm: error: …`` line and exits with status 1; a bad command line exits with status 2.
+Every command is a dataclass of options parsed by one mechanism, :mod:`shiq_toy.options` (a
+``transformers.HfArgumentParser`` per command, as TRL's scripts): ``train`` and ``cache-ref`` over
+``ModelArguments``, ``DataArguments`` and ``ShiQConfig`` (``shiq_llm.train.config``: every ``TrainingArguments``
+option), the others over their job's config dataclass (``GenerateConfig``, ``ScoreConfig``, ``SweepConfig``,
+``DemoConfig``, the experiments' arguments). Each accepts ``--config FILE.yaml`` (keys: option names, checked by
+type), both spellings of every option and the TRL names of the shared options (``--model_name_or_path``,
+``--dataset_name``, ``--output_dir``, ``--learning_rate``, ``--data_format``, ``--data_format_options``) beside the
+short ones (``--model``, ``--data``, ``--out``, ``--lr``, ``--format``, ``--format-option``). Options, paths and
+files are checked before any work: a bad one is one ``shiq-llm: error: …`` line, status 2; a ValueError of the
+work itself (data, checkpoint, reference cache) one such line, status 1.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import importlib
 import logging
 import sys
+from dataclasses import dataclass
 
-__all__ = ["build_parser", "main"]
+from shiq_toy.options import Command, option, run_cli
 
-#: Subcommands parsed by HfArgumentParser (``shiq_llm.train.config.train_parser``).
-HF_COMMANDS = {
-    "train": "train a model with ShiQTrainer (every TrainingArguments option; YAML with --config)",
-    "cache-ref": "compute (or --verify) the reference statistics cache only, with train's options",
-}
+__all__ = ["commands", "main"]
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shiq-llm", description="Train causal LMs with ShiQ, DPO, IPO, CoPG or DRO on "
-                                     "reward-labelled rows {prompt, completion, reward}.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in HF_COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
-    try:
-        cli_tasks = importlib.import_module("shiq_llm.cli.tasks")
-    except ModuleNotFoundError as error:
-        if error.name != "shiq_llm.cli.tasks":  # a missing dependency *inside* cli_tasks is a real error
-            raise
-    else:
-        cli_tasks.register(subparsers)
-    importlib.import_module("shiq_llm.cli.multiturn").register(subparsers)
-    importlib.import_module("shiq_llm.cli.generate").register(subparsers)
-    importlib.import_module("shiq_llm.cli.experiments").register(subparsers)
-    return parser
+#: Modules that add commands (each has ``commands() -> dict[str, Command]``).
+COMMAND_MODULES = ("shiq_llm.cli.tasks", "shiq_llm.cli.generate", "shiq_llm.cli.multiturn", "shiq_llm.cli.experiments")
 
 
-def hf_parser(command: str):
-    """The HfArgumentParser of ``train`` / ``cache-ref``."""
-    from shiq_llm.train.config import train_parser
+@dataclass
+class CacheRefFlags:
+    """The option ``cache-ref`` adds to ``train``'s."""
 
-    parser = train_parser(prog=f"shiq-llm {command}", description=HF_COMMANDS[command] + ". Options given here override "
-                          "the --config YAML file, which overrides the defaults shown.")
-    if command == "cache-ref":
-        parser.add_argument("--verify", action="store_true", help="only check the existing cache (error if it is "
-                            "missing or does not match); compute nothing")
-    return parser
+    verify: bool = option(False, "only check the existing cache (error if it is missing or does not match); compute "
+                          "nothing")
 
 
 def _quiet_libraries(args) -> None:
@@ -70,13 +51,11 @@ def _quiet_libraries(args) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def _run_train(argv: list[str]) -> int:
+def _run_train(model_args, data_args, args) -> int:
     from accelerate import PartialState
 
-    from shiq_llm.train.config import parse_train_args
     from shiq_llm.train.run import train_run
 
-    model_args, data_args, args = parse_train_args(argv, parser=hf_parser("train"))
     _quiet_libraries(args)
     result = train_run(model_args, data_args, args)
     if PartialState().is_main_process:
@@ -84,34 +63,57 @@ def _run_train(argv: list[str]) -> int:
     return 0
 
 
-def _run_cache_ref(argv: list[str]) -> int:
-    from shiq_llm.train.config import parse_train_args
+def _run_cache_ref(model_args, data_args, args, flags: CacheRefFlags) -> int:
     from shiq_llm.train.run import cache_reference
 
-    parser = hf_parser("cache-ref")
-    verify = "--verify" in argv
-    model_args, data_args, args = parse_train_args([a for a in argv if a != "--verify"], parser=parser)
     _quiet_libraries(args)
-    path = cache_reference(model_args, data_args, args, verify=verify)
-    print(f"reference cache {path} matches the model and data" if verify else f"reference cache: {path}")
+    path = cache_reference(model_args, data_args, args, verify=flags.verify)
+    print(f"reference cache {path} matches the model and data" if flags.verify else f"reference cache: {path}")
     return 0
 
 
+def _check_train(model_args, data_args, args, *flags) -> None:
+    from shiq_toy.options import check_path
+
+    if not data_args.dataset_name:
+        raise ValueError("missing option --dataset_name (a JSONL/JSON/parquet file or a hub dataset name)")
+    check_path("data", data_args.dataset_name, "--dataset_name")
+    check_path("data", data_args.eval_dataset_name, "--eval_dataset_name")
+    check_path("out_dir", args.output_dir, "--output_dir")
+    if args.ref_cache:
+        check_path("out_dir", args.ref_cache, "--ref_cache")
+    model_args.peft_config()
+
+
+def _train_commands() -> dict[str, Command]:
+    from shiq_llm.train.config import train_command
+
+    return {
+        "train": train_command(_run_train, _check_train,
+                               help="train a model with ShiQTrainer (every TrainingArguments option; YAML with --config)",
+                               description="Train a model with ShiQTrainer. Options given here override the --config "
+                               "YAML file, which overrides the defaults shown. A short run: --max_steps N."),
+        "cache-ref": train_command(_run_cache_ref, _check_train, name="cache-ref", extra=(CacheRefFlags,),
+                                   help="compute (or --verify) the reference statistics cache only, with train's "
+                                   "options"),
+    }
+
+
+@functools.cache
+def commands() -> dict[str, Command]:
+    """Every ``shiq-llm`` command, by name (``experiment multiturn``: a group and its member)."""
+    table = _train_commands()
+    for name in COMMAND_MODULES:
+        table.update(importlib.import_module(name).commands())
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``shiq-llm``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of ``shiq-llm``; returns the exit status (2: bad options, 1: the work failed)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if argv and argv[0] in HF_COMMANDS:
-            if "-h" in argv[1:] or "--help" in argv[1:]:
-                hf_parser(argv[0]).print_help()
-                return 0
-            return _run_train(argv[1:]) if argv[0] == "train" else _run_cache_ref(argv[1:])
-        args = build_parser().parse_args(argv)
-        return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"shiq-llm: error: {error}", file=sys.stderr)
-        return 1
+    return run_cli("shiq-llm", commands(), argv, runtime_status=1, runtime_errors=(ValueError, FileNotFoundError),
+                   description="Train causal LMs with ShiQ, DPO, IPO, CoPG or DRO on reward-labelled rows "
+                   "{prompt, completion, reward}.")
 
 
 if __name__ == "__main__":

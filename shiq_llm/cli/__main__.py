@@ -1,4 +1,4 @@
-"""``python -m shiq_llm.cli …`` (and ``torchrun`` / ``accelerate launch -m shiq_llm.cli …``): the ``shiq-llm`` command."""
+"""``python -m shiq_llm.cli`` (and ``accelerate launch -m shiq_llm.cli``): the ``shiq-llm`` command."""
 
 import sys
 

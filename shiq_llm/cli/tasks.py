@@ -8,39 +8,181 @@
 The demo is spec §5's LLM-scale experiment on the embedded task: it builds the reference and the offline data
 (:func:`shiq_llm.tasks.synthetic.make_data`) and runs the sweep ``shiq_llm/experiments/embedded_sweep.yaml``
 (:mod:`shiq_llm.experiments.sweep`: every ``(algo, β)`` trained with ``ShiQTrainer``, evaluated on the held-out
-prompts, ``results.csv`` and ``reward_vs_kl.png``). :func:`register` adds the subcommands to ``shiq-llm``.
+prompts, ``results.csv`` and ``reward_vs_kl.png``). :func:`commands` gives them to ``shiq-llm`` (``shiq_llm.cli``);
+each is a dataclass of options (``shiq_toy.options``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import re
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shiq_llm.data.prompts import load_prompts
+from shiq_llm.core.models import INFERENCE_DTYPES
+from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE
+from shiq_llm.data.prompts import LEAK_POLICIES, load_prompts
 from shiq_llm.experiments.demo import DemoConfig, quiet_libraries, run_demo
+from shiq_llm.generation.generate import BACKENDS
+from shiq_llm.storage.atomic import atomic_write
 from shiq_llm.storage.jsonl import read_jsonl
-from shiq_toy.experiments import num_threads, step_cap
+from shiq_llm.tasks.synthetic import ReferenceConfig
+from shiq_toy.experiments import num_threads
+from shiq_toy.options import Command, check_path, option
 
-__all__ = ["register"]
+__all__ = ["commands", "MakeDataArgs", "EvaluateArgs", "SweepFlags", "check_reward_options", "default_reward",
+           "write_report", "check_data_dir"]
+
+_REF = ReferenceConfig()
+
+
+@dataclass
+class MakeDataArgs:
+    """Options of ``shiq-llm make-data``."""
+
+    out: str = option(help="output directory: reference/, train.jsonl, eval_prompts.jsonl", aliases=("output_dir",),
+                      path="out_dir")
+    completions_per_prompt: int = option(16, "completions sampled per training prompt")
+    max_new_tokens: int = option(12, "generation budget per completion")
+    noise: float = option(_REF.noise, "probability that a word of the reference's demonstrations is a random number")
+    ref_steps: int = option(_REF.steps, "supervised steps of the reference (a short run: --ref_steps 20)")
+    seed: int = option(0, "seed of the reference and the samples")
+    threads: int = option(1, "torch CPU threads (1 is fastest for this tiny model)")
+    progress: bool = option(True, "show progress bars (--no-progress: hide them)")
+
+
+@dataclass
+class EvaluateArgs:
+    """Options of ``shiq-llm evaluate``."""
+
+    model: str = option(help="the policy: a directory saved with save_pretrained (e.g. a run's OUT/final) or a hub "
+                        "name; its tokenizer is used for both models", aliases=("model_name_or_path",), path="in_path")
+    ref: str = option(help="the reference model (same vocabulary)", path="in_path")
+    prompts: str = option("synthetic", "'synthetic' (the embedded task's prompts), a .txt file (one prompt per line), "
+                          "a .jsonl/.json/.parquet file or a hub dataset of rows with a prompt field", path="data")
+    split: str | None = option(None, "split of the prompts: for 'synthetic' train, eval or all (default eval, the "
+                               "held-out prompts); for a hub dataset its split name (default test)")
+    prompt_field: str | None = option(None, "field of the rows holding the prompt (default 'prompt', else the "
+                                      "messages before the first assistant message of 'messages')")
+    format: str | None = option(None, "adapter applied to the prompt rows first (shiq_llm.data.adapters: paired, "
+                                "ultrafeedback, hh, bfcl)", aliases=("data_format",))
+    format_options: dict[str, Any] = option(default_factory=dict, help="options of the --format adapter: KEY=VALUE "
+                                            "items (repeatable), e.g. score=fine-grained_score",
+                                            aliases=("format_option", "data_format_options"))
+    reward: str | None = option(None, "reward function: 'synthetic', 'module:function' or 'path/file.py:function' (per "
+                                "row f(prompt, completion) -> float, or batched with f.batched = True) or 'none'; "
+                                "default: 'synthetic' for --prompts synthetic, else 'none' (only the KL is reported)")
+    reward_model: str | None = option(None, "a sequence-classification reward model (hub name or path, one label) "
+                                      "instead of --reward", metavar="RM")
+    reward_batch_size: int = option(16, "texts per forward pass of --reward-model")
+    num_samples: int = option(16, "completions sampled per prompt")
+    max_new_tokens: int = option(16, "generation budget per completion")
+    batch_size: int = option(64, "sequences per generation (hf) and KL batch")
+    chunk_size: int = option(DEFAULT_CHUNK_SIZE, "response tokens projected onto the vocabulary at once in the exact KL")
+    seed: int = option(0, "sampling seed")
+    backend: str = option("auto", "sampler: hf (transformers), vllm (pip install 'shiq[vllm]'), or auto (vllm on a GPU "
+                          "when installed); the KL always uses transformers", choices=BACKENDS)
+    device: str = option("auto", "torch device of both models and the reward model (auto: cuda when available, else cpu)")
+    dtype: str = option("auto", "weights dtype (auto: bfloat16 on a GPU that supports it, else float32); the KL's "
+                        "log-softmax runs in float32", choices=INFERENCE_DTYPES)
+    gpu_memory_utilization: float = option(0.5, "vllm backend: fraction of the GPU memory vLLM may take (the two "
+                                           "models need the rest)")
+    train_data: str = option("auto", "training rows (same forms as --prompts) whose prompts the evaluation prompts must "
+                             "not include; 'auto': the training data in the run_args.yaml of the run whose OUT/final "
+                             "is --model (refused when it cannot be found); 'none': skip the check", path="data")
+    train_split: str = option("train", "split of --train-data")
+    train_format: str | None = option(None, "adapter of --train-data (as --format)")
+    train_format_options: dict[str, Any] = option(default_factory=dict, help="options of the --train-format adapter "
+                                                  "(KEY=VALUE, repeatable)", aliases=("train_format_option",))
+    leak: str = option("error", "what to do when evaluation prompts occur in the training data: stop with an error, or "
+                       "warn with the counts", choices=LEAK_POLICIES)
+    out: str | None = option(None, "also write the JSON report to this file (default: print only)",
+                             aliases=("output_dir",), path="out_file")
+    overwrite: bool = option(False, "replace an existing --out report")
+
+
+@dataclass
+class SweepFlags:
+    """Options of ``shiq-llm sweep`` beside the sweep file's keys."""
+
+    threads: int = option(1, "torch CPU threads (1 is fastest for tiny models)")
+    progress: bool = option(True, "show progress bars (--no-progress: hide them)")
+
+
+def default_reward(args) -> str:
+    """``--reward`` of evaluate: the given one, else 'synthetic' for the synthetic prompts, else 'none'."""
+    if args.reward is not None or args.reward_model is not None:
+        return args.reward if args.reward is not None else "none"
+    return "synthetic" if args.prompts == "synthetic" else "none"
+
+
+def check_reward_options(reward: str | None, reward_model: str | None, *, need_one: bool = False) -> None:
+    """One reward source that can be found: ``--reward`` resolved now (``module:function`` or
+    ``path/file.py:function``), ``--reward-model`` read from its config (a sequence-classification model)."""
+    from shiq_llm.generation.rewards import check_reward_model, load_reward_fn
+
+    if reward not in (None, "none") and reward_model is not None:
+        raise ValueError("give either --reward or --reward-model, not both")
+    if need_one and reward is None and reward_model is None:
+        raise ValueError("give --reward module:function or --reward-model RM")
+    if reward is not None:
+        load_reward_fn(reward)
+    if reward_model is not None:
+        check_reward_model(reward_model)
+
+
+def write_report(path: str | Path, text: str) -> None:
+    """Write a JSON report atomically (a crash leaves the earlier file, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write(text + "\n")
+
+
+def check_data_dir(path: str, flag: str, form: str, *, needs=("reference", "train.jsonl", "eval_prompts.jsonl"),
+                   command: str) -> None:
+    """A task's data folder given with ``flag``: its files present, its rows of the ``form`` expected
+    ('single': {prompt, completion, reward}; 'multi': {messages, rewards}); ValueError naming the flag."""
+    if not path:
+        return
+    expected = {"single": "single-turn rows {prompt, completion, reward} (shiq-llm make-data)",
+                "multi": "multi-turn rows {messages, rewards} (shiq-llm make-multiturn-data)"}
+    for name in needs:
+        if not (Path(path) / name).exists():
+            raise ValueError(f"{flag} {path}: missing {name} (make it with `{command} --out {path}`)")
+    check_path("rows", Path(path) / "train.jsonl", flag)
+    rows = read_jsonl(Path(path) / "train.jsonl", what=flag)
+    for i, row in enumerate(rows[:100]):
+        multi = "messages" in row and "rewards" in row
+        single = "prompt" in row and "completion" in row and "reward" in row
+        if (form == "multi" and not multi) or (form == "single" and not single):
+            raise ValueError(f"{flag} {path}: train.jsonl row {i} has the keys {sorted(row)}; {flag} expects "
+                             f"{expected[form]}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Command-line handlers
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_data(args: argparse.Namespace) -> int:
+def _check_make_data(args: MakeDataArgs) -> None:
+    for name in ("completions_per_prompt", "max_new_tokens", "ref_steps", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"option --{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.noise <= 1.0:
+        raise ValueError(f"option --noise must lie in [0, 1], got {args.noise}")
+
+
+def _make_data(args: MakeDataArgs) -> int:
     from shiq_llm.tasks import synthetic
 
-    if args.completions_per_prompt < 1 or args.max_new_tokens < 1 or args.ref_steps < 1:
-        raise ValueError("--completions-per-prompt, --max-new-tokens and --ref-steps must be >= 1")
-    reference = synthetic.ReferenceConfig(noise=args.noise, steps=step_cap(args.ref_steps), seed=args.seed)
+    reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed)
     with num_threads(args.threads):
         paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress)
     rows = read_jsonl(paths["train"])
     print(f"reference model: {paths['reference']}")
     print(f"offline rows: {paths['train']} ({len(rows)} rows, mean reward {synthetic.mean_reward(rows):.3f})")
@@ -50,7 +192,7 @@ def _make_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None, str]:
+def _training_prompts(args: "EvaluateArgs", model: str) -> tuple[list | None, str]:
     """The training prompts the evaluation prompts are checked against, and where they came from.
 
     ``--train-data none``: no check (the report says so). ``auto`` (default): the training data of the
@@ -65,7 +207,7 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
     from shiq_llm.data.prompts import parse_format_options
 
     source, split, data_format = args.train_data, args.train_split, args.train_format
-    options = parse_format_options(args.train_format_option)
+    options = args.train_format_options
     if source == "none":
         return None, "not checked (--train-data none)"
     if source == "auto":
@@ -93,7 +235,7 @@ def _training_prompts(args: argparse.Namespace, model: str) -> tuple[list | None
     return train, source
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: "EvaluateArgs") -> int:
     from shiq_llm.core.models import (
         check_tokenizer_fits_model,
         load_causal_lm,
@@ -102,15 +244,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         resolve_dtype,
         resolve_model_source,
     )
-    from shiq_llm.data.prompts import check_held_out, parse_format_options
+    from shiq_llm.data.prompts import check_held_out
     from shiq_llm.generation.evaluate import evaluate_policy
     from shiq_llm.generation.generate import make_sampler, resolve_backend
     from shiq_llm.generation.rewards import load_reward
 
-    if args.reward is None and args.reward_model is None:
-        args.reward = "synthetic" if args.prompts == "synthetic" else "none"
+    args.reward = default_reward(args)
     prompts = load_prompts(args.prompts, split=args.split, prompt_field=args.prompt_field, format=args.format,
-                           format_options=parse_format_options(args.format_option) or None, default_split=(
+                           format_options=args.format_options or None, default_split=(
                                "eval" if args.prompts == "synthetic" else "test"))
     train_prompts, train_source = _training_prompts(args, args.model)
     leaked = None if train_prompts is None else check_held_out(prompts, train_prompts, on_leak=args.leak)
@@ -144,200 +285,134 @@ def _evaluate(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_report(args.out, text)
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)}
-    if "algos" in values:
-        values["algos"] = tuple(a.strip() for a in values["algos"].split(",") if a.strip())
-    if "betas" in values:
-        values["betas"] = tuple(_parse_betas(values["betas"]))
-    values["progress"] = not args.no_progress
-    config = DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
-    config = dataclasses.replace(config, steps=step_cap(config.steps), ref_steps=step_cap(config.ref_steps))
+def _check_evaluate(args: EvaluateArgs) -> None:
+    from shiq_llm.data.prompts import parse_format_options
+
+    for name in ("num_samples", "max_new_tokens", "batch_size", "chunk_size", "reward_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"option --{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ValueError(f"option --gpu_memory_utilization must lie in (0, 1], got {args.gpu_memory_utilization}")
+    if args.train_format_options and args.train_format is None:
+        raise ValueError("option --train-format-option needs a --train-format")
+    parse_format_options(args.format_options)
+    check_reward_options(args.reward, args.reward_model)
+
+
+def _check_demo(config: DemoConfig) -> None:
+    from shiq_llm.train.config import LLM_METHODS
+
+    bad = [a for a in config.algos if a not in LLM_METHODS]
+    if not config.algos or bad:
+        raise ValueError(f"option --algos must be a non-empty list of {list(LLM_METHODS)}, got {list(config.algos)}")
+    if not config.betas or not all(b > 0 and math.isfinite(b) for b in config.betas):
+        raise ValueError(f"option --betas must be finite numbers > 0, got {list(config.betas)}")
+    for name in ("steps", "batch_size", "completions_per_prompt", "ref_steps", "eval_samples", "max_new_tokens",
+                 "threads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"option --{name} must be >= 1, got {getattr(config, name)}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ValueError(f"option --lr must be a finite number > 0, got {config.lr}")
+    check_data_dir(config.data, "--data", "single", command="shiq-llm make-data")
+
+
+def _demo(config: DemoConfig) -> int:
     run_demo(config)
     return 0
 
 
-def _parse_betas(text: str) -> list[float]:
-    try:
-        return [float(b) for b in text.split(",") if b.strip()]
-    except ValueError as error:
-        raise ValueError(f"--betas must be comma-separated numbers, got {text!r}") from error
+def _check_sweep(config, flags: SweepFlags, *, source: str) -> None:
+    import typing
+
+    from shiq_llm.experiments.sweep import EVALUATION_KEYS, check_sweep_config
+    from shiq_llm.train.config import ModelArguments, ShiQConfig
+    from shiq_toy.options import coerce
+
+    if flags.threads < 1:
+        raise ValueError(f"option --threads must be >= 1, got {flags.threads}")
+    for key, cls, values in [("train", ShiQConfig, config.train), ("model_options", ModelArguments, config.model_options)] + [
+            (f"variants.{n}.train", ShiQConfig, (v or {}).get("train") or {}) for n, v in config.variants.items()
+            if isinstance(v, dict)]:
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: key {key!r} must be a mapping (key: value), got {values!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for name, value in values.items():
+            if name not in known:
+                raise ValueError(f"{source}: {key}.{name} is not an option of {cls.__name__} (see shiq-llm train --help)")
+            coerce(value, hints[name], f"{source}: {key}.{name}", choices=known[name].metadata.get("choices"))
+    kinds = {"num_samples": int, "max_new_tokens": int, "seed": int, "batch_size": int, "chunk_size": int,
+             "reward_batch_size": int, "device": str, "dtype": str}
+    for name, value in (config.evaluation or {}).items():
+        if name in EVALUATION_KEYS:
+            coerce(value, kinds.get(name, str), f"{source}: evaluation.{name}")
+    check_sweep_config(config, source)
+    check_reward_options(config.reward, config.reward_model)
 
 
-def register(subparsers) -> None:
-    """Add ``make-data``, ``evaluate``, ``demo`` and ``sweep`` to the ``shiq-llm`` subparsers (``shiq_llm.cli``).
+def _sweep(config, flags: SweepFlags) -> int:
+    from shiq_llm.experiments.sweep import run_sweep
 
-    Each sets ``handler`` (the name ``shiq_llm.cli.main`` calls) to a function ``(args) -> int``.
-    """
-    _register_make_data(subparsers)
-    _register_evaluate(subparsers)
-    _register_demo(subparsers)
-    _register_sweep(subparsers)
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from shiq_llm.experiments.sweep import load_sweep_config, run_sweep
-
-    config = load_sweep_config(args.config, out=getattr(args, "out", None))
     quiet_libraries()
-    with num_threads(args.threads):
+    with num_threads(flags.threads):
         try:
-            run_sweep(config, progress=not args.no_progress)
+            run_sweep(config, progress=flags.progress)
         except RuntimeError as error:  # some cells failed: every output is written, the failures named
             print(f"shiq-llm sweep: {error}")
             return 1
     return 0
 
 
-def _register_sweep(subparsers) -> None:
-    from shiq_llm.experiments.sweep import RESULT_COLUMNS
+def commands() -> dict[str, Command]:
+    """``make-data``, ``evaluate``, ``demo`` and ``sweep``."""
+    from shiq_llm.experiments.sweep import RESULT_COLUMNS, SweepConfig
+    from shiq_llm.train.config import LLM_METHODS
 
-    sweep = subparsers.add_parser(
-        "sweep", formatter_class=_FORMATTER, help="train and evaluate a grid of methods × β × seeds; results.csv "
-        "and the reward-vs-KL figure",
-        description="Train every (algo, beta, seed) of a sweep file with ShiQTrainer (the reference statistics "
-        "computed once and shared), evaluate each on the held-out prompts (mean reward of its samples, exact and "
-        "Monte-Carlo KL to the reference), and write OUT/results.csv (columns " + ",".join(RESULT_COLUMNS) +
-        ", plus the reference; with 'evaluator: dialogues' the multi-turn task's per-turn columns too), "
-        "OUT/curves.csv (the training log and the evaluations per cell and step; 'eval_every' evaluates during "
-        "training) and OUT/reward_vs_kl.png (mean over seeds with error bars, one curve per method). "
-        "Re-running skips finished cells; a failed cell is reported and the others go on. The file's keys are "
-        "documented in shiq_llm.experiments.sweep (example: shiq_llm/experiments/embedded_sweep.yaml).")
-    sweep.add_argument("--config", required=True, default=argparse.SUPPRESS, help="the sweep file (YAML)")
-    sweep.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: the file's 'out')")
-    sweep.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
-    sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    sweep.set_defaults(handler=_sweep)
-
-
-_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
-
-
-def _register_make_data(subparsers) -> None:
-    from shiq_llm.tasks.synthetic import ReferenceConfig
-
-    ref = ReferenceConfig()
-    make = subparsers.add_parser(
-        "make-data", formatter_class=_FORMATTER, help="build the embedded task's reference model and offline rows",
-        description="Build the embedded synthetic task (shiq_llm.tasks.synthetic, no download, CPU seconds): a tiny Llama "
-        "pre-trained on noisy counting demonstrations, saved with its tokenizer to OUT/reference (load it with "
-        "`shiq-llm train --model OUT/reference`); K completions per training prompt sampled from it and labelled "
-        "with the task reward, in OUT/train.jsonl ({prompt, completion, reward}); the held-out prompts in "
-        "OUT/eval_prompts.jsonl.")
-    make.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output directory")
-    make.add_argument("--completions-per-prompt", type=int, default=16, help="completions sampled per training prompt")
-    make.add_argument("--max-new-tokens", type=int, default=12, help="generation budget per completion")
-    make.add_argument("--noise", type=float, default=ref.noise,
-                      help="probability that a word of the reference's demonstrations is a random number")
-    make.add_argument("--ref-steps", type=int, default=ref.steps, help="supervised steps of the reference")
-    make.add_argument("--seed", type=int, default=0, help="seed of the reference and the samples")
-    make.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
-    make.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    make.set_defaults(handler=_make_data)
-
-
-def _register_evaluate(subparsers) -> None:
-    from shiq_llm.core.models import INFERENCE_DTYPES
-    from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE
-    from shiq_llm.data.prompts import LEAK_POLICIES
-    from shiq_llm.generation.generate import BACKENDS
-
-    ev = subparsers.add_parser(
-        "evaluate", formatter_class=_FORMATTER, help="mean reward and KL(π‖π_ref) of a policy on its own samples",
-        description="Sample completions of each prompt from the policy (pure sampling: temperature 1, no top-k/top-p, "
-        "so the samples are π's) and report their mean reward and KL(π‖π_ref), each with its standard error: exact "
-        "per token from both models' next-token distributions (computed from hidden states in chunks of "
-        "--chunk-size rows, never the (B, L, V) logits), summed over each sample, and the Monte-Carlo Σ_t ln π/π_ref "
-        "(shiq_llm.generation.evaluate); also the mean length and the fraction of samples that ended with EOS. Before "
-        "sampling, the evaluation prompts are checked against the training prompts (--train-data): any overlap is "
-        "an error (or a warning with the counts, --leak warn). Prints JSON; --out writes it.")
-    ev.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                    help="the policy: a directory saved with save_pretrained (e.g. a run's OUT/final) or a hub name; "
-                    "its tokenizer is used for both models")
-    ev.add_argument("--ref", required=True, default=argparse.SUPPRESS, help="the reference model (same vocabulary)")
-    ev.add_argument("--prompts", default="synthetic", help="'synthetic' (the embedded task's prompts), a .txt file "
-                    "(one prompt per line), a .jsonl/.json/.parquet file or a hub dataset of rows with a prompt field")
-    ev.add_argument("--split", default=None, help="split of the prompts: for 'synthetic' train, eval or all "
-                    "(default eval, the held-out prompts); for a hub dataset its split name (default test)")
-    ev.add_argument("--prompt-field", default=None, help="field of the rows holding the prompt (default 'prompt', "
-                    "else the messages before the first assistant message of 'messages')")
-    ev.add_argument("--format", default=None, help="adapter applied to the prompt rows first (shiq_llm.data.adapters: "
-                    "paired, ultrafeedback, hh, bfcl)")
-    ev.add_argument("--format-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an option of the --format adapter (repeatable), e.g. score=fine-grained_score")
-    ev.add_argument("--reward", default=None,
-                    help="reward function: 'synthetic', 'module:function' (per row f(prompt, completion) -> float, or "
-                    "batched with f.batched = True: f(prompts, completions) -> list) or 'none'; default: 'synthetic' "
-                    "for --prompts synthetic, else 'none' (only the KL is reported)")
-    ev.add_argument("--reward-model", default=None, metavar="RM",
-                    help="a sequence-classification reward model (hub name or path, one label) instead of --reward")
-    ev.add_argument("--reward-batch-size", type=int, default=16, help="texts per forward pass of --reward-model")
-    ev.add_argument("--num-samples", type=int, default=16, help="completions sampled per prompt")
-    ev.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per completion")
-    ev.add_argument("--batch-size", type=int, default=64, help="sequences per generation (hf) and KL batch")
-    ev.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                    help="response tokens projected onto the vocabulary at once in the exact KL")
-    ev.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ev.add_argument("--backend", choices=BACKENDS, default="auto", help="sampler: hf (transformers), vllm (pip "
-                    "install 'shiq[vllm]'), or auto (vllm on a GPU when installed); the KL always uses transformers")
-    ev.add_argument("--device", default="auto", help="torch device of both models and the reward model "
-                    "(auto: cuda when available, else cpu)")
-    ev.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto", help="weights dtype (auto: bfloat16 on a "
-                    "GPU that supports it, else float32); the KL's log-softmax runs in float32")
-    ev.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                    help="vllm backend: fraction of the GPU memory vLLM may take (the two models need the rest)")
-    ev.add_argument("--train-data", default="auto", help="training rows (same forms as --prompts) whose prompts the "
-                    "evaluation prompts must not include; 'auto': the training data in the run_args.yaml of the run "
-                    "whose OUT/final is --model (refused when it cannot be found); 'none': skip the check")
-    ev.add_argument("--train-split", default="train", help="split of --train-data")
-    ev.add_argument("--train-format", default=None, help="adapter of --train-data (as --format)")
-    ev.add_argument("--train-format-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an option of the --train-format adapter (repeatable)")
-    ev.add_argument("--leak", choices=LEAK_POLICIES, default="error", help="what to do when evaluation prompts "
-                    "occur in the training data: stop with an error, or warn with the counts")
-    ev.add_argument("--out", default=None, help="also write the JSON report to this file (default: print only)")
-    ev.set_defaults(handler=_evaluate)
-
-
-def _register_demo(subparsers) -> None:
-    from shiq_llm.experiments.sweep import RESULT_COLUMNS
-
-    d = DemoConfig()
-    demo = subparsers.add_parser(
-        "demo", formatter_class=_FORMATTER,
-        help="the LLM main job: reference, data, ShiQ and baselines over β, reward-vs-KL figure",
-        description="Spec §5 on the embedded task, on the CPU in about 2 minutes: build the reference and offline "
-        "data (as make-data), train each method at each β with the trainer's API, evaluate each policy on the "
-        "held-out prompts (mean reward of its samples, exact KL to the reference) and write OUT/results.csv "
-        "(columns " + ",".join(RESULT_COLUMNS) + ") and OUT/reward_vs_kl.png. It is the sweep of "
-        "shiq_llm/experiments/embedded_sweep.yaml with these options.")
-    demo.add_argument("--out", default=d.out, help="output directory")
-    demo.add_argument("--algos", default=argparse.SUPPRESS,
-                      help=f"comma-separated methods (default: {','.join(d.algos)}; --quick: shiq,dpo)")
-    demo.add_argument("--betas", default=argparse.SUPPRESS,
-                      help=f"comma-separated β values (default: {','.join(f'{b:g}' for b in d.betas)}; --quick: 0.1)")
-    options = [  # (name, type, help); the default comes from DemoConfig
-        ("steps", int, "optimizer steps per run"),
-        ("lr", float, "learning rate of every run"),
-        ("batch_size", int, "sequences per step (dpo and copg: batch_size // 2 pairs)"),
-        ("completions_per_prompt", int, "offline completions per training prompt"),
-        ("ref_steps", int, "supervised steps of the reference"),
-        ("eval_samples", int, "samples per held-out prompt"),
-        ("max_new_tokens", int, "generation budget"),
-        ("seed", int, "seed of everything"),
-        ("threads", int, "torch CPU threads during the demo (1 is fastest for the tiny model)"),
-    ]
-    for name, kind, text in options:
-        demo.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                          help=f"{text} (default: {getattr(d, name):g})")
-    demo.add_argument("--data", default=argparse.SUPPRESS, help="reuse a `shiq-llm make-data` directory instead of "
-                      "building OUT/data (default: build it)")
-    demo.add_argument("--quick", action="store_true",
-                      help="only shiq and dpo at β = 0.1 (under a minute): a smoke test")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    demo.set_defaults(handler=_demo)
+    return {
+        "make-data": Command(
+            "make-data", (MakeDataArgs,), _make_data, check=_check_make_data,
+            help="build the embedded task's reference model and offline rows",
+            description="Build the embedded synthetic task (shiq_llm.tasks.synthetic, no download, CPU seconds): a "
+            "tiny Llama pre-trained on noisy counting demonstrations, saved with its tokenizer to OUT/reference (load "
+            "it with `shiq-llm train --model_name_or_path OUT/reference`); K completions per training prompt sampled "
+            "from it and labelled with the task reward, in OUT/train.jsonl ({prompt, completion, reward}); the "
+            "held-out prompts in OUT/eval_prompts.jsonl. A short run: --ref_steps 20."),
+        "evaluate": Command(
+            "evaluate", (EvaluateArgs,), _evaluate, check=_check_evaluate,
+            help="mean reward and KL(π‖π_ref) of a policy on its own samples",
+            description="Sample completions of each prompt from the policy (pure sampling: temperature 1, no "
+            "top-k/top-p, so the samples are π's) and report their mean reward and KL(π‖π_ref), each with its "
+            "standard error: exact per token from both models' next-token distributions (computed from hidden states "
+            "in chunks of --chunk-size rows, never the (B, L, V) logits), summed over each sample, and the "
+            "Monte-Carlo Σ_t ln π/π_ref (shiq_llm.generation.evaluate); also the mean length and the fraction of "
+            "samples that ended with EOS. Before sampling, the evaluation prompts are checked against the training "
+            "prompts (--train-data): any overlap is an error (or a warning with the counts, --leak warn). Prints "
+            "JSON; --out writes it."),
+        "demo": Command(
+            "demo", (DemoConfig,), _demo, check=_check_demo, quick={"algos": ("shiq", "dpo"), "betas": (0.1,)},
+            choices={"algos": LLM_METHODS},
+            help="the LLM main job: reference, data, ShiQ and baselines over β, reward-vs-KL figure",
+            description="Spec §5 on the embedded task, on the CPU in about 2 minutes: build the reference and "
+            "offline data (as make-data), train each method at each β with the trainer's API, evaluate each policy "
+            "on the held-out prompts (mean reward of its samples, exact KL to the reference) and write "
+            "OUT/results.csv (columns " + ",".join(RESULT_COLUMNS) + ") and OUT/reward_vs_kl.png. It is the sweep "
+            "of shiq_llm/experiments/embedded_sweep.yaml with these options."),
+        "sweep": Command(
+            "sweep", (SweepConfig, SweepFlags), _sweep, check=_check_sweep, check_source=True,
+            choices={"algos": LLM_METHODS},
+            help="train and evaluate a grid of methods × β × seeds; results.csv and the reward-vs-KL figure",
+            description="Train every (algo, beta, seed) of a sweep file (--config, its keys are the options below) "
+            "with ShiQTrainer (the reference statistics computed once and shared), evaluate each on the held-out "
+            "prompts (mean reward of its samples, exact and Monte-Carlo KL to the reference), and write "
+            "OUT/results.csv (columns " + ",".join(RESULT_COLUMNS) + ", plus the reference; with 'evaluator: "
+            "dialogues' the multi-turn task's per-turn columns too), OUT/curves.csv (the training log and the "
+            "evaluations per cell and step; 'eval_every' evaluates during training) and OUT/reward_vs_kl.png (mean "
+            "over seeds with error bars, one curve per method). Re-running skips finished cells; a failed cell is "
+            "reported and the others go on. The keys are documented in shiq_llm.experiments.sweep (example: "
+            "shiq_llm/experiments/embedded_sweep.yaml). Mapping options given here update the file's: a short run is "
+            "--train max_steps=2 --evaluation num_samples=2."),
+    }

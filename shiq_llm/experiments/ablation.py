@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from shiq_toy.options import option
+
 __all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "prepare_single_turn_data", "collect", "MARGINS",
            "shared_with_multiturn", "tables_of", "plot", "main"]
 
@@ -43,58 +45,32 @@ METHODS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk")
 class AblationArgs:
     """Arguments of the ablation (``shiq-llm experiment ablation``); the defaults are the README's run."""
 
-    out: Path = Path("results/ablation")
-    """directory for ablation.csv, ablation.png, ablation_table.md, ablation_summary.json, data_<task>/, sweep_<task>/"""
-    tasks: tuple[str, ...] = TASKS
-    """single_turn (counting, shiq_llm.tasks.synthetic) and/or multi_turn (calculator dialogues, shiq_llm.tasks.multiturn)"""
-    methods: tuple[str, ...] = METHODS
-    """ShiQ and its ablations (any shiq-llm train --loss_type)"""
-    betas: tuple[float, ...] = (0.1, 1.0)
-    """KL regularisation β of every method"""
-    seeds: int = 3
-    """training seeds per (task, method, β): seed, seed+1, …; they change the batch order and the evaluation samples"""
-    seed: int = 0
-    """first training seed; also the seed of the references and their data"""
-    steps: int = 100
-    """optimizer steps per run"""
-    batch_size: int = 32
-    """sequences per step"""
-    lr: float = 1e-3
-    """AdamW learning rate (linear decay), the same for every method"""
-    log_every: int = 5
-    """training-log interval in steps (the loss at step 1, before any update, is logged too)"""
-    eval_every: int = 25
-    """evaluate the policy every this many steps during training (0: only at the end)"""
-    single_eval_samples: int = 16
-    """single_turn: completions sampled per held-out prompt (20 prompts) at each evaluation"""
-    multi_eval_prompts: int = 32
-    """multi_turn: held-out prompts of the evaluation"""
-    multi_eval_samples: int = 4
-    """multi_turn: dialogues sampled per held-out prompt at each evaluation"""
-    max_new_tokens: int = 12
-    """generation budget (per agent turn in multi_turn)"""
-    single_data: str = ""
-    """an existing shiq-llm make-data directory to use instead of building OUT/data_single_turn"""
-    single_ref_steps: int = 600
-    """single_turn: supervised steps of the reference"""
-    completions_per_prompt: int = 16
-    """single_turn: completions sampled from the reference per training prompt"""
-    multi_data: str = ""
-    """an existing shiq-llm make-multiturn-data directory to use instead of building OUT/data_multi_turn"""
-    multi_ref_steps: int = 400
-    """multi_turn: supervised steps of the reference"""
-    train_prompts: int = 256
-    """multi_turn: training prompts of the offline data"""
-    samples_per_prompt: int = 8
-    """multi_turn: dialogues sampled from the reference per training prompt"""
-    curve_beta: float = 0.0
-    """β whose curves over training steps are plotted (0: the first of betas)"""
-    threads: int = 1
-    """torch CPU threads (1 is fastest for the tiny models)"""
-    progress: bool = True
-    """show a progress bar over each sweep's cells"""
-    tables_from: str = ""
-    """an existing ablation.csv: re-derive the figure and the table from it into OUT, without training"""
+    out: Path = option(Path("results/ablation"), "directory for ablation.csv, ablation.png, ablation_table.md, ablation_summary.json, data_<task>/, sweep_<task>/", aliases=("output_dir",), path="out_dir")
+    tasks: tuple[str, ...] = option(TASKS, "single_turn (counting, shiq_llm.tasks.synthetic) and/or multi_turn (calculator dialogues, shiq_llm.tasks.multiturn)")
+    methods: tuple[str, ...] = option(METHODS, "ShiQ and its ablations (any shiq-llm train --loss_type)")
+    betas: tuple[float, ...] = option((0.1, 1.0), "KL regularisation β of every method")
+    seeds: int = option(3, "training seeds per (task, method, β): seed, seed+1, …; they change the batch order and the evaluation samples")
+    seed: int = option(0, "first training seed; also the seed of the references and their data")
+    steps: int = option(100, "optimizer steps per run")
+    batch_size: int = option(32, "sequences per step")
+    lr: float = option(1e-3, "AdamW learning rate (linear decay), the same for every method", aliases=("learning_rate",))
+    log_every: int = option(5, "training-log interval in steps (the loss at step 1, before any update, is logged too)")
+    eval_every: int = option(25, "evaluate the policy every this many steps during training (0: only at the end)")
+    single_eval_samples: int = option(16, "single_turn: completions sampled per held-out prompt (20 prompts) at each evaluation")
+    multi_eval_prompts: int = option(32, "multi_turn: held-out prompts of the evaluation")
+    multi_eval_samples: int = option(4, "multi_turn: dialogues sampled per held-out prompt at each evaluation")
+    max_new_tokens: int = option(12, "generation budget (per agent turn in multi_turn)")
+    single_data: str = option("", "an existing shiq-llm make-data directory to use instead of building OUT/data_single_turn", path="in_dir")
+    single_ref_steps: int = option(600, "single_turn: supervised steps of the reference")
+    completions_per_prompt: int = option(16, "single_turn: completions sampled from the reference per training prompt")
+    multi_data: str = option("", "an existing shiq-llm make-multiturn-data directory to use instead of building OUT/data_multi_turn", path="in_dir")
+    multi_ref_steps: int = option(400, "multi_turn: supervised steps of the reference")
+    train_prompts: int = option(256, "multi_turn: training prompts of the offline data")
+    samples_per_prompt: int = option(8, "multi_turn: dialogues sampled from the reference per training prompt")
+    curve_beta: float = option(0.0, "β whose curves over training steps are plotted (0: the first of betas)")
+    threads: int = option(1, "torch CPU threads (1 is fastest for the tiny models)")
+    progress: bool = option(True, "show a progress bar over each sweep's cells")
+    tables_from: str = option("", "an existing ablation.csv: re-derive the figure and the table from it into OUT, without training")
 
 
 #: ``--quick``: both tasks, every method, 2 seeds, one β, 20 short steps on smaller data sets (the same multi-turn
@@ -123,7 +99,7 @@ def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, compl
     return prepare_data(given, default, settings, build, command="shiq-llm make-data")
 
 
-def _check(args: AblationArgs) -> None:
+def check_args(args: AblationArgs) -> None:
     from shiq_llm.train.config import LLM_METHODS
 
     if not args.tasks or not set(args.tasks) <= set(TASKS):
@@ -181,7 +157,7 @@ def main(args: AblationArgs) -> dict:
     the summary also written to ``ablation_summary.json``."""
     from shiq_llm.experiments.driver import Experiment, run
 
-    return run(Experiment("ablation", ("task", "method", "algo", "beta", "seed", "step"), _check, collect, tables_of,
+    return run(Experiment("ablation", ("task", "method", "algo", "beta", "seed", "step"), check_args, collect, tables_of,
                           plot), args)
 
 

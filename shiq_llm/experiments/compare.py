@@ -38,7 +38,9 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["CompareArgs", "METHODS", "QUICK", "split_prompts", "select_learning_rates", "interpolate_frontier",
+from shiq_toy.options import option
+
+__all__ = ["CompareArgs", "METHODS", "QUICK", "check_args", "split_prompts", "select_learning_rates", "interpolate_frontier",
            "kl_budgets", "frontier_rows", "seed_frontier_rows", "budget_comparisons", "collect", "FIRST", "tables_of", "plot",
            "write_frontier", "main"]
 
@@ -49,44 +51,25 @@ METHODS = ("shiq", "dpo", "copg", "dro", "ipo")
 class CompareArgs:
     """Arguments of the matched-KL comparison (``shiq-llm experiment compare``); the defaults are the docs' run."""
 
-    out: Path = Path("results/compare")
-    """directory for compare.csv, frontier.csv, compare.png, compare_table.md, data/, selection/, test/"""
-    methods: tuple[str, ...] = METHODS
-    """methods (any shiq-llm train --loss_type)"""
-    betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
-    """KL regularisation β of every method (the points of each method's frontier)"""
-    learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    """AdamW learning rates of the grid each (method, β) selects from on the validation split"""
-    seeds: int = 5
-    """test seeds of each selected configuration: seed, seed+1, …"""
-    seed: int = 0
-    """first seed; also the seed of the selection runs, of the reference and its data"""
-    steps: int = 100
-    """optimizer steps per run"""
-    batch_size: int = 32
-    """sequences per step (pair methods: batch_size // 2 pairs)"""
-    eval_samples: int = 16
-    """completions sampled per validation or test prompt at each evaluation"""
-    max_new_tokens: int = 12
-    """generation budget"""
-    ref_steps: int = 600
-    """supervised steps of the reference"""
-    completions_per_prompt: int = 16
-    """completions sampled from the reference per training prompt"""
-    data: str = ""
-    """an existing shiq-llm make-data directory to use instead of building OUT/data"""
-    budgets: int = 4
-    """number of common KL budgets, evenly spaced inside the KL range every method's frontier covers"""
-    margin: float = 0.02
-    """equivalence margin of the reward (fraction of correct words) at a KL budget"""
-    bootstrap: int = 2000
-    """bootstrap resamples of the seeds for the frontier's intervals"""
-    threads: int = 1
-    """torch CPU threads (1 is fastest for the tiny model)"""
-    progress: bool = True
-    """show a progress bar over the sweeps' cells"""
-    tables_from: str = ""
-    """an existing compare.csv: re-derive the figure, frontier.csv and the table from it into OUT, without training"""
+    out: Path = option(Path("results/compare"), "directory for compare.csv, frontier.csv, compare.png, compare_table.md, data/, selection/, test/", aliases=("output_dir",), path="out_dir")
+    methods: tuple[str, ...] = option(METHODS, "methods (any shiq-llm train --loss_type)")
+    betas: tuple[float, ...] = option((0.03, 0.1, 0.3, 1.0), "KL regularisation β of every method (the points of each method's frontier)")
+    learning_rates: tuple[float, ...] = option((3e-4, 1e-3, 3e-3), "AdamW learning rates of the grid each (method, β) selects from on the validation split")
+    seeds: int = option(5, "test seeds of each selected configuration: seed, seed+1, …")
+    seed: int = option(0, "first seed; also the seed of the selection runs, of the reference and its data")
+    steps: int = option(100, "optimizer steps per run")
+    batch_size: int = option(32, "sequences per step (pair methods: batch_size // 2 pairs)")
+    eval_samples: int = option(16, "completions sampled per validation or test prompt at each evaluation")
+    max_new_tokens: int = option(12, "generation budget")
+    ref_steps: int = option(600, "supervised steps of the reference")
+    completions_per_prompt: int = option(16, "completions sampled from the reference per training prompt")
+    data: str = option("", "an existing shiq-llm make-data directory to use instead of building OUT/data", aliases=("dataset_name",), path="in_dir")
+    budgets: int = option(4, "number of common KL budgets, evenly spaced inside the KL range every method's frontier covers")
+    margin: float = option(0.02, "equivalence margin of the reward (fraction of correct words) at a KL budget")
+    bootstrap: int = option(2000, "bootstrap resamples of the seeds for the frontier's intervals")
+    threads: int = option(1, "torch CPU threads (1 is fastest for the tiny model)")
+    progress: bool = option(True, "show a progress bar over the sweeps' cells")
+    tables_from: str = option("", "an existing compare.csv: re-derive the figure, frontier.csv and the table from it into OUT, without training")
 
 
 #: ``--quick``: every method, 2 β, 2 learning rates, 2 seeds, 8 short steps on a smaller data set: a check that the
@@ -244,7 +227,7 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check(args: CompareArgs) -> None:
+def check_args(args: CompareArgs) -> None:
     from shiq_llm.train.config import LLM_METHODS
 
     if not args.methods or not set(args.methods) <= set(LLM_METHODS):
@@ -377,7 +360,7 @@ def main(args: CompareArgs) -> dict:
     returns the summary also written to ``compare_summary.json``."""
     from shiq_llm.experiments.driver import Experiment, run
 
-    return run(Experiment("compare", FIRST, _check, collect, tables_of, plot, write_frontier), args)
+    return run(Experiment("compare", FIRST, check_args, collect, tables_of, plot, write_frontier), args)
 
 
 def write_frontier(tables: dict, out: Path) -> None:

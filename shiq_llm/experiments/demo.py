@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from shiq_toy.experiments import num_threads
+from shiq_toy.options import option
 
 __all__ = ["DemoConfig", "run_demo", "demo_sweep_config", "EMBEDDED_SWEEP", "quiet_libraries"]
 
@@ -24,35 +25,27 @@ __all__ = ["DemoConfig", "run_demo", "demo_sweep_config", "EMBEDDED_SWEEP", "qui
 class DemoConfig:
     """Arguments of ``shiq-llm demo`` (defaults: the full demo, about 3 minutes on a 2-core CPU)."""
 
-    out: str = "demo"
-    """Output directory: data/ (reference, rows), runs/<algo>_beta<β>/ (trainer outputs), the CSV and figure."""
-    algos: tuple[str, ...] = ("shiq", "dpo", "copg", "dro")
-    """Methods trained (``shiq_llm.train.config.LLM_METHODS``)."""
-    betas: tuple[float, ...] = (0.1, 0.3, 1.0)
-    """β of every method."""
-    steps: int = 150
-    """Optimizer steps per run."""
-    lr: float = 1e-3
-    """AdamW learning rate (linear decay), the same for every method."""
-    batch_size: int = 32
-    """Sequences per step; dpo and copg take batch_size // 2 pairs, i.e. as many sequences."""
-    completions_per_prompt: int = 16
-    """Offline completions sampled from the reference per training prompt."""
-    ref_steps: int = 600
-    """Supervised steps of the reference (``shiq_llm.tasks.synthetic.ReferenceConfig.steps``)."""
-    eval_samples: int = 16
-    """Completions sampled per held-out prompt to evaluate each policy."""
-    max_new_tokens: int = 12
-    """Generation budget (a correct answer is 5 tokens: four numbers and EOS)."""
-    seed: int = 0
-    """Seed of the reference, the data, the training runs and the evaluation samples."""
-    data: str | None = None
-    """An existing ``make-data`` directory to reuse instead of building the reference and rows (OUT/data)."""
-    progress: bool = True
-    """Show tqdm progress bars."""
-    threads: int = 1
-    """torch CPU threads during the demo (restored afterwards). The tiny model's matrices are too small for
-    intra-op parallelism: with 2 threads on a busy 2-core machine the demo ran several times slower."""
+    out: str = option("demo", 'Output directory: data/ (reference, rows), runs/<algo>_beta<β>/ (trainer outputs), '
+                      'the CSV and figure.', aliases=("output_dir",), path="out_dir")
+    algos: tuple[str, ...] = option(("shiq", "dpo", "copg", "dro"), 'Methods trained '
+                                    '(``shiq_llm.train.config.LLM_METHODS``).')
+    betas: tuple[float, ...] = option((0.1, 0.3, 1.0), 'β of every method.')
+    steps: int = option(150, 'Optimizer steps per run.')
+    lr: float = option(1e-3, 'AdamW learning rate (linear decay), the same for every method.', aliases=("learning_rate",))
+    batch_size: int = option(32, 'Sequences per step; dpo and copg take batch_size // 2 pairs, i.e. as many '
+                             'sequences.')
+    completions_per_prompt: int = option(16, 'Offline completions sampled from the reference per training prompt.')
+    ref_steps: int = option(600, 'Supervised steps of the reference '
+                            '(``shiq_llm.tasks.synthetic.ReferenceConfig.steps``).')
+    eval_samples: int = option(16, 'Completions sampled per held-out prompt to evaluate each policy.')
+    max_new_tokens: int = option(12, 'Generation budget (a correct answer is 5 tokens: four numbers and EOS).')
+    seed: int = option(0, 'Seed of the reference, the data, the training runs and the evaluation samples.')
+    data: str | None = option(None, 'An existing ``make-data`` directory to reuse instead of building the reference '
+                              'and rows (OUT/data).', aliases=("dataset_name",), path="in_dir")
+    progress: bool = option(True, 'Show tqdm progress bars.')
+    threads: int = option(1, "torch CPU threads during the demo (restored afterwards). The tiny model's matrices are "
+                          'too small for intra-op parallelism: with 2 threads on a busy 2-core machine the demo ran '
+                          'several times slower.')
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":

@@ -1,6 +1,6 @@
 """Q3 on the embedded LLM task: train on a proxy reward that pays for a surface feature, judge on the true one.
 
-``python -m shiq_llm.experiments.misspecified --out runs/misspecified`` (``--quick`` for a small budget).
+``shiq-llm experiment misspecified --out runs/misspecified`` (``--quick`` for a small budget).
 
 The embedded counting task of :mod:`shiq_llm.tasks.synthetic` (the ``shiq-llm demo`` reference and offline rows),
 with every row relabelled by :func:`shiq_llm.tasks.synthetic.proxy_reward`: the true reward plus a bonus for each
@@ -17,13 +17,13 @@ KL(π ‖ π_ref), one curve per method across β).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from shiq_toy.options import apply_preset, option
 
 __all__ = ["ProxyArgs", "relabel", "main"]
 
@@ -34,30 +34,21 @@ CSV_HEADER = ["method", "beta", "seed", "true_reward", "true_reward_sem", "proxy
 class ProxyArgs:
     """Arguments of the embedded-task flawed-reward experiment."""
 
-    out: Path = Path("runs/misspecified")
-    """directory for data/, train_proxy.jsonl, sweep/, misspecified_llm.csv and misspecified_llm.png"""
-    data: str = ""
-    """an existing `shiq-llm make-data` directory to reuse (default: build it in OUT/data)"""
-    bonus: float = 1.0
-    """what the proxy pays per large-number word, in units of a correct word's reward (1 = as much)"""
-    algos: tuple[str, ...] = ("shiq", "dpo", "copg", "dro")
-    """methods trained"""
-    betas: tuple[float, ...] = (0.1, 0.3, 1.0)
-    """β of every method"""
-    steps: int = 150
-    """optimizer steps per run (as shiq-llm demo)"""
-    lr: float = 1e-3
-    """AdamW learning rate (linear decay)"""
-    batch_size: int = 32
-    """sequences per step"""
-    eval_samples: int = 16
-    """completions sampled per held-out prompt"""
-    seed: int = 0
-    """seed of the reference, the data, the runs and the evaluation samples"""
-    quick: bool = False
-    """a small budget: shiq and dpo at β = 0.1 and 1, 60 steps, 8 samples per prompt"""
-    threads: int = 1
-    """torch CPU threads"""
+    out: Path = option(Path("runs/misspecified"), 'directory for data/, train_proxy.jsonl, sweep/, '
+                       'misspecified_llm.csv and misspecified_llm.png', aliases=("output_dir",), path="out_dir")
+    data: str = option("", 'an existing `shiq-llm make-data` directory to reuse (default: build it in OUT/data)', aliases=("dataset_name",), path="in_dir")
+    bonus: float = option(1.0, "what the proxy pays per large-number word, in units of a correct word's reward (1 = "
+                          'as much)')
+    algos: tuple[str, ...] = option(("shiq", "dpo", "copg", "dro"), 'methods trained')
+    betas: tuple[float, ...] = option((0.1, 0.3, 1.0), 'β of every method')
+    steps: int = option(150, 'optimizer steps per run (as shiq-llm demo)')
+    lr: float = option(1e-3, 'AdamW learning rate (linear decay)', aliases=("learning_rate",))
+    batch_size: int = option(32, 'sequences per step')
+    eval_samples: int = option(16, 'completions sampled per held-out prompt')
+    seed: int = option(0, 'seed of the reference, the data, the runs and the evaluation samples')
+    quick: bool = option(False, 'a small budget (QUICK): shiq and dpo at β = 0.1 and 1, 60 steps, 8 samples per prompt, except '
+                         'the options given explicitly')
+    threads: int = option(1, 'torch CPU threads')
 
 
 QUICK = {"algos": ("shiq", "dpo"), "betas": (0.1, 1.0), "steps": 60, "eval_samples": 8}
@@ -146,10 +137,10 @@ def main(args: ProxyArgs) -> list[dict]:
     from shiq_llm.experiments.demo import DemoConfig, demo_sweep_config
     from shiq_llm.experiments.sweep import run_sweep
     from shiq_llm.tasks import synthetic
-    from shiq_toy.experiments import num_threads, step_cap, write_csv
+    from shiq_toy.experiments import num_threads, write_csv
 
-    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
-        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
+    if args.quick:  # the preset changes the fields still at their defaults (the command line applies it itself)
+        args = apply_preset(args, QUICK)
     if not (args.bonus >= 0 and math.isfinite(args.bonus)):
         raise ValueError(f"bonus must be a finite number >= 0, got {args.bonus}")
     start = time.perf_counter()
@@ -183,30 +174,6 @@ def main(args: ProxyArgs) -> list[dict]:
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from shiq_llm.train.config import LLM_METHODS
-    from shiq_toy.experiments import add_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m shiq_llm.experiments.misspecified", description=__doc__.split("\n\n")[0])
-    add_arguments(parser, ProxyArgs, choices={"algos": tuple(LLM_METHODS)})
-    return parser
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry point; bad input prints ``prog: error: ...`` and returns 1."""
-    from shiq_toy.experiments import args_from_namespace
-
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        rows = main(args_from_namespace(ProxyArgs, ns))
-    except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
-    for row in rows:
-        print(f"  {row['method']:<10} β={row['beta']:<5g} true reward {row['true_reward']:.3f}  proxy {row['proxy_reward']:.3f}  KL {row['kl']:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
+if __name__ == "__main__":  # the command moved to the one command line (shiq_llm.cli), which this layer never imports
+    raise SystemExit("python -m shiq_llm.experiments.misspecified is now: shiq-llm experiment misspecified --out DIR "
+                     "[--quick] (shiq-llm experiment misspecified --help: every option)")

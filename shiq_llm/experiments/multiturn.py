@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from shiq_toy.options import option
+
 __all__ = ["MultiturnArgs", "METHODS", "FINAL_REWARD", "QUICK", "final_reward_rows", "prepare_multiturn_data",
            "write_eval_prompts", "train_options", "collect", "MARGINS", "tables_of", "plot", "main"]
 
@@ -46,48 +48,27 @@ METHODS = ("shiq", FINAL_REWARD, "shiq_ms", "shiq_tk", "dpo", "copg", "dro")
 class MultiturnArgs:
     """Arguments of the multi-turn experiment (``shiq-llm experiment multiturn``); the defaults are the README's run."""
 
-    out: Path = Path("results/multiturn")
-    """directory for multiturn.csv, multiturn.png, multiturn_table.md, multiturn_summary.json, data/ and sweep/"""
-    methods: tuple[str, ...] = METHODS
-    """methods: shiq_final_reward (shiq on the summed reward, on the last turn) or any shiq-llm train --loss_type"""
-    betas: tuple[float, ...] = (0.1, 0.3)
-    """KL regularisation β of every method"""
-    seeds: int = 3
-    """training seeds per (method, β): seed, seed+1, …; they change the batch order and the evaluation samples"""
-    seed: int = 0
-    """first training seed; also the seed of the reference and its dialogues"""
-    steps: int = 100
-    """optimizer steps per run"""
-    batch_size: int = 32
-    """dialogues per step (dpo and copg: batch_size // 2 pairs)"""
-    lr: float = 1e-3
-    """AdamW learning rate (linear decay), the same for every method"""
-    log_every: int = 5
-    """training-log interval in steps (the loss at step 1, before any update, is logged too)"""
-    eval_every: int = 25
-    """evaluate the policy every this many steps during training, for reward over training steps (0: only at the end)"""
-    eval_prompts: int = 32
-    """held-out prompts of the evaluation (the first of the data's eval_prompts.jsonl)"""
-    eval_samples: int = 4
-    """dialogues sampled per held-out prompt at each evaluation"""
-    max_new_tokens: int = 12
-    """generation budget per agent turn"""
-    train_prompts: int = 256
-    """training prompts of the offline data (built in OUT/data unless --data is given)"""
-    samples_per_prompt: int = 8
-    """dialogues sampled from the reference per training prompt"""
-    ref_steps: int = 400
-    """supervised steps of the reference (shiq_llm.tasks.multiturn.REFERENCE)"""
-    data: str = ""
-    """an existing shiq-llm make-multiturn-data directory to use instead of building OUT/data"""
-    curve_beta: float = 0.0
-    """β whose reward over training steps is plotted (0: the first of betas)"""
-    threads: int = 1
-    """torch CPU threads (1 is fastest for the tiny model)"""
-    progress: bool = True
-    """show a progress bar over the sweep's cells"""
-    tables_from: str = ""
-    """an existing multiturn.csv: re-derive the figure and the table from it into OUT, without training"""
+    out: Path = option(Path("results/multiturn"), "directory for multiturn.csv, multiturn.png, multiturn_table.md, multiturn_summary.json, data/ and sweep/", aliases=("output_dir",), path="out_dir")
+    methods: tuple[str, ...] = option(METHODS, "methods: shiq_final_reward (shiq on the summed reward, on the last turn) or any shiq-llm train --loss_type")
+    betas: tuple[float, ...] = option((0.1, 0.3), "KL regularisation β of every method")
+    seeds: int = option(3, "training seeds per (method, β): seed, seed+1, …; they change the batch order and the evaluation samples")
+    seed: int = option(0, "first training seed; also the seed of the reference and its dialogues")
+    steps: int = option(100, "optimizer steps per run")
+    batch_size: int = option(32, "dialogues per step (dpo and copg: batch_size // 2 pairs)")
+    lr: float = option(1e-3, "AdamW learning rate (linear decay), the same for every method", aliases=("learning_rate",))
+    log_every: int = option(5, "training-log interval in steps (the loss at step 1, before any update, is logged too)")
+    eval_every: int = option(25, "evaluate the policy every this many steps during training, for reward over training steps (0: only at the end)")
+    eval_prompts: int = option(32, "held-out prompts of the evaluation (the first of the data's eval_prompts.jsonl)")
+    eval_samples: int = option(4, "dialogues sampled per held-out prompt at each evaluation")
+    max_new_tokens: int = option(12, "generation budget per agent turn")
+    train_prompts: int = option(256, "training prompts of the offline data (built in OUT/data unless --data is given)")
+    samples_per_prompt: int = option(8, "dialogues sampled from the reference per training prompt")
+    ref_steps: int = option(400, "supervised steps of the reference (shiq_llm.tasks.multiturn.REFERENCE)")
+    data: str = option("", "an existing shiq-llm make-multiturn-data directory to use instead of building OUT/data", aliases=("dataset_name",), path="in_dir")
+    curve_beta: float = option(0.0, "β whose reward over training steps is plotted (0: the first of betas)")
+    threads: int = option(1, "torch CPU threads (1 is fastest for the tiny model)")
+    progress: bool = option(True, "show a progress bar over the sweep's cells")
+    tables_from: str = option("", "an existing multiturn.csv: re-derive the figure and the table from it into OUT, without training")
 
 
 #: ``--quick``: every method, 2 seeds, one β, 20 short steps on a smaller data set (the same reference): a check that
@@ -125,7 +106,7 @@ def prepare_multiturn_data(default: Path, given: str, *, train_prompts: int, sam
     return prepare_data(given, default, settings, build, command="shiq-llm make-multiturn-data")
 
 
-def _check(args: MultiturnArgs) -> None:
+def check_args(args: MultiturnArgs) -> None:
     from shiq_llm.train.config import LLM_METHODS
 
     bad = [m for m in args.methods if m not in (*LLM_METHODS, FINAL_REWARD)]
@@ -195,7 +176,7 @@ def main(args: MultiturnArgs) -> dict:
     returns the summary also written to ``multiturn_summary.json``."""
     from shiq_llm.experiments.driver import Experiment, run
 
-    return run(Experiment("multiturn", ("method", "algo", "beta", "seed", "step"), _check, collect, tables_of, plot),
+    return run(Experiment("multiturn", ("method", "algo", "beta", "seed", "step"), check_args, collect, tables_of, plot),
                args)
 
 

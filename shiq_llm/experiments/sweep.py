@@ -72,13 +72,14 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from shiq_llm.storage.jsonl import read_jsonl
+from shiq_toy.options import option
 
-__all__ = ["SweepConfig", "load_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
+__all__ = ["SweepConfig", "load_sweep_config", "check_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
            "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
            "TRAIN_LOG_KEYS", "KEY_IGNORED_OPTIONS", "digest", "training_key", "key_changes"]
 
@@ -142,65 +143,58 @@ EVALUATORS: dict[str, Evaluator] = {
 class SweepConfig:
     """A sweep (module docstring). Every key of the YAML file is a field; unknown keys are refused."""
 
-    out: str
-    """Output directory: results.csv, curves.csv, reward_vs_kl.png, reference/ (shared statistics), runs/<cell>/."""
-    model: str
-    """The reference model (hub name or path): the initial policy of every cell and the KL's reference."""
-    train_data: str
-    """Training rows: a file or hub dataset (as ``shiq-llm train --dataset_name``)."""
-    algos: list[str]
-    """Methods of the grid (``shiq_llm.train.config.LLM_METHODS``)."""
-    betas: list[float]
-    """β values of the grid."""
-    seeds: list[int] = field(default_factory=lambda: [0])
-    """Training seeds of the grid (data order, value head); a cell of seed s samples its evaluation with the seed
-    ``evaluation.seed + s``."""
-    data_format: str | None = None
-    """Adapter of the training rows (``shiq_llm.data.adapters``), if they are not canonical."""
-    data_format_options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of that adapter (e.g. ``{score: fine-grained_score}`` for ultrafeedback)."""
-    train_split: str = "train"
-    """Split of a hub dataset ``train_data`` (``shiq-llm train --dataset_train_split``)."""
-    eval_prompts: str = "synthetic"
-    """Evaluation prompts, as ``shiq-llm evaluate --prompts``: 'synthetic', a .txt, a .jsonl/.json/.parquet file
-    or a hub dataset."""
-    eval_split: str = "eval"
-    """Split of the evaluation prompts ('eval' of the synthetic ones: held out from training; a hub split such as
-    'test' or 'test_prefs[:500]')."""
-    eval_format: str | None = None
-    """Adapter of the evaluation prompt rows (as ``shiq-llm evaluate --format``)."""
-    eval_format_options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of that adapter."""
-    eval_prompt_field: str | None = None
-    """Field of the evaluation rows that holds the prompt (default 'prompt', else the messages of 'messages')."""
-    leak: str = "error"
-    """When evaluation prompts also occur in the training data: 'error' refuses the sweep (naming the counts and
-    an example) before anything trains, 'warn' logs the counts and goes on."""
-    reward: str | None = None
-    """Reward of the evaluation: 'synthetic' or 'module:function', f(prompt, completion) -> float (default
-    'synthetic' unless ``reward_model`` is given)."""
-    reward_options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments bound to the ``reward`` callable (e.g. ``{answers: runs/bfcl/eval_rows.jsonl}`` for
-    ``shiq_llm.data.bfcl:first_step_reward``)."""
-    reward_model: str | None = None
-    """A sequence-classification reward model (hub name or path, one label) instead of ``reward``
-    (``shiq_llm.generation.rewards.RewardModel``, on ``evaluation.device``)."""
-    model_options: dict[str, Any] = field(default_factory=dict)
-    """``ModelArguments`` of every cell other than the model (dtype, use_peft, lora_r, …)."""
-    train: dict[str, Any] = field(default_factory=dict)
-    """``ShiQConfig`` options shared by every cell (learning_rate, max_steps, per_device_train_batch_size, …)."""
-    evaluation: dict[str, Any] = field(default_factory=dict)
-    """Options of the evaluator (num_samples, max_new_tokens, seed — a cell of seed s samples with seed + s —,
-    batch_size, chunk_size) and where it runs: device ('auto': cuda when available), dtype (as ``shiq-llm
-    evaluate --dtype``), reward_batch_size."""
-    evaluator: str = "completions"
-    """How policies are evaluated (:data:`EVALUATORS`): 'completions' (with ``reward``) or 'dialogues' (the
-    multi-turn task, ``shiq_llm.tasks.multiturn``; ``eval_prompts`` a file of its prompts)."""
-    eval_every: int = 0
-    """Also evaluate every this many optimizer steps during training (0: the final model only)."""
-    variants: dict[str, dict] = field(default_factory=dict)
-    """Further methods of the grid: name -> {algo, train_data, data_format, train}; unset keys come from the
-    sweep (``train`` options are laid over the sweep's). E.g. an algo trained on other rewards of the same rows."""
+    out: str = option(help='Output directory: results.csv, curves.csv, reward_vs_kl.png, reference/ (shared '
+                      'statistics), runs/<cell>/.', aliases=("output_dir",), path="out_dir")
+    model: str = option(help="The reference model (hub name or path): the initial policy of every cell and the KL's "
+                        'reference.', aliases=("model_name_or_path",))
+    train_data: str = option(help='Training rows: a file or hub dataset (as ``shiq-llm train --dataset_name``).', aliases=("dataset_name",), path="data")
+    algos: list[str] = option(help='Methods of the grid (``shiq_llm.train.config.LLM_METHODS``).')
+    betas: list[float] = option(help='β values of the grid.')
+    seeds: list[int] = option(default_factory=lambda: [0], help='Training seeds of the grid (data order, value '
+                              'head); a cell of seed s samples its evaluation with the seed ``evaluation.seed + s``.')
+    data_format: str | None = option(None, 'Adapter of the training rows (``shiq_llm.data.adapters``), if they are '
+                                     'not canonical.')
+    data_format_options: dict[str, Any] = option(default_factory=dict, help='Keyword arguments of that adapter (e.g. '
+                                                 '``{score: fine-grained_score}`` for ultrafeedback).')
+    train_split: str = option("train", 'Split of a hub dataset ``train_data`` (``shiq-llm train '
+                              '--dataset_train_split``).')
+    eval_prompts: str = option("synthetic", "Evaluation prompts, as ``shiq-llm evaluate --prompts``: 'synthetic', a "
+                               '.txt, a .jsonl/.json/.parquet file or a hub dataset.')
+    eval_split: str = option("eval", "Split of the evaluation prompts ('eval' of the synthetic ones: held out from "
+                             "training; a hub split such as 'test' or 'test_prefs[:500]').")
+    eval_format: str | None = option(None, 'Adapter of the evaluation prompt rows (as ``shiq-llm evaluate '
+                                     '--format``).')
+    eval_format_options: dict[str, Any] = option(default_factory=dict, help='Keyword arguments of that adapter.')
+    eval_prompt_field: str | None = option(None, 'Field of the evaluation rows that holds the prompt (default '
+                                           "'prompt', else the messages of 'messages').")
+    leak: str = option("error", "When evaluation prompts also occur in the training data: 'error' refuses the sweep "
+                       "(naming the counts and an example) before anything trains, 'warn' logs the counts and goes "
+                       'on.')
+    reward: str | None = option(None, "Reward of the evaluation: 'synthetic' or 'module:function', f(prompt, "
+                                "completion) -> float (default 'synthetic' unless ``reward_model`` is given).")
+    reward_options: dict[str, Any] = option(default_factory=dict, help='Keyword arguments bound to the ``reward`` '
+                                            'callable (e.g. ``{answers: runs/bfcl/eval_rows.jsonl}`` for '
+                                            '``shiq_llm.data.bfcl:first_step_reward``).')
+    reward_model: str | None = option(None, 'A sequence-classification reward model (hub name or path, one label) '
+                                      'instead of ``reward`` (``shiq_llm.generation.rewards.RewardModel``, on '
+                                      '``evaluation.device``).')
+    model_options: dict[str, Any] = option(default_factory=dict, help='``ModelArguments`` of every cell other than '
+                                           'the model (dtype, use_peft, lora_r, …).')
+    train: dict[str, Any] = option(default_factory=dict, help='``ShiQConfig`` options shared by every cell '
+                                   '(learning_rate, max_steps, per_device_train_batch_size, …).')
+    evaluation: dict[str, Any] = option(default_factory=dict, help='Options of the evaluator (num_samples, '
+                                        'max_new_tokens, seed — a cell of seed s samples with seed + s —, '
+                                        "batch_size, chunk_size) and where it runs: device ('auto': cuda when "
+                                        'available), dtype (as ``shiq-llm evaluate --dtype``), reward_batch_size.')
+    evaluator: str = option("completions", "How policies are evaluated (:data:`EVALUATORS`): 'completions' (with "
+                            "``reward``) or 'dialogues' (the multi-turn task, ``shiq_llm.tasks.multiturn``; "
+                            '``eval_prompts`` a file of its prompts).')
+    eval_every: int = option(0, 'Also evaluate every this many optimizer steps during training (0: the final model '
+                             'only).')
+    variants: dict[str, dict] = option(default_factory=dict, help='Further methods of the grid: name -> {algo, '
+                                       'train_data, data_format, train}; unset keys come from the sweep (``train`` '
+                                       "options are laid over the sweep's). E.g. an algo trained on other rewards of "
+                                       'the same rows.')
 
 
 def load_sweep_config(path: str | Path, **overrides) -> SweepConfig:
@@ -224,7 +218,7 @@ def load_sweep_config(path: str | Path, **overrides) -> SweepConfig:
     if missing:
         raise ValueError(f"sweep file {path}: missing key {missing[0]!r}")
     config = SweepConfig(**values)
-    _check(config, str(path))
+    check_sweep_config(config, str(path))
     return config
 
 
@@ -233,7 +227,8 @@ EVALUATION_KEYS = {"num_samples", "max_new_tokens", "seed", "batch_size", "chunk
                    "reward_batch_size"}
 
 
-def _check(config: SweepConfig, where: str) -> None:
+def check_sweep_config(config: SweepConfig, where: str) -> None:
+    """ValueError naming ``where`` (the sweep file) and the first bad key of ``config``."""
     from shiq_llm.data.prompts import LEAK_POLICIES
     from shiq_llm.train.config import LLM_METHODS, ModelArguments
 
@@ -375,16 +370,15 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     from tqdm.auto import tqdm
 
     from shiq_llm.core.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from shiq_llm.data import load_rows, tokenize_rows
+    from shiq_llm.core.reference import data_fingerprint, model_fingerprint, training_data_fingerprint
+    from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
     from shiq_llm.generation.rewards import RewardFunction, load_reward
     from shiq_llm.train.config import DataArguments, ModelArguments, ShiQConfig
     from shiq_llm.train.metrics import EvaluateEvery
     from shiq_llm.train.run import train_run
-    from shiq_llm.core.reference import data_fingerprint, model_fingerprint, training_data_fingerprint
-    from shiq_llm.data import preference_pairs
     from shiq_toy.methods import METHODS
 
-    _check(config, "sweep")
+    check_sweep_config(config, "sweep")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from shiq_toy.options import option
+
 __all__ = ["GenerateConfig", "BACKENDS", "resolve_backend", "make_sampler", "shard_seed", "completion_rows",
-           "generate_rows"]
+           "generate_rows", "check_generate_config"]
 
 #: ``--backend`` choices; ``auto`` is :func:`resolve_backend`'s choice.
 BACKENDS = ("auto", "hf", "vllm")
@@ -37,47 +39,36 @@ BACKENDS = ("auto", "hf", "vllm")
 class GenerateConfig:
     """Arguments of ``shiq-llm generate`` (``--help`` prints the same)."""
 
-    model: str
-    """The model sampled from: a hub name or a local directory (its tokenizer and chat template are used)."""
-    prompts: str
-    """Prompt source: 'synthetic', a .txt file (one prompt per line), a .jsonl / .json / .parquet file or a hub
-    dataset of rows with a prompt field (``shiq_llm.data.prompts.load_prompts``)."""
-    out: str
-    """Output .jsonl file of rows; shards are kept in OUT.parts/ until the end."""
-    num_completions: int = 4
-    """Completions sampled per prompt (K)."""
-    max_new_tokens: int = 256
-    """Generation budget per completion; a completion cut there has finish_reason 'length'."""
-    temperature: float = 1.0
-    """Sampling temperature; 1 samples from π itself."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1 samples from π itself."""
-    seed: int = 0
-    """Run seed: shard [a, b) is sampled with shard_seed(seed, a)."""
-    backend: str = "auto"
-    """'hf' (transformers), 'vllm' (needs the vllm extra and a GPU) or 'auto' (vllm on a GPU when installed)."""
-    device: str = "auto"
-    """torch device of the hf backend ('auto': cuda when available, else cpu)."""
-    dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
-    batch_size: int = 64
-    """hf backend: sequences per generate call (the samples depend on it, as on the seed)."""
-    shard_size: int = 64
-    """Prompts per shard (the unit of resumption)."""
-    split: str | None = None
-    """Split of a hub dataset (default 'train') or of the synthetic prompts (train, eval, all; default 'train')."""
-    prompt_field: str | None = None
-    """Field of the rows holding the prompt (default 'prompt', else the messages before the first assistant one)."""
-    format: str | None = None
-    """Adapter (shiq_llm.data.adapters: paired, ultrafeedback, hh, bfcl) applied to the rows before reading prompts."""
-    format_options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the adapter."""
-    gpu_memory_utilization: float = 0.9
-    """vllm backend: fraction of the GPU memory vLLM may take."""
-    overwrite: bool = False
-    """Replace an existing OUT (and discard unfinished shards of another run)."""
-    progress: bool = True
-    """Show a progress bar (completions/s and tokens/s)."""
+    model: str = option(help='The model sampled from: a hub name or a local directory (its tokenizer and chat '
+                        'template are used).', aliases=("model_name_or_path",))
+    prompts: str = option(help="Prompt source: 'synthetic', a .txt file (one prompt per line), a .jsonl / .json / "
+                          '.parquet file or a hub dataset of rows with a prompt field '
+                          '(``shiq_llm.data.prompts.load_prompts``).', path="data")
+    out: str = option(help='Output .jsonl file of rows; shards are kept in OUT.parts/ until the end.', aliases=("output_dir",), path="out_file")
+    num_completions: int = option(4, 'Completions sampled per prompt (K).')
+    max_new_tokens: int = option(256, 'Generation budget per completion; a completion cut there has finish_reason '
+                                 "'length'.")
+    temperature: float = option(1.0, 'Sampling temperature; 1 samples from π itself.')
+    top_p: float = option(1.0, 'Nucleus sampling mass; 1 samples from π itself.')
+    seed: int = option(0, 'Run seed: shard [a, b) is sampled with shard_seed(seed, a).')
+    backend: str = option("auto", "'hf' (transformers), 'vllm' (needs the vllm extra and a GPU) or 'auto' (vllm on a "
+                          'GPU when installed).')
+    device: str = option("auto", "torch device of the hf backend ('auto': cuda when available, else cpu).")
+    dtype: str = option("auto", 'Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, '
+                        'bfloat16, float16.')
+    batch_size: int = option(64, 'hf backend: sequences per generate call (the samples depend on it, as on the '
+                             'seed).')
+    shard_size: int = option(64, 'Prompts per shard (the unit of resumption).')
+    split: str | None = option(None, "Split of a hub dataset (default 'train') or of the synthetic prompts (train, "
+                               "eval, all; default 'train').")
+    prompt_field: str | None = option(None, "Field of the rows holding the prompt (default 'prompt', else the "
+                                      'messages before the first assistant one).')
+    format: str | None = option(None, 'Adapter (shiq_llm.data.adapters: paired, ultrafeedback, hh, bfcl) applied to '
+                                'the rows before reading prompts.', aliases=("data_format",))
+    format_options: dict[str, Any] = option(default_factory=dict, help='Keyword arguments of the adapter.', aliases=("format_option", "data_format_options"))
+    gpu_memory_utilization: float = option(0.9, 'vllm backend: fraction of the GPU memory vLLM may take.')
+    overwrite: bool = option(False, 'Replace an existing OUT (and discard unfinished shards of another run).')
+    progress: bool = option(True, 'Show a progress bar (completions/s and tokens/s).')
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -164,7 +155,8 @@ def _manifest(config: GenerateConfig, prompts: Sequence, backend: str, dtype) ->
     }
 
 
-def _check(config: GenerateConfig) -> None:
+def check_generate_config(config: GenerateConfig) -> None:
+    """ValueError naming the first bad option of ``config`` (before any work)."""
     for name in ("num_completions", "max_new_tokens", "batch_size", "shard_size"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -188,7 +180,7 @@ def generate_rows(config: GenerateConfig, *, on_shard: Callable[[int, int], None
     from shiq_llm.generation.sampling import check_sampling, encode_prompts
     from shiq_llm.storage.shards import ShardedOutput
 
-    _check(config)
+    check_generate_config(config)
     check_sampling(config.temperature, config.top_p)
     prompts = load_prompts(config.prompts, split=config.split, prompt_field=config.prompt_field,
                            format=config.format, format_options=config.format_options or None,

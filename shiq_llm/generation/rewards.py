@@ -29,7 +29,6 @@ wrong length is a ValueError naming the row (its index in the file and the start
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from typing import Any, Callable, Sequence
@@ -43,6 +42,7 @@ __all__ = [
     "RewardFunction",
     "RewardModel",
     "load_reward_fn",
+    "check_reward_model",
     "load_reward",
     "as_scorer",
 ]
@@ -180,6 +180,7 @@ class RewardModel:
             if self.tokenizer.pad_token is None:
                 raise ValueError("its tokenizer has neither a pad nor an EOS token")
             if model is None:
+                check_reward_model(str(source))
                 model = AutoModelForSequenceClassification.from_pretrained(
                     str(source), dtype=resolve_dtype(dtype, device)
                 )
@@ -241,22 +242,34 @@ class RewardModel:
 
 
 def load_reward_fn(spec: str | None) -> Callable | None:
-    """``"synthetic"`` → ``shiq_llm.tasks.synthetic.reward``; ``"module:function"`` → that callable (module docstring
-    for its signatures); ``None`` / ``"none"`` → no reward."""
+    """``"synthetic"`` → ``shiq_llm.tasks.synthetic.reward``; ``"module:function"`` or ``"path/file.py:function"``
+    → that callable (module docstring for its signatures), found by :func:`shiq_toy.options.load_callable` (the
+    resolver of ``shiq-toy verify``: the current folder is on the path); ``None`` / ``"none"`` → no reward."""
+    from shiq_toy.options import load_callable
+
     if spec is None or spec == "none":
         return None
     if spec == "synthetic":
         spec = "shiq_llm.tasks.synthetic:reward"
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"--reward must be 'synthetic', 'none' or 'module:function', got {spec!r}")
+    if ":" not in str(spec):
+        raise ValueError(f"--reward must be 'synthetic', 'none', 'module:function' or 'path/file.py:function', "
+                         f"got {spec!r}")
+    return load_callable(spec, what="--reward")
+
+
+def check_reward_model(source: str) -> None:
+    """ValueError unless ``source`` (a local folder or hub name) holds a sequence-classification model, read from
+    its config alone (no weights): a causal LM is named as such, not as a model with the wrong number of labels."""
+    from transformers import AutoConfig
+
     try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"--reward {spec}: cannot import it ({error})") from error
-    if not callable(fn):
-        raise ValueError(f"--reward {spec} is not callable")
-    return fn
+        config = AutoConfig.from_pretrained(str(source))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"reward model {source}: cannot read its config ({' '.join(str(error).split())[:200]})") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"reward model {source}: not a sequence-classification model ({architectures[0]}); a reward "
+                         "model is an AutoModelForSequenceClassification with one label")
 
 
 def load_reward(

@@ -25,36 +25,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["ScoreConfig", "rows_form", "score_shard", "score_rows"]
+from shiq_toy.options import option
+
+__all__ = ["ScoreConfig", "rows_form", "score_shard", "score_rows", "check_score_config"]
 
 
 @dataclass
 class ScoreConfig:
     """Arguments of ``shiq-llm score`` (``--help`` prints the same)."""
 
-    rows: str
-    """Input .jsonl file of {prompt, completion} or {messages} rows."""
-    out: str
-    """Output .jsonl file: the rows with 'reward' (or 'rewards') set; shards are kept in OUT.parts/ until the end."""
-    reward: str | None = None
-    """A Python callable 'module:function' (or 'synthetic'), per row or batched (shiq_llm.generation.rewards)."""
-    reward_model: str | None = None
-    """An AutoModelForSequenceClassification reward model (hub name or path) with one label: its logit is the reward."""
-    batch_size: int = 16
-    """Rows per call of a batched callable or per forward pass of the reward model."""
-    device: str = "auto"
-    """torch device of the reward model ('auto': cuda when available, else cpu)."""
-    dtype: str = "auto"
-    """Reward model dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."""
-    shard_size: int = 1024
-    """Rows per shard (the unit of resumption)."""
-    skip_empty: bool = False
-    """Leave out single-turn rows whose completion is empty or blank (a sample that was EOS at once): shiq-llm
-    train refuses them. Counted in the log."""
-    overwrite: bool = False
-    """Replace an existing OUT (and discard unfinished shards of another run)."""
-    progress: bool = True
-    """Show a progress bar."""
+    rows: str = option(help='Input .jsonl file of {prompt, completion} or {messages} rows.', aliases=("dataset_name",), path="rows")
+    out: str = option(help="Output .jsonl file: the rows with 'reward' (or 'rewards') set; shards are kept in "
+                      'OUT.parts/ until the end.', aliases=("output_dir",), path="out_file")
+    reward: str | None = option(None, "A Python callable 'module:function' (or 'synthetic'), per row or batched "
+                                '(shiq_llm.generation.rewards).')
+    reward_model: str | None = option(None, 'An AutoModelForSequenceClassification reward model (hub name or path) '
+                                      'with one label: its logit is the reward.')
+    batch_size: int = option(16, 'Rows per call of a batched callable or per forward pass of the reward model.')
+    device: str = option("auto", "torch device of the reward model ('auto': cuda when available, else cpu).")
+    dtype: str = option("auto", 'Reward model dtype: auto (bfloat16 on a GPU that supports it, else float32), '
+                        'float32, bfloat16, float16.')
+    shard_size: int = option(1024, 'Rows per shard (the unit of resumption).')
+    skip_empty: bool = option(False, 'Leave out single-turn rows whose completion is empty or blank (a sample that '
+                              'was EOS at once): shiq-llm train refuses them. Counted in the log.')
+    overwrite: bool = option(False, 'Replace an existing OUT (and discard unfinished shards of another run).')
+    progress: bool = option(True, 'Show a progress bar.')
 
 
 def rows_form(rows: Sequence[dict], *, what: str = "--rows") -> str:
@@ -89,7 +84,8 @@ def _file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _check(config: ScoreConfig, *, has_scorer: bool) -> None:
+def check_score_config(config: ScoreConfig, *, has_scorer: bool = False) -> None:
+    """ValueError naming the first bad option of ``config`` (before any work)."""
     for name in ("batch_size", "shard_size"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -137,7 +133,7 @@ def score_rows(config: ScoreConfig, *, scorer=None, on_shard: Callable[[int, int
     from shiq_llm.storage.jsonl import read_jsonl
     from shiq_llm.storage.shards import ShardedOutput
 
-    _check(config, has_scorer=scorer is not None)
+    check_score_config(config, has_scorer=scorer is not None)
     rows = read_jsonl(config.rows, what="--rows")
     form = rows_form(rows)
     device = resolve_device(config.device)

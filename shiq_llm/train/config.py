@@ -22,10 +22,9 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Sequence
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE
 from shiq_llm.data.prompts import LEAK_POLICIES, parse_format_options
@@ -39,7 +38,8 @@ __all__ = [
     "ModelArguments",
     "DataArguments",
     "TRAIN_ARGUMENT_CLASSES",
-    "train_parser",
+    "TRAIN_ALIASES",
+    "train_command",
     "parse_train_args",
     "RESUME_INVARIANT",
 ]
@@ -197,7 +197,8 @@ class DataArguments:
                                                  "for the training and the evaluation rows: KEY=VALUE items, values "
                                                  "read as JSON when they parse (--data_format_options "
                                                  "score=fine-grained_score: which UltraFeedback score is the reward), "
-                                                 "or one JSON object; in YAML a mapping {score: fine-grained_score}.")
+                                                 "or one JSON object; in YAML a mapping {score: fine-grained_score}.",
+                                                 key_values=True)
     eval_leak: str = _opt("error", "When prompts of eval_dataset_name also occur in the training rows (whitespace "
                           "runs collapsed): 'error' refuses the run naming the counts and an example, 'warn' logs "
                           "them and trains.", choices=LEAK_POLICIES)
@@ -220,68 +221,29 @@ class DataArguments:
 
 TRAIN_ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShiQConfig)
 
-
-def train_parser(**kwargs) -> HfArgumentParser:
-    """An ``HfArgumentParser`` over (ModelArguments, DataArguments, ShiQConfig) with ``--config FILE`` (YAML)."""
-    parser = HfArgumentParser(TRAIN_ARGUMENT_CLASSES, **kwargs)
-    parser.add_argument("--config", metavar="FILE", default=None, help="YAML file of options (field names as keys); "
-                        "options given on the command line override it.")
-    return parser
+#: Short names of the training options, as the other commands spell them (``--model``, ``--data``, ``--out``,
+#: ``--lr``, ``--batch_size``, ``--format``, ``--format_option``, ``--algo`` as in the sweep's ``algos``; both spellings).
+TRAIN_ALIASES = {"model_name_or_path": ("model",), "dataset_name": ("data",), "output_dir": ("out",),
+                 "learning_rate": ("lr",), "per_device_train_batch_size": ("batch_size",),
+                 "data_format_options": ("format_option",), "data_format": ("format",), "loss_type": ("algo",)}
 
 
-def _yaml_values(path: str | Path, known: set[str]) -> dict[str, Any]:
-    """The mapping of a YAML config file; ValueError naming the file, or an unknown key."""
-    import yaml
+def train_command(run=None, check=None, *, name: str = "train", extra: tuple = (), **kwargs):
+    """The ``shiq_toy.options.Command`` of a training script over (ModelArguments, DataArguments, ShiQConfig, *extra)."""
+    from shiq_toy.options import Command
 
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"cannot read config file {path}: {error}") from error
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values, got {type(loaded).__name__}")
-    values = {}
-    for key, value in loaded.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ValueError(f"config file {path}: unknown key {key!r} (see `shiq-llm train --help` for the options)")
-        values[name] = value
-    return values
+    return Command(name, (*TRAIN_ARGUMENT_CLASSES, *extra), run or (lambda *args: 0), check=check,
+                   aliases=TRAIN_ALIASES, **kwargs)
 
 
-def parse_train_args(argv: Sequence[str] | None = None, *, parser: HfArgumentParser | None = None):
-    """(ModelArguments, DataArguments, ShiQConfig) from ``--config`` YAML, then the command line.
+def parse_train_args(argv: Sequence[str] | None = None):
+    """(ModelArguments, DataArguments, ShiQConfig) from ``--config`` YAML, then the command line
+    (``shiq_toy.options.resolve_options``: the one parser of every command).
 
-    ValueError naming an unknown key (file or command line) or a bad value. YAML values go through the same
-    conversion as command-line strings (so ``1e-5`` and ``true`` read as they would on the command line).
+    ValueError naming an unknown key (file or command line) or a bad value. YAML values are checked against the
+    fields' types (``1e-5`` is read as a number, ``ten`` for an integer is an error naming the key and the file).
     """
-    import argparse
+    from shiq_toy.options import resolve_options
 
-    parser = parser or train_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config", default=None)
-    known_args, _ = config_parser.parse_known_args(argv)
-    known = {f.name for cls in TRAIN_ARGUMENT_CLASSES for f in fields(cls) if f.init}
-    if known_args.config is not None:
-        yaml_args = []
-        for name, value in _yaml_values(known_args.config, known).items():
-            if isinstance(value, bool):
-                yaml_args += [f"--{name}", str(value)]
-            elif isinstance(value, list):
-                yaml_args += [f"--{name}", *map(str, value)]
-            elif value is None:
-                continue
-            elif isinstance(value, dict):
-                import json
-
-                yaml_args += [f"--{name}", json.dumps(value)]
-            else:
-                yaml_args += [f"--{name}", str(value)]
-        argv = yaml_args + argv  # the command line comes last, so it wins
-    *outputs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if remaining:
-        raise ValueError(f"unknown option {remaining[0]!r} (see `shiq-llm train --help` for the options)")
-    return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))
+    return tuple(resolve_options(train_command(), argv, prog="shiq-llm train"))

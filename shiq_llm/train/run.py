@@ -114,12 +114,9 @@ def train_run(model_args: ModelArguments, data_args: DataArguments, args: ShiQCo
     from shiq_llm.data import load_rows
     from shiq_llm.train.loading import load_model_and_tokenizer
     from shiq_llm.train.trainer import ShiQTrainer
-    from shiq_toy.experiments import step_cap
 
     if not data_args.dataset_name and train_dataset is None:
         raise ValueError("option 'dataset_name' is required (a JSONL/JSON/parquet file or a hub dataset name)")
-    if args.max_steps > 0:
-        args.max_steps = step_cap(args.max_steps)
     state = PartialState()
     out = Path(args.output_dir)
     resume = args.resume_from_checkpoint

@@ -1,106 +1,27 @@
-"""Experiments of spec §5, one module each: a ``@dataclass`` of arguments (a docstring per field) and ``main(args)``.
+"""Experiments of spec §5, one module each: a ``@dataclass`` of arguments (``shiq_toy.options.option`` fields, each
+with its help) and ``main(args)``; ``shiq_toy.cli`` turns each dataclass into a command.
 
 - :mod:`shiq_toy.experiments.bandit`: the three-armed bandit regret figure.
 - :mod:`shiq_toy.experiments.tree`: the token-tree ablation of the ShiQ variants.
 
-This module holds what they share: turning an arguments dataclass into ``argparse`` options (the help of an
-option is its field's docstring), a context manager that pins torch to a number of threads, CSV writing and
-the mean-and-band curve of the figures.
+This module holds what they share: a context manager that pins torch to a number of threads, CSV writing, the
+run summaries, confidence intervals and the mean-and-band curve of the figures.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import csv
 import dataclasses
-import inspect
 import json
-import textwrap
-import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["field_docs", "add_arguments", "args_from_namespace", "num_threads", "write_csv", "plot_band", "BAND_MEANING",
-           "STEP_CAP_ENV", "step_cap", "mean_ci", "difference_ci"]
-
-#: Environment variable that caps every step count of the commands (``tests/test_readme.py`` sets it to run
-#: each README command as written, flags and paths unchanged, in seconds). Unset in normal use.
-STEP_CAP_ENV = "SHIQ_STEP_CAP"
-
-
-def step_cap(steps: int) -> int:
-    """``steps``, or ``min(steps, $SHIQ_STEP_CAP)`` when that variable is set (see :data:`STEP_CAP_ENV`)."""
-    import os
-
-    cap = os.environ.get(STEP_CAP_ENV)
-    return min(steps, int(cap)) if cap else steps
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring of each field of a dataclass: the string literal written just below the field."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, choices: dict[str, Iterable[str]] | None = None,
-                  defaults: object | None = None, suppress: bool = False) -> None:
-    """One ``--option`` per dataclass field (``_`` -> ``-``), typed from the annotation, with the field's
-    docstring and default as help. Tuples become ``nargs='+'`` options, booleans ``--name / --no-name``.
-
-    ``defaults``: an instance of ``cls`` whose values are the defaults shown (default: the fields' own).
-    ``suppress``: leave options that are not given out of the namespace (``argparse.SUPPRESS``), so that
-    :func:`args_from_namespace` can take them from another instance (a ``--quick`` preset, say).
-    """
-    docs, hints, choices = field_docs(cls), typing.get_type_hints(cls), choices or {}
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict = {"default": argparse.SUPPRESS if suppress else default, "dest": f.name}
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-            shown = str(default)
-        elif typing.get_origin(hint) is tuple:
-            kwargs.update(nargs="+", type=typing.get_args(hint)[0])
-            shown = " ".join(str(x) for x in default)
-        else:
-            kwargs["type"] = hint
-            shown = str(default)
-        extra = ""
-        if f.name in choices:
-            kwargs["choices"] = list(choices[f.name])
-            kwargs["metavar"] = f.name.upper()
-            extra = f"; choices: {', '.join(kwargs['choices'])}"
-        kwargs["help"] = f"{docs.get(f.name, '')} (default: {shown}{extra})".replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def args_from_namespace(cls: type, namespace: argparse.Namespace, base: object | None = None):
-    """Build the dataclass from parsed options (tuples restored from argparse lists; fields named ``*steps``
-    through :func:`step_cap`). A field missing from ``namespace`` (an option left out with ``suppress``) takes
-    its value from ``base`` (an instance of ``cls``), else its default."""
-    hints = typing.get_type_hints(cls)
-    base = base if base is not None else cls()
-    values = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(namespace, f.name) if hasattr(namespace, f.name) else getattr(base, f.name)
-        values[f.name] = tuple(value) if typing.get_origin(hints[f.name]) is tuple else value
-        if f.name.endswith("steps") and isinstance(value, int) and not isinstance(value, bool):
-            values[f.name] = step_cap(value)
-    return cls(**values)
+__all__ = ["num_threads", "write_csv", "plot_band", "BAND_MEANING",
+           "mean_ci", "difference_ci"]
 
 
 def mean_ci(values: Iterable[float], *, level: float = 0.95) -> tuple[float, float]:

@@ -20,7 +20,6 @@ its preference pairs (noisy rewards make the preference probabilities Φ(Δr/(σ
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from shiq_toy.data import Dataset, on_policy_sampler, sample_dataset, stack_data
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.mdp import Bandit
 from shiq_toy.metrics import expected_kl
+from shiq_toy.options import option
 from shiq_toy.solvers import solve_bandit
 from shiq_toy.tabular import TabularLogits
 from shiq_toy.train import METHODS, train
@@ -49,41 +49,32 @@ CSV_HEADER = ["setting", "method", "step", "regret"]
 class BanditArgs:
     """Arguments of the bandit regret experiment (``shiq-toy bandit``)."""
 
-    out: Path = Path("figures")
-    """directory for bandit_regret.png, bandit_regret.csv and bandit_summary.json"""
-    rewards: tuple[float, ...] = (1.0, 0.6, 0.0)
-    """mean reward r(a) of each arm"""
-    ref_probs: tuple[float, ...] = (0.15, 0.25, 0.6)
-    """reference policy π_ref(a); it prefers the worst arm"""
-    ref_offset: float = 3.0
-    """constant added to ln π_ref to make the reference logits ℓ_ref (softmax-invariant, like the unnormalised logits of a language model). shiq does not see it; shifted_q and shiq_init must remove it: with Adam (each logit moves about lr per step) they travel |r(a)/β − offset| instead of shiq's r(a)/β, so with 3.0 they start faster, with −3.0 slower"""
-    beta: float = 0.2
-    """KL regularisation β"""
-    noise_std: float = 0.5
-    """standard deviation of the Gaussian noise on each observed reward"""
-    num_samples: int = 1000
-    """offline: size of the dataset sampled from π_ref (one dataset per seed)"""
-    batch_size: int = 64
-    """online: fresh samples from the current policy at each step"""
-    steps: int = 200
-    """training steps (full-batch offline, one fresh batch online)"""
-    seeds: int = 10
-    """independent runs (seeds seed, seed+1, …), trained together as stacked copies"""
-    seed: int = 0
-    """first seed"""
-    lr: float = 0.1
-    """Adam learning rate"""
-    methods: tuple[str, ...] = ("shiq", "shiq_init", "shifted_q", "logit_q", "dpo", "copg", "dro")
-    """methods to train: ShiQ-family losses and the baselines dpo, copg, dro"""
-    settings: tuple[str, ...] = SETTINGS
-    """offline (data from π_ref) and/or online (fresh data from the current policy)"""
-    pair_mode: str = "disjoint"
-    """how dpo/copg pair the responses: disjoint (1st with 2nd, 3rd with 4th, …) or all"""
-    threads: int = 1
-    """torch intra-op threads (1 is fastest for these tiny tensors)"""
+    out: Path = option(Path("figures"), 'directory for bandit_regret.png, bandit_regret.csv and bandit_summary.json', aliases=("output_dir",), path="out_dir")
+    rewards: tuple[float, ...] = option((1.0, 0.6, 0.0), 'mean reward r(a) of each arm')
+    ref_probs: tuple[float, ...] = option((0.15, 0.25, 0.6), 'reference policy π_ref(a); it prefers the worst arm')
+    ref_offset: float = option(3.0, 'constant added to ln π_ref to make the reference logits ℓ_ref '
+                               '(softmax-invariant, like the unnormalised logits of a language model). shiq does not '
+                               'see it; shifted_q and shiq_init must remove it: with Adam (each logit moves about lr '
+                               "per step) they travel |r(a)/β − offset| instead of shiq's r(a)/β, so with 3.0 they "
+                               'start faster, with −3.0 slower')
+    beta: float = option(0.2, 'KL regularisation β')
+    noise_std: float = option(0.5, 'standard deviation of the Gaussian noise on each observed reward')
+    num_samples: int = option(1000, 'offline: size of the dataset sampled from π_ref (one dataset per seed)')
+    batch_size: int = option(64, 'online: fresh samples from the current policy at each step')
+    steps: int = option(200, 'training steps (full-batch offline, one fresh batch online)')
+    seeds: int = option(10, 'independent runs (seeds seed, seed+1, …), trained together as stacked copies')
+    seed: int = option(0, 'first seed')
+    lr: float = option(0.1, 'Adam learning rate', aliases=("learning_rate",))
+    methods: tuple[str, ...] = option(("shiq", "shiq_init", "shifted_q", "logit_q", "dpo", "copg", "dro"), 'methods '
+                                      'to train: ShiQ-family losses and the baselines dpo, copg, dro')
+    settings: tuple[str, ...] = option(SETTINGS, 'offline (data from π_ref) and/or online (fresh data from the '
+                                       'current policy)')
+    pair_mode: str = option("disjoint", 'how dpo/copg pair the responses: disjoint (1st with 2nd, 3rd with 4th, …) '
+                            'or all')
+    threads: int = option(1, 'torch intra-op threads (1 is fastest for these tiny tensors)')
 
 
-def _check(args: BanditArgs) -> None:
+def check_args(args: BanditArgs) -> None:
     arms = len(args.rewards)
     if arms < 2 or len(args.ref_probs) != arms:
         raise ValueError(f"rewards and ref_probs must give the same number (>= 2) of arms, got {len(args.rewards)} and {len(args.ref_probs)}")
@@ -159,7 +150,7 @@ def _regret_of(logits: torch.Tensor, star_logits: torch.Tensor, beta: float) -> 
 
 def run(args: BanditArgs) -> dict:
     """Train every (setting, method); returns {"steps": [...], "regret": {(setting, method): (K, seeds)}, ...}."""
-    _check(args)
+    check_args(args)
     bandit = make_bandit(args)
     star = solve_bandit(bandit.ref_logits, bandit.rewards, beta=args.beta)
     ref = TabularLogits.from_bandit(bandit).requires_grad_(False)
@@ -259,12 +250,3 @@ def main(args: BanditArgs) -> dict:
         "seconds": time.perf_counter() - start,
     }
     return write_summary(args.out / "bandit_summary.json", args, summary)
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The ``shiq-toy bandit`` options (one per field of :class:`BanditArgs`)."""
-    from shiq_toy.experiments import add_arguments
-
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, BanditArgs, choices={"methods": METHODS, "settings": SETTINGS, "pair_mode": ("disjoint", "all")})
-    return parser

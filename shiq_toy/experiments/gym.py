@@ -31,8 +31,6 @@ Writes, in ``args.out``:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +41,13 @@ import torch
 
 from shiq_toy.episode_train import StateMLP, StateTable, train_episodes
 from shiq_toy.episodes import EPISODE_METHODS, sample_episodes
-from shiq_toy.experiments import num_threads, step_cap, write_csv, write_summary
+from shiq_toy.experiments import num_threads, write_csv, write_summary
 from shiq_toy.mdp import FiniteMDP, finite_mdp_from_gym, gridworld
 from shiq_toy.metrics import mdp_occupancy, mdp_regret
+from shiq_toy.options import apply_preset, option
 from shiq_toy.solvers import soft_value_iteration
 
-__all__ = ["GymArgs", "ENV_SPECS", "BEHAVIOURS", "APPROXIMATIONS", "make_env", "behaviour_policy", "coverage_share", "identified_logits", "run", "main", "build_parser"]
+__all__ = ["GymArgs", "ENV_SPECS", "BEHAVIOURS", "APPROXIMATIONS", "make_env", "behaviour_policy", "coverage_share", "identified_logits", "run", "main"]
 
 #: name -> (β, description). γ is shared (``GymArgs.gamma``).
 ENV_SPECS = {
@@ -88,49 +87,35 @@ QUICK = {"envs": ("frozenlake", "gridworld"), "episodes": (10, 100), "seeds": 2,
 class GymArgs:
     """Arguments of the gymnasium experiment (``shiq-toy gym``)."""
 
-    out: Path = Path("figures")
-    """directory for gym.csv, gym.png and gym_summary.json"""
-    envs: tuple[str, ...] = tuple(ENV_SPECS)
-    """environments (β of each: ENV_SPECS)"""
-    behaviours: tuple[str, ...] = BEHAVIOURS
-    """behaviour policies of the offline data: eps_greedy (around π*'s greedy action), uniform (= π_ref), poor (ε-greedy around the worst action)"""
-    episodes: tuple[int, ...] = (10, 30, 100)
-    """dataset sizes, in episodes"""
-    methods: tuple[str, ...] = ("shiq", "shiq_ms", "soft_q")
-    """methods: ShiQ-family residuals (shiq, shiq_ms, shiq_init, shifted_q) and the classical baseline soft_q"""
-    approximations: tuple[str, ...] = APPROXIMATIONS
-    """models: table (tabular) and/or mlp (one hidden layer over one-hot states)"""
-    epsilon: float = 0.2
-    """ε of the eps_greedy and poor behaviours"""
-    gamma: float = 0.95
-    """discount γ < 1"""
-    max_steps: int = 50
-    """episodes are cut after this many steps (and bootstrapped)"""
-    steps: int = 400
-    """full-batch Adam updates per run"""
-    lr: float = 0.3
-    """Adam learning rate of the tables"""
-    mlp_lr: float = 0.01
-    """Adam learning rate of the MLPs"""
-    hidden: int = 64
-    """hidden units of the MLP"""
-    target_every: int = 25
-    """soft_q: updates between two refreshes of the target table"""
-    eval_every: int = 100
-    """updates between two exact evaluations"""
-    grid_size: int = 12
-    """side of the generated maze"""
-    seeds: int = 3
-    """independent datasets and initialisations (seeds seed, seed+1, …), trained together as stacked copies"""
-    seed: int = 0
-    """first seed"""
-    quick: bool = False
-    """a small budget: overrides envs, episodes, seeds, steps, eval_every and grid_size"""
-    threads: int = 1
-    """torch intra-op threads (1 is fastest for these small tensors)"""
+    out: Path = option(Path("figures"), 'directory for gym.csv, gym.png and gym_summary.json', aliases=("output_dir",), path="out_dir")
+    envs: tuple[str, ...] = option(tuple(ENV_SPECS), 'environments (β of each: ENV_SPECS)')
+    behaviours: tuple[str, ...] = option(BEHAVIOURS, 'behaviour policies of the offline data: eps_greedy (around '
+                                         "π*'s greedy action), uniform (= π_ref), poor (ε-greedy around the worst "
+                                         'action)')
+    episodes: tuple[int, ...] = option((10, 30, 100), 'dataset sizes, in episodes')
+    methods: tuple[str, ...] = option(("shiq", "shiq_ms", "soft_q"), 'methods: ShiQ-family residuals (shiq, shiq_ms, '
+                                      'shiq_init, shifted_q) and the classical baseline soft_q')
+    approximations: tuple[str, ...] = option(APPROXIMATIONS, 'models: table (tabular) and/or mlp (one hidden layer '
+                                             'over one-hot states)')
+    epsilon: float = option(0.2, 'ε of the eps_greedy and poor behaviours')
+    gamma: float = option(0.95, 'discount γ < 1')
+    max_steps: int = option(50, 'episodes are cut after this many steps (and bootstrapped)')
+    steps: int = option(400, 'full-batch Adam updates per run')
+    lr: float = option(0.3, 'Adam learning rate of the tables', aliases=("learning_rate",))
+    mlp_lr: float = option(0.01, 'Adam learning rate of the MLPs')
+    hidden: int = option(64, 'hidden units of the MLP')
+    target_every: int = option(25, 'soft_q: updates between two refreshes of the target table')
+    eval_every: int = option(100, 'updates between two exact evaluations')
+    grid_size: int = option(12, 'side of the generated maze')
+    seeds: int = option(3, 'independent datasets and initialisations (seeds seed, seed+1, …), trained together as '
+                        'stacked copies')
+    seed: int = option(0, 'first seed')
+    quick: bool = option(False, 'a small budget (QUICK): sets envs, episodes, seeds, steps, eval_every and grid_size, except '
+                         'those given explicitly')
+    threads: int = option(1, 'torch intra-op threads (1 is fastest for these small tensors)')
 
 
-def _check(args: GymArgs) -> None:
+def check_args(args: GymArgs) -> None:
     for name, allowed in (("envs", ENV_SPECS), ("behaviours", BEHAVIOURS), ("methods", EPISODE_METHODS), ("approximations", APPROXIMATIONS)):
         values = getattr(args, name)
         unknown = [x for x in values if x not in allowed]
@@ -205,7 +190,7 @@ def _model(approx: str, method: str, mdp: FiniteMDP, args: GymArgs, seed: int):
 
 def run(args: GymArgs) -> list[Row]:
     """Every (env, behaviour, episodes, approx, method) run; returns the CSV rows."""
-    _check(args)
+    check_args(args)
     rows = []
     seeds = list(range(args.seed, args.seed + args.seeds))
     for env_name in args.envs:
@@ -312,8 +297,9 @@ def plot(rows: list[Row], args: GymArgs, path: Path) -> None:
 
 def main(args: GymArgs) -> dict:
     """Run the experiment, write gym.csv, gym.png and gym_summary.json into ``args.out``; returns the summary."""
-    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
-        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
+    if args.quick:  # the preset changes the fields still at their defaults (the command line applies it itself)
+        args = apply_preset(args, QUICK)
+    args.out.mkdir(parents=True, exist_ok=True)  # before the work: an unusable OUT fails at once
     start = time.perf_counter()
     with num_threads(args.threads):
         rows = run(args)
@@ -342,12 +328,3 @@ def main(args: GymArgs) -> dict:
         "seconds": time.perf_counter() - start,
     }
     return write_summary(args.out / "gym_summary.json", args, summary)
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The ``shiq-toy gym`` options (one per field of :class:`GymArgs`)."""
-    from shiq_toy.experiments import add_arguments
-
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, GymArgs, choices={"envs": tuple(ENV_SPECS), "behaviours": BEHAVIOURS, "methods": EPISODE_METHODS, "approximations": APPROXIMATIONS})
-    return parser

@@ -32,8 +32,6 @@ Writes, in ``args.out``:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +40,16 @@ import numpy as np
 import torch
 
 from shiq_toy.data import exhaustive_dataset, stack_datasets
-from shiq_toy.experiments import num_threads, step_cap, write_csv, write_summary
+from shiq_toy.experiments import num_threads, write_csv, write_summary
 from shiq_toy.mdp import TokenTree, random_tree
 from shiq_toy.metrics import expected, expected_kl, regret, state_distribution
+from shiq_toy.options import apply_preset, option
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
 from shiq_toy.train import METHODS as ALL
 from shiq_toy.train import train
 
-__all__ = ["MisspecifiedArgs", "METHODS", "errors", "proxy_tree", "expected_reward", "optimum_curves", "by_error", "summarise", "run", "main", "build_parser"]
+__all__ = ["MisspecifiedArgs", "METHODS", "errors", "proxy_tree", "expected_reward", "optimum_curves", "by_error", "summarise", "run", "main"]
 
 METHODS = ("shiq", "shiq_ms", "dpo", "copg", "dro")
 CSV_HEADER = ["method", "error", "beta", "tree", "step", "kl_ref", "true_reward", "proxy_reward", "true_regret"]
@@ -62,39 +61,28 @@ QUICK = {"trees": 2, "steps": 200, "noise_scales": (1.0,), "betas": (0.1, 1.0)}
 class MisspecifiedArgs:
     """Arguments of the flawed-reward experiment (``shiq-toy misspecified``)."""
 
-    out: Path = Path("figures")
-    """directory for misspecified.csv, misspecified.png and misspecified_summary.json"""
-    vocab_size: int = 3
-    """V, tokens per node"""
-    horizon: int = 4
-    """H, tokens per path (the reward sits on the last one)"""
-    betas: tuple[float, ...] = (0.1, 0.3, 1.0)
-    """KL regularisations β"""
-    noise_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """σ of the fixed per-path proxy errors σ·ε(y)"""
-    hack_paths: int = 3
-    """paths that the hack overpays (drawn among the truly worse half)"""
-    hack_bias: float = 3.0
-    """what the hack adds to their reward"""
-    methods: tuple[str, ...] = METHODS
-    """methods to train: ShiQ-family losses and the baselines dpo, copg, dro"""
-    steps: int = 600
-    """Adam updates (full batch)"""
-    lr: float = 0.1
-    """Adam learning rate"""
-    eval_every: int = 10
-    """updates between two exact evaluations"""
-    trees: int = 6
-    """random trees (seeds seed, seed+1, …); trees × errors are trained together as stacked copies"""
-    seed: int = 0
-    """first seed"""
-    quick: bool = False
-    """a small budget: overrides trees, steps, noise_scales and betas"""
-    threads: int = 1
-    """torch intra-op threads (1 is fastest for these tiny tensors)"""
+    out: Path = option(Path("figures"), 'directory for misspecified.csv, misspecified.png and '
+                       'misspecified_summary.json', aliases=("output_dir",), path="out_dir")
+    vocab_size: int = option(3, 'V, tokens per node')
+    horizon: int = option(4, 'H, tokens per path (the reward sits on the last one)')
+    betas: tuple[float, ...] = option((0.1, 0.3, 1.0), 'KL regularisations β')
+    noise_scales: tuple[float, ...] = option((0.5, 1.0, 2.0), 'σ of the fixed per-path proxy errors σ·ε(y)')
+    hack_paths: int = option(3, 'paths that the hack overpays (drawn among the truly worse half)')
+    hack_bias: float = option(3.0, 'what the hack adds to their reward')
+    methods: tuple[str, ...] = option(METHODS, 'methods to train: ShiQ-family losses and the baselines dpo, copg, '
+                                      'dro')
+    steps: int = option(600, 'Adam updates (full batch)')
+    lr: float = option(0.1, 'Adam learning rate', aliases=("learning_rate",))
+    eval_every: int = option(10, 'updates between two exact evaluations')
+    trees: int = option(6, 'random trees (seeds seed, seed+1, …); trees × errors are trained together as stacked '
+                        'copies')
+    seed: int = option(0, 'first seed')
+    quick: bool = option(False, 'a small budget (QUICK): sets trees, steps, noise_scales and betas, except those given '
+                         'explicitly')
+    threads: int = option(1, 'torch intra-op threads (1 is fastest for these tiny tensors)')
 
 
-def _check(args: MisspecifiedArgs) -> None:
+def check_args(args: MisspecifiedArgs) -> None:
     for name in ("vocab_size", "horizon", "steps", "eval_every", "trees", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
@@ -156,7 +144,7 @@ def _setup(args: MisspecifiedArgs):
 
 def run(args: MisspecifiedArgs) -> dict:
     """Train every (β, method); returns, per (β, method), the steps and the (K, C) curves, with C = trees × errors."""
-    _check(args)
+    check_args(args)
     names, true_trees, proxies, data = _setup(args)
     ref_levels = stack_levels([t.ref_logits for t in true_trees])
     true_rewards = stack_levels([t.rewards for t in true_trees])
@@ -281,8 +269,9 @@ def plot(output: dict, args: MisspecifiedArgs, path: Path) -> None:
 
 def main(args: MisspecifiedArgs) -> dict:
     """Run the experiment, write misspecified.csv, .png and misspecified_summary.json; returns the summary."""
-    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
-        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
+    if args.quick:  # the preset changes the fields still at their defaults (the command line applies it itself)
+        args = apply_preset(args, QUICK)
+    args.out.mkdir(parents=True, exist_ok=True)  # before the work: an unusable OUT fails at once
     start = time.perf_counter()
     with num_threads(args.threads):
         output = run(args)
@@ -301,12 +290,3 @@ def main(args: MisspecifiedArgs) -> dict:
         plot(output, args, args.out / "misspecified.png")
     summary = {"errors": output["errors"], "runs": summarise(output, args), "seconds": time.perf_counter() - start}
     return write_summary(args.out / "misspecified_summary.json", args, summary)
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The ``shiq-toy misspecified`` options (one per field of :class:`MisspecifiedArgs`)."""
-    from shiq_toy.experiments import add_arguments
-
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, MisspecifiedArgs, choices={"methods": METHODS})
-    return parser

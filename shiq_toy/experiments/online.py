@@ -28,8 +28,6 @@ Writes, in ``args.out``:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +36,16 @@ import numpy as np
 import torch
 
 from shiq_toy.data import Dataset, on_policy_sampler, path_probability, sample_dataset, stack_datasets
-from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, step_cap, write_csv, write_summary
+from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.mdp import TokenTree, all_sequences, random_tree
 from shiq_toy.metrics import expected_kl, regret
+from shiq_toy.options import apply_preset, option
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
 from shiq_toy.train import train
 
-__all__ = ["OnlineArgs", "DATA", "behaviour_levels", "MixedSampler", "run", "main", "build_parser"]
+__all__ = ["OnlineArgs", "DATA", "behaviour_levels", "MixedSampler", "run", "main"]
 
 #: The ways of drawing a batch, and the share of it that comes from the online replay buffer.
 DATA = {"offline": 0.0, "mix10": 0.1, "mix50": 0.5, "mix100": 1.0, "on_policy": None}
@@ -59,43 +58,29 @@ QUICK = {"trees": 3, "steps": 250, "eval_every": 25}
 class OnlineArgs:
     """Arguments of the online-mixing experiment (``shiq-toy online``)."""
 
-    out: Path = Path("figures")
-    """directory for online.csv, online.png and online_summary.json"""
-    vocab_size: int = 3
-    """V, tokens per node"""
-    horizon: int = 5
-    """H, tokens per path (the reward sits on the last one)"""
-    beta: float = 0.3
-    """KL regularisation β"""
-    tilt: float = 1.0
-    """behaviour μ ∝ π_ref exp(−tilt · q*/β) at every state: 0 = π_ref, larger = fewer good paths"""
-    num_offline: int = 200
-    """paths in the offline dataset (reward queries paid up front)"""
-    batch_size: int = 32
-    """paths per training batch"""
-    online_per_step: int = 8
-    """fresh paths of the current policy added to the replay buffer at every step (mix settings)"""
-    data: tuple[str, ...] = tuple(DATA)
-    """how batches are drawn: offline, mix10, mix50, mix100, on_policy"""
-    methods: tuple[str, ...] = ("shiq",)
-    """losses to train (ShiQ-family, any of shiq_toy.losses.LOSSES except logit_q)"""
-    steps: int = 600
-    """Adam updates"""
-    lr: float = 0.05
-    """Adam learning rate"""
-    eval_every: int = 10
-    """updates between two exact evaluations"""
-    trees: int = 8
-    """random trees (seeds seed, seed+1, …), trained together as stacked copies"""
-    seed: int = 0
-    """first seed"""
-    quick: bool = False
-    """a small budget: overrides trees, steps and eval_every"""
-    threads: int = 1
-    """torch intra-op threads (1 is fastest for these tiny tensors)"""
+    out: Path = option(Path("figures"), 'directory for online.csv, online.png and online_summary.json', aliases=("output_dir",), path="out_dir")
+    vocab_size: int = option(3, 'V, tokens per node')
+    horizon: int = option(5, 'H, tokens per path (the reward sits on the last one)')
+    beta: float = option(0.3, 'KL regularisation β')
+    tilt: float = option(1.0, 'behaviour μ ∝ π_ref exp(−tilt · q*/β) at every state: 0 = π_ref, larger = fewer good '
+                         'paths')
+    num_offline: int = option(200, 'paths in the offline dataset (reward queries paid up front)')
+    batch_size: int = option(32, 'paths per training batch')
+    online_per_step: int = option(8, 'fresh paths of the current policy added to the replay buffer at every step '
+                                  '(mix settings)')
+    data: tuple[str, ...] = option(tuple(DATA), 'how batches are drawn: offline, mix10, mix50, mix100, on_policy')
+    methods: tuple[str, ...] = option(("shiq",), 'losses to train (ShiQ-family, any of shiq_toy.losses.LOSSES except '
+                                      'logit_q)')
+    steps: int = option(600, 'Adam updates')
+    lr: float = option(0.05, 'Adam learning rate', aliases=("learning_rate",))
+    eval_every: int = option(10, 'updates between two exact evaluations')
+    trees: int = option(8, 'random trees (seeds seed, seed+1, …), trained together as stacked copies')
+    seed: int = option(0, 'first seed')
+    quick: bool = option(False, 'a small budget (QUICK): sets trees, steps and eval_every, except those given explicitly')
+    threads: int = option(1, 'torch intra-op threads (1 is fastest for these tiny tensors)')
 
 
-def _check(args: OnlineArgs) -> None:
+def check_args(args: OnlineArgs) -> None:
     for name in ("vocab_size", "horizon", "num_offline", "batch_size", "online_per_step", "steps", "eval_every", "trees", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
@@ -184,7 +169,7 @@ def _setup(args: OnlineArgs):
 def run(args: OnlineArgs) -> dict:
     """Train every (method, data) setting on the same trees; returns steps (K,) and, per setting, queries (K,)
     and kl, regret (K, trees), plus the offline coverage."""
-    _check(args)
+    check_args(args)
     trees, solutions, offline, coverage = _setup(args)
     ref_levels = stack_levels([t.ref_logits for t in trees])
     rewards = stack_levels([t.rewards for t in trees])
@@ -240,8 +225,9 @@ def plot(output: dict, args: OnlineArgs, path: Path) -> None:
 
 def main(args: OnlineArgs) -> dict:
     """Run the experiment, write online.csv, online.png and online_summary.json; returns the summary."""
-    if args.quick:  # the quick budget's step counts obey $SHIQ_STEP_CAP too (tests/test_readme.py)
-        args = dataclasses.replace(args, **{k: step_cap(v) if k.endswith("steps") else v for k, v in QUICK.items()})
+    if args.quick:  # the preset changes the fields still at their defaults (the command line applies it itself)
+        args = apply_preset(args, QUICK)
+    args.out.mkdir(parents=True, exist_ok=True)  # before the work: an unusable OUT fails at once
     start = time.perf_counter()
     with num_threads(args.threads):
         output = run(args)
@@ -268,12 +254,3 @@ def main(args: OnlineArgs) -> dict:
         "seconds": time.perf_counter() - start,
     }
     return write_summary(args.out / "online_summary.json", args, summary)
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The ``shiq-toy online`` options (one per field of :class:`OnlineArgs`)."""
-    from shiq_toy.experiments import add_arguments
-
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, OnlineArgs, choices={"data": tuple(DATA), "methods": tuple(m for m in LOSSES if m != "logit_q")})
-    return parser

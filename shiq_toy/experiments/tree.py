@@ -31,7 +31,6 @@ gets a full-size step at once.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,12 @@ from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv
 from shiq_toy.losses import LOSSES
 from shiq_toy.mdp import random_tree
 from shiq_toy.metrics import expected_kl
+from shiq_toy.options import option
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
-from shiq_toy.train import OPTIMIZERS, dataset_loss, train
+from shiq_toy.train import dataset_loss, train
 
-__all__ = ["TreeArgs", "run", "main", "build_parser"]
+__all__ = ["TreeArgs", "run", "main"]
 
 CSV_HEADER = ["method", "step", "kl", "loss"]
 VARIANTS = ("shiq", "shiq_ms", "shiq_init", "shiq_tk", "shifted_q")
@@ -58,41 +58,29 @@ VARIANTS = ("shiq", "shiq_ms", "shiq_init", "shiq_tk", "shifted_q")
 class TreeArgs:
     """Arguments of the token-tree ablation (``shiq-toy tree``)."""
 
-    out: Path = Path("figures")
-    """directory for tree_ablation.png, tree_ablation.csv and tree_summary.json"""
-    vocab_size: int = 3
-    """V, tokens per node"""
-    horizon: int = 4
-    """H, tokens per sequence (the reward sits on the last one)"""
-    beta: float = 0.5
-    """KL regularisation β"""
-    ref_scale: float = 1.0
-    """reference logits ℓ_ref ~ ref_scale · N(0, 1)"""
-    reward_scale: float = 1.0
-    """terminal rewards ~ reward_scale · N(0, 1)"""
-    num_samples: int = 0
-    """paths sampled from π_ref per tree; 0 = every path once, weighted by its π_ref probability"""
-    reward_noise: float = 0.0
-    """standard deviation of Gaussian noise on each sampled sequence's reward (with num_samples > 0)"""
-    trees: int = 6
-    """random trees (seeds seed, seed+1, …), trained together as stacked copies"""
-    seed: int = 0
-    """first seed"""
-    steps: int = 800
-    """full-batch training steps"""
-    optimizer: str = "sgd"
-    """sgd (full-batch gradient descent: a step is proportional to the residuals, so propagation speed is visible) or adam (per-parameter normalised steps hide most of the differences; use lr 0.05)"""
-    lr: float = 1.5
-    """learning rate"""
-    eval_every: int = 10
-    """steps between two exact evaluations"""
-    methods: tuple[str, ...] = VARIANTS
-    """loss variants to train (any of shiq_toy.losses.LOSSES)"""
-    threads: int = 1
-    """torch intra-op threads (1 is fastest for these tiny tensors)"""
+    out: Path = option(Path("figures"), 'directory for tree_ablation.png, tree_ablation.csv and tree_summary.json', aliases=("output_dir",), path="out_dir")
+    vocab_size: int = option(3, 'V, tokens per node')
+    horizon: int = option(4, 'H, tokens per sequence (the reward sits on the last one)')
+    beta: float = option(0.5, 'KL regularisation β')
+    ref_scale: float = option(1.0, 'reference logits ℓ_ref ~ ref_scale · N(0, 1)')
+    reward_scale: float = option(1.0, 'terminal rewards ~ reward_scale · N(0, 1)')
+    num_samples: int = option(0, 'paths sampled from π_ref per tree; 0 = every path once, weighted by its π_ref '
+                              'probability')
+    reward_noise: float = option(0.0, "standard deviation of Gaussian noise on each sampled sequence's reward (with "
+                                 'num_samples > 0)')
+    trees: int = option(6, 'random trees (seeds seed, seed+1, …), trained together as stacked copies')
+    seed: int = option(0, 'first seed')
+    steps: int = option(800, 'full-batch training steps')
+    optimizer: str = option("sgd", 'sgd (full-batch gradient descent: a step is proportional to the residuals, so '
+                            'propagation speed is visible) or adam (per-parameter normalised steps hide most of the '
+                            'differences; use lr 0.05)')
+    lr: float = option(1.5, 'learning rate', aliases=("learning_rate",))
+    eval_every: int = option(10, 'steps between two exact evaluations')
+    methods: tuple[str, ...] = option(VARIANTS, 'loss variants to train (any of shiq_toy.losses.LOSSES)')
+    threads: int = option(1, 'torch intra-op threads (1 is fastest for these tiny tensors)')
 
 
-def _check(args: TreeArgs) -> None:
+def check_args(args: TreeArgs) -> None:
     for name in ("vocab_size", "horizon", "trees", "steps", "eval_every", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
@@ -108,7 +96,7 @@ def _check(args: TreeArgs) -> None:
 def run(args: TreeArgs) -> dict:
     """Train every method on the same trees and data; returns the evaluated steps (K,) and, per method,
     the KL and the full-data loss at those steps, (K, trees) each."""
-    _check(args)
+    check_args(args)
     seeds = range(args.seed, args.seed + args.trees)
     trees = [
         random_tree(args.vocab_size, args.horizon, generator=torch.Generator().manual_seed(s), reward="terminal",
@@ -200,12 +188,3 @@ def main(args: TreeArgs) -> dict:
         "seconds": time.perf_counter() - start,
     }
     return write_summary(args.out / "tree_summary.json", args, summary)
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The ``shiq-toy tree`` options (one per field of :class:`TreeArgs`)."""
-    from shiq_toy.experiments import add_arguments
-
-    parser = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, TreeArgs, choices={"methods": tuple(LOSSES), "optimizer": tuple(OPTIMIZERS)})
-    return parser
