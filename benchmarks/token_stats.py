@@ -32,9 +32,6 @@ large buffers fault on every step of a real run too).
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import PeakMemory, cpu_seconds, run_worker, serve_worker  # noqa: E402
 from shiq_llm import stats as stats_module  # noqa: E402
 from shiq_llm.stats import DEFAULT_CHUNK_SIZE, linear_head_token_stats  # noqa: E402
 from shiq_toy.losses import token_stats  # noqa: E402
@@ -50,15 +48,6 @@ from shiq_toy.losses import token_stats  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Chunked variants per head: (label, worker method).
 CHUNKED = {"trained": [("trained", "chunked")], "frozen": [("frozen, recompute", "recompute"), ("frozen, keep E", "chunked")]}
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def worker(
@@ -78,13 +67,8 @@ def worker(
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=gen)  # (N,)
     upstream = torch.randn(2, tokens, device=device, generator=gen)  # fixed g_ℓ, g_vℓ
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _peak_rss_bytes()
-    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    memory = PeakMemory(device.type).start()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     if method == "naive":
         stats = token_stats(torch.nn.functional.linear(h, weight)[None], targets[None])  # (1, N) each
         taken, lse = stats.logit_taken[0], stats.logsumexp[0]
@@ -93,22 +77,17 @@ def worker(
     (upstream[0] * taken + upstream[1] * lse).sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
-    return {"peak_bytes": peak - base, "wall": wall, "cpu": cpu}
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
+    return {"peak_bytes": memory.stop(), "wall": wall, "cpu": cpu}
 
 
 def run_in_subprocess(
     method: str, args: argparse.Namespace, *, head: str, vocab: int, chunk_size: int, device: str
 ) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", method, "--heads", head, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
-        "--vocab", str(vocab), "--chunk-sizes", str(chunk_size), "--dtype", args.dtype, "--devices", device,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {method} ({head} head) V={vocab} on {device} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, "worker", dict(
+        method=method, head=head, tokens=args.tokens, hidden=args.hidden, vocab=vocab, chunk_size=chunk_size,
+        dtype=args.dtype, device=device,
+    ))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,16 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         "--heads", nargs="+", choices=sorted(CHUNKED), default=["trained", "frozen"],
         help="trained: W requires grad; frozen: it does not (LoRA), chunked with and without the kept E",
     )  # fmt: skip
-    parser.add_argument("--worker", choices=["naive", "chunked", "recompute"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        result = worker(
-            args.worker, head=args.heads[0], tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0],
-            chunk_size=args.chunk_sizes[0], dtype=args.dtype, device=args.devices[0],
-        )  # fmt: skip
-        print(json.dumps(result))
+    if serve_worker(argv, {"worker": worker}):
         return
+    args = parser.parse_args(argv)
 
     print(
         f"N = {args.tokens} response tokens, H = {args.hidden}, dtype {args.dtype}, torch {torch.__version__}, "

@@ -62,7 +62,7 @@ from shiq_llm.reference import data_fingerprint, model_fingerprint, reference_ca
 from shiq_llm.sharding import unwrap_model
 from shiq_llm.stats import response_token_stats
 from shiq_toy.losses import TokenStats, reduce_loss
-from shiq_toy.methods import METHODS, Method, per_item_loss
+from shiq_toy.methods import METHODS, Method, loss_and_diagnostics
 
 __all__ = ["ShiQTrainer", "ShiQStatsOutput", "add_stats_forward", "algorithm_loss", "VALUE_HEAD"]
 
@@ -127,7 +127,7 @@ def algorithm_loss(
     value_coef: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch: ``(loss, per_item, extras)``, through the method's row of
-    :data:`shiq_toy.methods.METHODS`.
+    :data:`shiq_toy.methods.METHODS` (:func:`shiq_toy.methods.loss_and_diagnostics`).
 
     policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L) bool and ``rewards`` (B, L). Sequence
     methods: per_item (B,), reduced by ``reduce_loss(…, average)``. Pair methods: the B rows are P = B/2 pairs,
@@ -136,26 +136,19 @@ def algorithm_loss(
     extras: diagnostics for :func:`shiq_llm.metrics.batch_metrics` (``residual`` (B, L) of token methods,
     ``dpo_margin`` (P,) of pair methods, ``value`` (B,)).
     """
-    from shiq_toy.losses import RESIDUALS
-
     row = method if isinstance(method, Method) else METHODS[method]
     mask, rewards = batch["response_mask"], batch["rewards"]
-    if row.consumes == "tokens":
-        residual = RESIDUALS[row.name](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B, L)
-        per_item = residual.square().sum(dim=1)  # (B,) = LOSSES[name]: Σ_t residual_t²
-        return reduce_loss(per_item, mask, average=average), per_item, {"residual": residual}
-    if row.consumes == "sequences":
-        per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, value=value, value_coef=value_coef)
-        return reduce_loss(per_item, mask, average=average), per_item, ({"value": value} if value is not None else {})
-    half = mask.shape[0] // 2
-    if mask.shape[0] != 2 * half:
-        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {mask.shape[0]}")
-    pairs = (torch.arange(half, device=mask.device), torch.arange(half, 2 * half, device=mask.device))
-    per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, pairs=pairs)  # (P,)
-    with torch.no_grad():
-        delta = (torch.where(mask, policy.logit_taken - policy.logsumexp - ref.logit_taken + ref.logsumexp, 0.0)).sum(1)
-    pair_mask = torch.cat([mask[:half], mask[half:]], dim=1)  # (P, 2L): the tokens of both responses
-    return reduce_loss(per_item, pair_mask, average=average), per_item, {"dpo_margin": beta * (delta[:half] - delta[half:])}
+    pairs, reduce_mask = None, mask
+    if row.consumes == "pairs":
+        half = mask.shape[0] // 2
+        if mask.shape[0] != 2 * half:
+            raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {mask.shape[0]}")
+        pairs = (torch.arange(half, device=mask.device), torch.arange(half, 2 * half, device=mask.device))
+        reduce_mask = torch.cat([mask[:half], mask[half:]], dim=1)  # (P, 2L): the tokens of both responses
+    per_item, diagnostics = loss_and_diagnostics(row, policy, ref, rewards, mask, beta=beta, gamma=gamma, pairs=pairs,
+                                                 value=value, value_coef=value_coef)  # (B,) or (P,)
+    diagnostics.pop("delta", None)  # logged as kl_estimate per token by batch_metrics
+    return reduce_loss(per_item, reduce_mask, average=average), per_item, diagnostics
 
 
 # --------------------------------------------------------------------------------------------------
