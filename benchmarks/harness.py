@@ -5,6 +5,10 @@ A benchmark script is both the driver and its own worker: the driver calls :func
 printed as the last line of its standard output; the script's ``main`` starts with
 ``if serve_worker(argv, {NAME: function, …}): return``. A fresh process per measurement means that each
 one's peak memory is its own, and that measurements which alternate (A, B, A, B, …) share the machine's noise.
+Where a fresh interpreter per measurement costs too much (importing transformers takes seconds), a
+:class:`WorkerProcess` (``python SCRIPT --serve-worker``) stays up and runs one call after another: one such
+process per variant keeps each variant's measurements apart, and :class:`PeakMemory` returns the freed heap
+to the system (``malloc_trim``) before each, so that a measurement does not reuse pages of the previous one.
 
 Peak memory. CPU: the growth of the process's peak resident set over what it held when :class:`PeakMemory`
 started (Linux: ``VmHWM`` of ``/proc/self/status``, which :class:`PeakMemory` first resets to the current
@@ -28,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 __all__ = [
     "run_worker",
     "serve_worker",
+    "WorkerProcess",
     "PeakMemory",
     "cpu_seconds",
     "spread",
@@ -53,10 +58,71 @@ def run_worker(script: str | Path, name: str, kwargs: Mapping | None = None, *, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+_RESULT, _ERROR = "@@harness-result ", "@@harness-error "
+
+
+class WorkerProcess:
+    """A long-lived ``python SCRIPT --serve-worker`` process: :meth:`call` runs one worker in it.
+
+    Use as a context manager (the process ends on exit). Its standard error goes to a temporary file, quoted
+    when a call fails.
+    """
+
+    def __init__(self, script: str | Path):
+        import tempfile
+
+        self.script = Path(script)
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, str(script), "--serve-worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=ROOT)
+
+    def call(self, name: str, kwargs: Mapping | None = None) -> dict:
+        """``workers[name](**kwargs)`` in the process; RuntimeError with its error when it fails."""
+        self.process.stdin.write(json.dumps({"name": name, "kwargs": dict(kwargs or {})}) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(_RESULT):
+                return json.loads(line[len(_RESULT):])
+            if line.startswith(_ERROR):
+                raise RuntimeError(f"worker {name} {dict(kwargs or {})} of {self.script.name} failed:\n"
+                                   f"{json.loads(line[len(_ERROR):])}")
+        self.stderr.seek(0)
+        raise RuntimeError(f"worker process of {self.script.name} ended:\n{self.stderr.read()[-4000:]}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.stderr.close()
+
+    def __enter__(self) -> "WorkerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def serve_worker(argv: Sequence[str] | None, workers: Mapping[str, Callable[..., dict]]) -> bool:
     """When ``argv`` (default ``sys.argv[1:]``) is ``--worker NAME --worker-args JSON``, run
-    ``workers[NAME](**JSON)``, print its result as one JSON line and return True; otherwise return False."""
+    ``workers[NAME](**JSON)``, print its result as one JSON line and return True; with ``--serve-worker``, do
+    that for each JSON request ``{"name", "kwargs"}`` read from standard input (a :class:`WorkerProcess`) until
+    it closes, then return True; otherwise return False."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--serve-worker" in argv:
+        import traceback
+
+        for line in sys.stdin:
+            request = json.loads(line)
+            try:
+                result = workers[request["name"]](**request["kwargs"])
+            except Exception:  # reported to the driver, which raises
+                print(_ERROR + json.dumps(traceback.format_exc()), flush=True)
+            else:
+                print(_RESULT + json.dumps(result), flush=True)
+        return True
     if "--worker" not in argv:
         return False
     name = argv[argv.index("--worker") + 1]
@@ -93,6 +159,9 @@ class PeakMemory:
         self.method = ""
 
     def start(self) -> "PeakMemory":
+        import gc
+
+        gc.collect()
         if self.device.startswith("cuda"):
             import torch
 
@@ -100,6 +169,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base, self.method = torch.cuda.memory_allocated(), "cuda max_memory_allocated"
             return self
+        try:  # glibc: give the freed heap back, so that the measurement does not reuse resident pages
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:  # Linux: reset VmHWM to the current resident set
             Path("/proc/self/clear_refs").write_text("5")
             rss = _status_kib("VmRSS")
