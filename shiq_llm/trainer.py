@@ -59,7 +59,7 @@ from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
 from shiq_llm.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_llm.models import check_tokenizer_fits_model
 from shiq_llm.reference import data_fingerprint, model_fingerprint, reference_cache
-from shiq_llm.sharding import unwrap_model
+from shiq_llm.sharding import head_sharding, unwrap_model
 from shiq_llm.stats import response_token_stats
 from shiq_toy.losses import TokenStats, reduce_loss
 from shiq_toy.methods import METHODS, Method, loss_and_diagnostics
@@ -94,6 +94,7 @@ def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
     and, when the model has a value head (:data:`VALUE_HEAD`), ``value = V_φ(state)`` (B,). Without
     ``shiq_response_mask`` the forward is the original one (generation is unchanged). Idempotent.
     """
+    head_sharding(model)  # a tensor-parallel head fails here, before training (the forward does not check again)
     hf_model = unwrap_model(model)
     hf_model._shiq_chunk_size = chunk_size
     if getattr(hf_model, "_shiq_stats_forward", False):
@@ -215,8 +216,10 @@ class ShiQTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=collate, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a mean per micro-batch: Trainer divides by accumulation
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._tokens, self._last_log = 0.0, time.perf_counter()
+        # per micro-batch: (metric names, their values gathered over processes) as device tensors, read on the host
+        # only when logged (no synchronisation per step); attended tokens since the last log, on the device
+        self._metrics: dict[str, list[tuple[tuple[str, ...], torch.Tensor]]] = {"train": [], "eval": []}
+        self._tokens, self._last_log = None, time.perf_counter()
         self.data_format = data_format
         self.data_fingerprint = None
         self.train_dataset, self.data_fingerprint = self._prepare(train_dataset, "train")
@@ -291,12 +294,12 @@ class ShiQTrainer(Trainer):
         loss, per_item, extras = algorithm_loss(self.method, stats, ref, inputs, beta=args.beta, gamma=args.gamma,
                                                 average=args.average, value=out.value, value_coef=args.value_coef)
         metrics = batch_metrics(self.method.name, stats, ref, inputs, per_item, beta=args.beta, extras=extras)
-        names = sorted(metrics)
+        names = tuple(sorted(metrics))
         values = self.accelerator.gather_for_metrics(torch.stack([metrics[k] for k in names])[None]).mean(0)
-        for name, value in zip(names, values.tolist()):
-            self._metrics[mode][name].append(value)
+        self._metrics[mode].append((names, values.detach()))
         if mode == "train":
-            self._tokens += float(inputs["attention_mask"].sum())
+            tokens = inputs["attention_mask"].sum()
+            self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -307,15 +310,21 @@ class ShiQTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        groups: dict[tuple[str, ...], list[torch.Tensor]] = defaultdict(list)
+        for names, values in self._metrics[mode]:
+            groups[names].append(values)
+        metrics = {}
+        for names, values in groups.items():  # one host synchronisation per group (one group per method)
+            metrics.update(zip(names, torch.stack(values).mean(0).tolist()))
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         elif "loss" in logs:
             now = time.perf_counter()
-            tokens = self.accelerator.reduce(torch.tensor(self._tokens, device=self.args.device), reduction="sum")
+            tokens = self._tokens if self._tokens is not None else torch.zeros((), device=self.args.device)
+            tokens = self.accelerator.reduce(tokens.to(self.args.device, torch.float64), reduction="sum")
             metrics["tokens_per_s"] = float(tokens) / max(now - self._last_log, 1e-9)
             metrics["peak_memory_mib"] = peak_memory_mib(self.args.device)
-            self._tokens, self._last_log = 0.0, now
+            self._tokens, self._last_log = None, now
         logs.update(metrics)  # in place: evaluate() returns this dict
         super().log(logs, start_time)
         self._metrics[mode].clear()
