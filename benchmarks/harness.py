@@ -231,22 +231,25 @@ def random_texts(vocab: int, count: int, *, prompt_words: int, response_words: i
 
 def step_clock(sync: Callable[[], None] | None = None):
     """A ``TrainerCallback`` timing optimizer steps 2 … max_steps (step 1 is a warm-up): ``seconds``,
-    ``steps`` (timed), ``step_seconds`` (each timed step) after training. ``sync`` (e.g.
-    ``torch.cuda.synchronize``) runs before each reading."""
+    ``steps`` (timed), ``step_seconds`` (wall-clock seconds of each timed step) and ``step_cpu_seconds`` (the
+    process's CPU seconds of each, which other jobs on a shared machine disturb much less) after training.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each reading."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.start = self.last = None
+            self.start = self.last = self.last_cpu = None
             self.step_seconds: list[float] = []
+            self.step_cpu_seconds: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             if sync is not None:
                 sync()
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), cpu_seconds()
             if self.last is not None:
                 self.step_seconds.append(now - self.last)
-            self.last = now
+                self.step_cpu_seconds.append(cpu - self.last_cpu)
+            self.last, self.last_cpu = now, cpu
             if state.global_step == 1:
                 self.start = now
 

@@ -14,8 +14,10 @@ float32, one ``transformers.Trainer`` loop each:
     labels     SFT through transformers' own loss: model(input_ids, attention_mask, labels=...).loss, with
                labels = −100 off the response tokens (the full (B, L, V) logits)
 
-Per step: wall-clock seconds of optimizer steps 2 … S (step 1 is a warm-up; the median over the timed steps of
-one run), and the growth of the process's peak memory during ``trainer.train()`` (``benchmarks.harness.
+Per step: seconds of optimizer steps 2 … S (step 1 is a warm-up; the median over the timed steps of one run) —
+on CPU the worker's CPU seconds (one torch thread: the work itself, which other jobs on a shared machine disturb
+much less than the wall clock, also recorded as ``wall_s``), on CUDA wall-clock seconds after a synchronisation —
+and the growth of the process's peak memory during ``trainer.train()`` (``benchmarks.harness.
 PeakMemory``: CPU resident set reset at the start after the freed heap is returned, CUDA
 ``max_memory_allocated``), i.e. the training steps with their optimizer states, not the set-up (ShiQ's
 reference pass runs in the trainer's constructor). Each variant runs in its own worker process
@@ -25,7 +27,7 @@ that other jobs on the machine disturb all alike. Ratios are taken within a roun
 reported as median [min–max] over the rounds.
 
     python benchmarks/limit.py            # V = 200, 32,000, 128,256; P = 8; 6 steps; 3 rounds
-    python benchmarks/limit.py --quick    # P = 4, 4 steps, 3 rounds (≤ 5 min on 2 CPU cores)
+    python benchmarks/limit.py --quick    # P = 2, 3 steps, 3 rounds (about 5 min of CPU time)
     python benchmarks/limit.py --vocab 200 --rounds 5 --json out.json
 """
 
@@ -121,7 +123,11 @@ def worker(variant: str, *, vocab: int, pairs: int, steps: int, device: str, thr
     trainer.train()
     peak = memory.stop()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"step_s": statistics.median(clock.step_seconds), "peak_mib": peak / 2**20, "memory": memory.method,
+    # CPU: the time measure is the process's CPU seconds (one thread: the work itself, little disturbed by other
+    # jobs on a shared machine); CUDA: wall-clock seconds after a synchronisation
+    step_s = statistics.median(clock.step_cpu_seconds if device == "cpu" else clock.step_seconds)
+    return {"step_s": step_s, "wall_s": statistics.median(clock.step_seconds), "peak_mib": peak / 2**20,
+            "memory": memory.method,
             "loss": losses[-1] if losses else None, "steps_timed": clock.steps}
 
 
@@ -170,10 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[200, 32000, 128256], help="vocabulary sizes V")
-    parser.add_argument("--pairs", type=int, default=None, help="P: prompts per step, 2P sequences (default 8; quick 4)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run, the first untimed (6; quick 4)")
+    parser.add_argument("--pairs", type=int, default=None, help="P: prompts per step, 2P sequences (default 8; quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run, the first untimed (6; quick 3)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (>= 3 for a range)")
-    parser.add_argument("--quick", action="store_true", help="P = 4 and 4 steps: under 5 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="P = 2 and 3 steps: about 5 minutes on 2 idle CPU cores")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU; default 1)")
     parser.add_argument("--fresh", action="store_true", help="a fresh process per run (slower: imports each time)")
@@ -182,11 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pairs = args.pairs or (4 if args.quick else 8)
-    steps = args.steps or (4 if args.quick else 6)
+    pairs = args.pairs or (2 if args.quick else 8)
+    steps = args.steps or (3 if args.quick else 6)
     if steps < 2 or pairs < 1 or args.rounds < 1:
         parser.error("--steps must be >= 2, --pairs and --rounds >= 1")
-    print(f"{versions('torch', 'transformers')}, {device}, {args.threads} thread(s) per worker; tiny Llama H=256, "
+    clock = "CPU seconds" if device == "cpu" else "wall-clock seconds"
+    print(f"{versions('torch', 'transformers')}, {device} ({clock} per step), {args.threads} thread(s) per worker; tiny Llama H=256, "
           f"2 layers; {2 * pairs} sequences per step ({PROMPT_WORDS}-token prompts, {RESPONSE_WORDS}-token "
           f"responses), {steps} steps (first untimed), {args.rounds} rounds; ratios: median [min–max] over rounds")
     results = measure(args.vocab, pairs=pairs, steps=steps, rounds=args.rounds, device=device, threads=args.threads,

@@ -24,6 +24,11 @@ over its ``--repeats`` runs: wall-clock seconds and, on CPU, the process's CPU s
 threads), which other jobs disturb much less than wall-clock time. A step includes its page faults (fresh
 large buffers fault on every step of a real run too).
 
+A last row runs the whole default path on a model (``--no-model-row`` skips it): one forward + backward of
+``shiq_llm.stats.response_token_stats`` on a 1-layer Llama (V = 32,000, hidden 512, 4 × 513 tokens, float32,
+backbone included) against ``naive_response_token_stats`` (the model's own logits), and flags a memory ratio
+above ``MODEL_ROW_LIMIT`` as a regression of the default path.
+
     python benchmarks/token_stats.py                     # N = 4,096, H = 1,024, V = 32,000 and 128,256
     python benchmarks/token_stats.py --vocab 32000 --chunk-sizes 512 1024 2048   # tune chunk_size
     python benchmarks/token_stats.py --vocab 32000 --heads frozen --repeats 3       # the frozen head only

@@ -47,7 +47,6 @@ def test_every_section_has_its_rows_and_the_table_shows_them(report):
             assert row["status"] == "ok", row
         else:
             assert row["status"] == "skipped: trl not installed", row
-    assert data["seconds"] < 180, data["section_seconds"]
 
 
 def test_measured_values_are_finite_and_within_the_stated_tolerances(report):
