@@ -131,25 +131,20 @@ def worker(variant: str, *, vocab: int, pairs: int, steps: int, device: str, thr
             "loss": losses[-1] if losses else None, "steps_timed": clock.steps}
 
 
-def measure(vocabs, *, pairs: int, steps: int, rounds: int, device: str, threads: int, fresh: bool = False,
+def measure(vocabs, *, pairs: int, steps: int, rounds: int, device: str, threads: int, workers=None,
             variants=VARIANTS) -> dict:
-    """{V: {variant: [result per round]}}, the variants' order rotating from round to round. Each variant runs in
-    its own long-lived worker process (``fresh``: a new process per run)."""
+    """{V: {variant: [result per round]}}, the variants' order rotating from round to round. ``workers``:
+    {variant: WorkerProcess} (each variant in its own long-lived process), or None for a fresh process per run."""
     results: dict[int, dict[str, list[dict]]] = {}
-    workers = {} if fresh else {v: WorkerProcess(__file__) for v in variants}
-    try:
-        for vocab in vocabs:
-            results[vocab] = {v: [] for v in variants}
-            for r in range(rounds):
-                order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])
-                for variant in order:
-                    kwargs = dict(variant=variant, vocab=vocab, pairs=pairs, steps=steps, device=device, threads=threads)
-                    call = workers[variant].call if workers else functools.partial(run_worker, __file__)
-                    results[vocab][variant].append(call("worker", kwargs))
-                print(f"  V = {vocab}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    finally:
-        for process in workers.values():
-            process.close()
+    for vocab in vocabs:
+        results[vocab] = {v: [] for v in variants}
+        for r in range(rounds):
+            order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])
+            for variant in order:
+                kwargs = dict(variant=variant, vocab=vocab, pairs=pairs, steps=steps, device=device, threads=threads)
+                call = workers[variant].call if workers else functools.partial(run_worker, __file__)
+                results[vocab][variant].append(call("worker", kwargs))
+            print(f"  V = {vocab}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return results
 
 
@@ -196,12 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{versions('torch', 'transformers')}, {device} ({clock} per step), {args.threads} thread(s) per worker; tiny Llama H=256, "
           f"2 layers; {2 * pairs} sequences per step ({PROMPT_WORDS}-token prompts, {RESPONSE_WORDS}-token "
           f"responses), {steps} steps (first untimed), {args.rounds} rounds; ratios: median [min–max] over rounds")
-    results = measure(args.vocab, pairs=pairs, steps=steps, rounds=args.rounds, device=device, threads=args.threads,
-                      fresh=args.fresh)
-    print("\n".join(table(results)))
-    if args.json:
-        args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
-
+    results = {}
+    workers = None if args.fresh else {v: WorkerProcess(__file__) for v in VARIANTS}
+    try:
+        for vocab in args.vocab:  # a row as soon as its vocabulary is done
+            results.update(measure([vocab], pairs=pairs, steps=steps, rounds=args.rounds, device=device,
+                                   threads=args.threads, workers=workers))
+            lines = table(results)
+            print("\n".join(lines if len(results) == 1 else lines[-1:]), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    finally:
+        for process in (workers or {}).values():
+            process.close()
 
 if __name__ == "__main__":
     main()
