@@ -191,7 +191,7 @@ def check_head(device: str, sizes: dict) -> list[dict]:
         rows.append({"section": "head", "name": f"V = {vocab}: peak memory ours / TRL", "value": o["peak_mib"] / max(t["peak_mib"], 1e-9),
                      "reference": t["peak_mib"], "candidate": o["peak_mib"], "status": "ok" if _finite(o["peak_mib"]) else "FAIL",
                      "note": "MiB; " + ("cuda max_memory_allocated" if device.startswith("cuda") else "CPU resident set, in-process")})
-        rows.append({"section": "head", "name": f"V = {vocab}: max |log p ours − TRL|", "value": diff, "tolerance": HEAD_LOGPROB_TOL,
+        rows.append({"section": "head", "name": f"V = {vocab}: max abs. difference of log p, ours vs TRL", "value": diff, "tolerance": HEAD_LOGPROB_TOL,
                      "status": "ok" if diff <= HEAD_LOGPROB_TOL else "FAIL", "note": "ℓ − vℓ against TRL's log-probabilities"})
     return rows
 
