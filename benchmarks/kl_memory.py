@@ -21,9 +21,6 @@ before it. The ratio is chunked / full, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,12 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import PeakMemory, run_worker, serve_worker  # noqa: E402
 from shiq_llm.core.models import tiny_causal_lm  # noqa: E402
 from shiq_llm.generation.evaluate import naive_token_kl, token_kl  # noqa: E402
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def worker(method: str, *, vocab: int, hidden: int, batch: int, prompt: int, response: int, chunk_size: int,
@@ -54,12 +48,7 @@ def worker(method: str, *, vocab: int, hidden: int, batch: int, prompt: int, res
     response_mask[:, prompt:] = True  # (B, L): N = B·T response tokens
     with torch.no_grad():
         policy.model(input_ids=ids[:1, :8])  # warm-up: lazy initialisation outside the measurement
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _peak_rss_bytes()
+    memory = PeakMemory(device.type).start()
     start = time.perf_counter()
     if method == "full":
         exact, rho = naive_token_kl(policy, ref, ids, attention, response_mask)
@@ -68,21 +57,15 @@ def worker(method: str, *, vocab: int, hidden: int, batch: int, prompt: int, res
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
-    return {"peak_bytes": peak - base, "seconds": seconds, "exact": exact.double().sum().item(),
+    return {"peak_bytes": memory.stop(), "seconds": seconds, "exact": exact.double().sum().item(),
             "rho": rho.double().sum().item()}
 
 
 def run_in_subprocess(method: str, args: argparse.Namespace, *, chunk_size: int, device: str) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", method, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-        "--batch", str(args.batch), "--prompt", str(args.prompt), "--response", str(args.response),
-        "--chunk-sizes", str(chunk_size), "--devices", device,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {method} on {device} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, "worker", dict(
+        method=method, vocab=args.vocab, hidden=args.hidden, batch=args.batch, prompt=args.prompt,
+        response=args.response, chunk_size=chunk_size, device=device,
+    ))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,14 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024], help="c, rows per chunk")
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--devices", nargs="+", default=default_devices, help="cpu and/or cuda")
-    parser.add_argument("--worker", choices=["full", "chunked"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        result = worker(args.worker, vocab=args.vocab, hidden=args.hidden, batch=args.batch, prompt=args.prompt,
-                        response=args.response, chunk_size=args.chunk_sizes[0], device=args.devices[0])
-        print(json.dumps(result))
+    if serve_worker(argv, {"worker": worker}):
         return
+    args = parser.parse_args(argv)
 
     n = args.batch * args.response
     print(f"exact per-token KL, V = {args.vocab}, B = {args.batch}, L = {args.prompt + args.response}, N = {n} "

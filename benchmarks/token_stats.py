@@ -24,6 +24,11 @@ over its ``--repeats`` runs: wall-clock seconds and, on CPU, the process's CPU s
 threads), which other jobs disturb much less than wall-clock time. A step includes its page faults (fresh
 large buffers fault on every step of a real run too).
 
+A last row runs the whole default path on a model (``--no-model-row`` skips it): one forward + backward of
+``shiq_llm.core.stats.response_token_stats`` on a 1-layer Llama (V = 32,000, hidden 512, 4 × 513 tokens, float32,
+backbone included) against ``naive_response_token_stats`` (the model's own logits), and flags a memory ratio
+above ``MODEL_ROW_LIMIT`` as a regression of the default path.
+
     python benchmarks/token_stats.py                     # N = 4,096, H = 1,024, V = 32,000 and 128,256
     python benchmarks/token_stats.py --vocab 32000 --chunk-sizes 512 1024 2048   # tune chunk_size
     python benchmarks/token_stats.py --vocab 32000 --heads frozen --repeats 3       # the frozen head only
@@ -32,9 +37,6 @@ large buffers fault on every step of a real run too).
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,22 +45,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shiq_llm import stats as stats_module  # noqa: E402
+from benchmarks.harness import PeakMemory, cpu_seconds, run_worker, serve_worker  # noqa: E402
+from shiq_llm.core import stats as stats_module  # noqa: E402
 from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, linear_head_token_stats  # noqa: E402
 from shiq_toy.losses import token_stats  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Chunked variants per head: (label, worker method).
 CHUNKED = {"trained": [("trained", "chunked")], "frozen": [("frozen, recompute", "recompute"), ("frozen, keep E", "chunked")]}
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def worker(
@@ -78,13 +72,8 @@ def worker(
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=gen)  # (N,)
     upstream = torch.randn(2, tokens, device=device, generator=gen)  # fixed g_ℓ, g_vℓ
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _peak_rss_bytes()
-    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    memory = PeakMemory(device.type).start()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     if method == "naive":
         stats = token_stats(torch.nn.functional.linear(h, weight)[None], targets[None])  # (1, N) each
         taken, lse = stats.logit_taken[0], stats.logsumexp[0]
@@ -93,22 +82,53 @@ def worker(
     (upstream[0] * taken + upstream[1] * lse).sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
-    return {"peak_bytes": peak - base, "wall": wall, "cpu": cpu}
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
+    return {"peak_bytes": memory.stop(), "wall": wall, "cpu": cpu}
+
+
+def model_worker(method: str, *, vocab: int, hidden: int, batch: int, length: int, device: str) -> dict:
+    """One forward + backward of a 1-layer Llama's response statistics in this (fresh) process, whole model.
+
+    method: ``chunked`` (``shiq_llm.core.stats.response_token_stats``, the default path) or ``naive``
+    (``naive_response_token_stats``: the model's own (B, L, V) logits). Every position but the first is a
+    response token. Peak memory growth over the built model and batch (bytes), wall and CPU seconds.
+    """
+    from shiq_llm.core.models import tiny_causal_lm
+    from shiq_llm.core.stats import naive_response_token_stats, response_token_stats
+
+    model = tiny_causal_lm(vocab, hidden_size=hidden, num_layers=1, num_heads=8, max_positions=length + 8, seed=0)
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, length), generator=gen).to(device)  # (B, L)
+    attention = torch.ones_like(ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 0] = False  # (B, L): every token after the first
+    with torch.no_grad():
+        model.model(input_ids=ids[:1, :8])  # warm-up: lazy initialisation outside the measurement
+    memory = PeakMemory(device).start()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
+    fn = response_token_stats if method == "chunked" else naive_response_token_stats
+    stats = fn(model, ids, attention, mask)
+    (stats.logit_taken.sum() + stats.logsumexp.sum()).backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"peak_bytes": memory.stop(), "wall": time.perf_counter() - start, "cpu": cpu_seconds() - start_cpu}
+
+
+#: The whole-model row (issue #18): a 1-layer Llama, V = 32,000, hidden 512, 4 × 513 tokens, float32.
+MODEL_ROW = dict(vocab=32000, hidden=512, batch=4, length=513)
+#: Chunked / naive peak memory of that row above which the default path has regressed (measured 0.26–0.29 with
+#: torch 2.13 and transformers 5.25 on CPU, for this commit and the statistics code of 2026-11-25 alike).
+MODEL_ROW_LIMIT = 0.33
 
 
 def run_in_subprocess(
     method: str, args: argparse.Namespace, *, head: str, vocab: int, chunk_size: int, device: str
 ) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", method, "--heads", head, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
-        "--vocab", str(vocab), "--chunk-sizes", str(chunk_size), "--dtype", args.dtype, "--devices", device,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {method} ({head} head) V={vocab} on {device} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, "worker", dict(
+        method=method, head=head, tokens=args.tokens, hidden=args.hidden, vocab=vocab, chunk_size=chunk_size,
+        dtype=args.dtype, device=device,
+    ))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,16 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         "--heads", nargs="+", choices=sorted(CHUNKED), default=["trained", "frozen"],
         help="trained: W requires grad; frozen: it does not (LoRA), chunked with and without the kept E",
     )  # fmt: skip
-    parser.add_argument("--worker", choices=["naive", "chunked", "recompute"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        result = worker(
-            args.worker, head=args.heads[0], tokens=args.tokens, hidden=args.hidden, vocab=args.vocab[0],
-            chunk_size=args.chunk_sizes[0], dtype=args.dtype, device=args.devices[0],
-        )  # fmt: skip
-        print(json.dumps(result))
+    if serve_worker(argv, {"worker": worker, "model": model_worker}):
         return
+    parser.add_argument("--model-row", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the whole-model row: a 1-layer Llama's statistics, default path vs full logits")
+    args = parser.parse_args(argv)
 
     print(
         f"N = {args.tokens} response tokens, H = {args.hidden}, dtype {args.dtype}, torch {torch.__version__}, "
@@ -174,6 +189,26 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
     print("targets (issue #4): memory ratio ≤ 0.25 at V = 32k; time ratio ≤ 1.2")
+    if args.model_row:
+        print_model_row(args)
+
+
+def print_model_row(args: argparse.Namespace) -> None:
+    """The whole-model row: response_token_stats (default path) vs the full logits, alternating, best of runs."""
+    spec = MODEL_ROW
+    print(f"\nwhole model: 1-layer Llama, V = {spec['vocab']}, H = {spec['hidden']}, {spec['batch']} × {spec['length']} "
+          f"tokens, float32, forward + backward of the response statistics (backbone included)")
+    for device in args.devices:
+        runs = {"naive": [], "chunked": []}
+        for _ in range(max(args.repeats)):
+            for method in runs:
+                runs[method].append(run_worker(__file__, "model", dict(method=method, device=device, **spec)))
+        best = {m: {k: min(r[k] for r in v) for k in ("peak_bytes", "wall")} for m, v in runs.items()}
+        ratio = best["chunked"]["peak_bytes"] / best["naive"]["peak_bytes"]
+        flag = "ok" if ratio <= MODEL_ROW_LIMIT else f"REGRESSION (> {MODEL_ROW_LIMIT})"
+        print(f"{device:>6} | naive {best['naive']['peak_bytes'] / 2**20:.0f} MiB, chunked "
+              f"{best['chunked']['peak_bytes'] / 2**20:.0f} MiB, ratio {ratio:.3f} {flag} | naive "
+              f"{best['naive']['wall']:.2f} s, chunked {best['chunked']['wall']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ batch of 2 × ``--pairs`` sequences, i.e. the same responses and tokens per step
 gradient accumulation, ``max_steps = --steps``. The reference pass (ShiQ's cache, TRL's precomputation) is
 not timed: the clock runs from the end of the first optimizer step (a warm-up) to the end of the last one.
 
-Each (trainer, V) runs in a fresh subprocess, so CPU peak memory (the process's peak resident set,
-``ru_maxrss``) is its own; on a GPU the peak is ``torch.cuda.max_memory_allocated``. Ratios are ShiQ / TRL.
+Each (trainer, V) runs in a fresh subprocess (``benchmarks.harness``). Peak memory is the growth of the peak
+over what the process held once the model was built (``benchmarks.harness.PeakMemory``: CPU resident set,
+CUDA ``max_memory_allocated``), reference passes included. Ratios are ShiQ / TRL.
 
     python benchmarks/vs_trl.py                       # V = 32,000 and 128,256, 6 steps of 8 pairs each
     python benchmarks/vs_trl.py --vocab 32000 --steps 4 --pairs 4     # quicker
@@ -20,54 +21,15 @@ Each (trainer, V) runs in a fresh subprocess, so CPU peak memory (the process's 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import PeakMemory, random_texts, run_worker, serve_worker, step_clock, word_tokenizer  # noqa: E402
+
 PROMPT_WORDS, RESPONSE_WORDS = 24, 40
-
-
-def _tokenizer(vocab: int):
-    """A word-level tokenizer of ``vocab`` ids: specials 0–3, then words w4 … w{vocab-1}."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
-    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
-
-
-def _texts(vocab: int, pairs: int, seed: int = 0):
-    import random
-
-    rng = random.Random(seed)
-    words = lambda n: " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(n))  # noqa: E731
-    return [(words(PROMPT_WORDS), " " + words(RESPONSE_WORDS), " " + words(RESPONSE_WORDS)) for _ in range(pairs)]
-
-
-class _Clock:
-    """A TrainerCallback that times optimizer steps 2 … max_steps (step 1 is a warm-up)."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Clock(TrainerCallback):
-            start = end = None
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == 1:
-                    self.start = time.perf_counter()
-                self.end = time.perf_counter()
-
-        return Clock()
 
 
 def worker(trainer_name: str, *, vocab: int, pairs: int, steps: int, device: str) -> dict:
@@ -76,14 +38,15 @@ def worker(trainer_name: str, *, vocab: int, pairs: int, steps: int, device: str
 
     from shiq_llm.core.models import tiny_causal_lm
 
-    tokenizer = _tokenizer(vocab)
+    tokenizer = word_tokenizer(vocab)
     model = tiny_causal_lm(tokenizer, hidden_size=256, num_layers=2, num_heads=4, max_positions=256, seed=0)
     model.train()
-    texts = _texts(vocab, pairs * steps)
+    texts = random_texts(vocab, pairs * steps, prompt_words=PROMPT_WORDS, response_words=RESPONSE_WORDS)
     out = tempfile.mkdtemp(prefix=f"vs_trl_{trainer_name}_")
     common = dict(output_dir=out, max_steps=steps, learning_rate=1e-5, logging_steps=steps, save_strategy="no",
                   report_to="none", disable_tqdm=True, use_cpu=device == "cpu", dataloader_pin_memory=False, seed=0)
-    clock = _Clock()
+    memory = PeakMemory(device).start()  # both reference passes (ShiQ's cache, TRL's precomputation) count
+    clock = step_clock(torch.cuda.synchronize if device == "cuda" else None)
     if trainer_name == "shiq":
         from shiq_llm import ShiQConfig, ShiQTrainer
 
@@ -98,22 +61,14 @@ def worker(trainer_name: str, *, vocab: int, pairs: int, steps: int, device: str
         args = DPOConfig(beta=0.1, per_device_train_batch_size=pairs, precompute_ref_log_probs=True, max_length=256,
                          **common)
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[clock])
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    seconds = clock.end - clock.start
-    responses = 2 * pairs * (steps - 1)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"responses_per_s": responses / seconds, "peak_mib": peak / 2**20, "seconds": seconds}
+    peak = memory.stop()
+    responses = 2 * pairs * clock.steps
+    return {"responses_per_s": responses / clock.seconds, "peak_mib": peak / 2**20, "seconds": clock.seconds}
 
 
 def _run(trainer_name: str, **kwargs) -> dict:
-    command = [sys.executable, __file__, "--worker", trainer_name, "--worker-args", json.dumps(kwargs)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{trainer_name} {kwargs} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, "worker", {"trainer_name": trainer_name, **kwargs})
 
 
 def main(argv=None) -> None:
@@ -122,12 +77,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", type=int, default=8, help="pairs per batch (ShiQ: twice as many sequences)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps (the first is a warm-up)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, **json.loads(args.worker_args))))
+    if serve_worker(argv, {"worker": worker}):
         return
+    args = parser.parse_args(argv)
     import torch
     import transformers
     import trl

@@ -46,7 +46,9 @@ def _check_same_1d(**tensors: torch.Tensor) -> None:
             shape, first = x.shape, name
         elif x.shape != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but {first} has shape {tuple(shape)}")
-        if not bool(torch.isfinite(x).all()):
+    finite = torch.stack([torch.isfinite(x).all() for x in tensors.values()]).tolist()  # one host synchronisation
+    for (name, x), ok in zip(tensors.items(), finite):
+        if not ok:
             raise ValueError(f"{name} is not finite at index {int((~torch.isfinite(x)).nonzero()[0])}")
 
 

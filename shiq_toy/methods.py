@@ -16,6 +16,11 @@ What a row says:
 - ``needs_value``: the loss reads a learned value ``V_φ(x)`` of each sequence's prompt (DRO).
 - ``needs_soft_value``: the loss needs the soft value of the logits over the whole vocabulary
   (``logit_q``; the chunked LLM statistics do not provide it, so the LLM trainer refuses it).
+- ``residual`` (token methods): the (B, T) residual whose square, summed over t, is the loss
+  (:data:`shiq_toy.losses.RESIDUALS`); :func:`loss_and_diagnostics` returns it, so a trainer can log
+  ``|residual|`` without computing it twice.
+- ``abs_residual`` (sequence and pair methods whose loss is the square of one residual ``e``): ``|e|`` from the
+  per-item loss.
 
 Sequence-level methods read ``Δ(y) = Σ_t ρ_t`` (:func:`shiq_toy.baselines.sequence_log_ratio`) and the sequence
 reward ``R = Σ_t r_t``; they are undiscounted and need ``gamma = 1``.
@@ -32,9 +37,10 @@ import torch
 
 from shiq_toy import baselines
 from shiq_toy.checks import check_beta
-from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, TokenStats
+from shiq_toy.losses import LOSSES, NEEDS_SOFT_VALUE, RESIDUALS, TokenStats
 
-__all__ = ["Method", "METHODS", "get_method", "per_item_loss", "ipo_loss", "dpo_pair_loss", "copg_pair_loss"]
+__all__ = ["Method", "METHODS", "get_method", "per_item_loss", "loss_and_diagnostics", "ipo_loss", "dpo_pair_loss",
+           "copg_pair_loss"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class Method:
     description: str = ""
     #: |e| from the per-item loss of a sequence/pair method that is a square of one residual e (None otherwise).
     abs_residual: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: Token methods: the (B, T) residual, ``loss = Σ_t residual_t²`` (same arguments as ``loss``); None otherwise.
+    residual: Callable[..., torch.Tensor] | None = None
 
     @property
     def sequence_level(self) -> bool:
@@ -98,7 +106,8 @@ _TOKEN_DESCRIPTIONS = {
 #: The methods, by name. Token rows come from :data:`shiq_toy.losses.LOSSES`.
 METHODS: dict[str, Method] = {
     **{
-        name: Method(name, "tokens", loss, needs_soft_value=name in NEEDS_SOFT_VALUE, description=_TOKEN_DESCRIPTIONS[name])
+        name: Method(name, "tokens", loss, needs_soft_value=name in NEEDS_SOFT_VALUE, description=_TOKEN_DESCRIPTIONS[name],
+                     residual=RESIDUALS[name])
         for name, loss in LOSSES.items()
     },
     "dpo": Method("dpo", "pairs", dpo_pair_loss, pairing="preference", description="DPO on preference pairs"),
@@ -139,15 +148,42 @@ def per_item_loss(
     ``L_b = Σ_t residual_t²``. ``pairs``: ``(idx_a, idx_b)`` (P,) index tensors into the B sequences, built
     with the row's ``pairing``. ``value``: (B,) ``V_φ(x)`` for methods with ``needs_value``. ``soft_value``:
     (B, T) for ``needs_soft_value``. ValueError when something the row needs is missing, or ``gamma != 1``
-    for a sequence-level method.
+    for a sequence-level method. The loss alone of :func:`loss_and_diagnostics`.
+    """
+    return loss_and_diagnostics(method, policy, ref, rewards, mask, beta=beta, gamma=gamma, pairs=pairs, value=value,
+                                soft_value=soft_value, value_coef=value_coef)[0]
+
+
+def loss_and_diagnostics(
+    method: str | Method,
+    policy: TokenStats,
+    ref: TokenStats,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    value: torch.Tensor | None = None,
+    soft_value: torch.Tensor | None = None,
+    value_coef: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(per_item, diagnostics)``: :func:`per_item_loss` (same arguments) and what the loss computed on the way.
+
+    diagnostics: token methods: ``residual`` (B, T), the row's ``residual`` (``per_item = Σ_t residual_t²``,
+    0 where masked out); sequence methods: ``delta`` (B,) = Δ(y) and ``value`` (B,) when given; pair methods:
+    ``delta`` (B,) and ``dpo_margin`` (P,) = β(Δ_a − Δ_b). Diagnostics are detached from the graph except
+    ``residual`` (the loss is its square).
     """
     row = method if isinstance(method, Method) else get_method(method)
     if row.consumes == "tokens":
+        extra = {}
         if row.needs_soft_value:
             if soft_value is None:
                 raise ValueError(f"method {row.name!r} needs soft_value, the (B, T) soft value of the logits")
-            return row.loss(policy, ref, rewards, mask, beta=beta, gamma=gamma, soft_value=soft_value)
-        return row.loss(policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B,)
+            extra["soft_value"] = soft_value
+        residual = row.residual(policy, ref, rewards, mask, beta=beta, gamma=gamma, **extra)  # (B, T)
+        return residual.square().sum(dim=-1), {"residual": residual}  # (B,): the row's loss, Σ_t residual_t²
     if gamma != 1.0:
         raise ValueError(f"method {row.name!r} is sequence-level (undiscounted): gamma must be 1, got {gamma}")
     delta = baselines.sequence_log_ratio(policy, ref, mask)  # (B,) Δ(y)
@@ -155,8 +191,11 @@ def per_item_loss(
     if row.consumes == "sequences":
         if row.needs_value and value is None:
             raise ValueError(f"method {row.name!r} needs value, the (B,) value V_φ(x) of each sequence's prompt")
-        return row.loss(delta, returns, value, beta=beta, value_coef=value_coef)  # (B,)
+        diagnostics = {"delta": delta.detach()} | ({"value": value.detach()} if value is not None else {})
+        return row.loss(delta, returns, value, beta=beta, value_coef=value_coef), diagnostics  # (B,)
     if pairs is None:
         raise ValueError(f"method {row.name!r} trains on pairs: give pairs=(idx_a, idx_b)")
     idx_a, idx_b = pairs
-    return row.loss(delta[idx_a], delta[idx_b], returns[idx_a], returns[idx_b], beta=beta)  # (P,)
+    per_item = row.loss(delta[idx_a], delta[idx_b], returns[idx_a], returns[idx_b], beta=beta)  # (P,)
+    margin = beta * (delta[idx_a] - delta[idx_b]).detach()  # (P,)
+    return per_item, {"delta": delta.detach(), "dpo_margin": margin}

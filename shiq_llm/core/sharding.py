@@ -68,6 +68,12 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 def inner_module(module: nn.Module) -> nn.Module:
     """The module inside data-parallel containers (DDP, DataParallel, FSDP1, a DeepSpeed engine)."""
+    children = getattr(module, "_modules", None)
+    wrapped = ("module", "_fsdp_wrapped_module", "_orig_mod")  # DDP, DataParallel, DeepSpeed; FSDP1; torch.compile
+    if children is not None and not any(name in children for name in wrapped) and "_orig_mod" not in vars(module):
+        # not a container: itself, without accelerate's search of the whole tree for compiled regions (a few ms per
+        # call, several calls per step)
+        return module
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(module)

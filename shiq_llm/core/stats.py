@@ -250,8 +250,10 @@ def linear_head_token_stats(
             f"targets must be an integer tensor of shape (N,) = ({hidden.shape[0]},), got {tuple(targets.shape)} {targets.dtype}"
         )
     _check_chunk_size(chunk_size)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        low, high = int(targets.min()), int(targets.max())
+    if targets.numel():
+        low, high = torch.aminmax(targets)
+        low, high = torch.stack([low, high]).tolist()  # one host synchronisation
+    if targets.numel() and (low < 0 or high >= weight.shape[0]):
         raise ValueError(f"token ids must lie in [0, V) = [0, {weight.shape[0]}), got range [{low}, {high}]")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -326,22 +328,26 @@ def _check_inputs(input_ids, attention_mask, response_mask, position_ids) -> Non
             raise ValueError(f"{name} must be a tensor of shape (B, L) = {shape} like input_ids, got {got}")
     if response_mask.dtype != torch.bool:
         raise ValueError(f"response_mask must be a bool tensor, got {response_mask.dtype}")
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must contain only 0 and 1")
     attended = attention_mask.bool()
-    if bool(response_mask[:, 0].any()):
+    outside = response_mask & ~attended
+    after_padding = response_mask[:, 1:] & ~attended[:, :-1]
+    not_binary = (attention_mask != 0) & (attention_mask != 1)
+    # one host synchronisation for the four checks; the failing one is located only when there is one
+    bad = torch.stack([not_binary.any(), response_mask[:, 0].any(), outside.any(), after_padding.any()]).tolist()
+    if not any(bad):
+        return
+    if bad[0]:
+        raise ValueError("attention_mask must contain only 0 and 1")
+    if bad[1]:
         row = int(response_mask[:, 0].nonzero()[0])
         raise ValueError(f"response_mask is True at position 0 (row {row}): no state precedes the first token")
-    outside = response_mask & ~attended
-    if bool(outside.any()):
+    if bad[2]:
         row, pos = outside.nonzero()[0].tolist()
         raise ValueError(f"response_mask is True where attention_mask is 0 (row {row}, position {pos}): padding is no response")
-    after_padding = response_mask[:, 1:] & ~attended[:, :-1]
-    if bool(after_padding.any()):
-        row, pos = after_padding.nonzero()[0].tolist()
-        raise ValueError(
-            f"response token at (row {row}, position {pos + 1}) follows a padding position: it must be predicted from an attended token"
-        )
+    row, pos = after_padding.nonzero()[0].tolist()
+    raise ValueError(
+        f"response token at (row {row}, position {pos + 1}) follows a padding position: it must be predicted from an attended token"
+    )
 
 
 def scatter_to_mask(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -379,7 +385,8 @@ def response_token_stats(
     """
     _check_inputs(input_ids, attention_mask, response_mask, position_ids)
     _check_chunk_size(chunk_size)
-    head_sharding(model)
+    if not in_forward:  # ShiQTrainer's statistics forward: check_unsharded below still refuses a sharded head
+        head_sharding(model)
     reason = exact_path_reason(model)
     if reason is not None:
         _warn_once(model, reason)

@@ -32,6 +32,21 @@ class TrainingItems(torch.utils.data.Dataset):
             return [self.examples[int(k)]]
         return [self.examples[self.pairs[0][k]], self.examples[self.pairs[1][k]]]
 
+    def __getitems__(self, ks: list[int]) -> list[list[dict]]:
+        """The items of a whole micro-batch (``DataLoader`` calls this when present): one read of the examples per
+        member instead of one per example."""
+        if self.pairs is None:
+            return [[row] for row in self._rows([int(k) for k in ks])]
+        first, second = (self._rows([self.pairs[j][int(k)] for k in ks]) for j in (0, 1))
+        return [[a, b] for a, b in zip(first, second)]
+
+    def _rows(self, indices: list[int]) -> list[dict]:
+        columns = getattr(self.examples, "column_names", None)
+        if columns is None:  # a list of dicts
+            return [self.examples[i] for i in indices]
+        batch = self.examples[indices]  # datasets.Dataset: {column: [values]}
+        return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
+
 
 def collate_items(items: list[list[dict]], *, pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Items -> a batch: ``shiq_llm.data.collate`` of the examples (pairs: all first members, then all second

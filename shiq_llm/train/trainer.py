@@ -55,7 +55,7 @@ from transformers.utils import ModelOutput
 
 from shiq_llm.core.models import check_tokenizer_fits_model
 from shiq_llm.core.reference import data_fingerprint, model_fingerprint, reference_cache, training_data_fingerprint
-from shiq_llm.core.sharding import unwrap_model
+from shiq_llm.core.sharding import head_sharding, unwrap_model
 from shiq_llm.core.stats import response_token_stats
 from shiq_llm.data import load_rows, preference_pairs, tokenize_rows
 from shiq_llm.storage.atomic import atomic_directory
@@ -64,7 +64,7 @@ from shiq_llm.train.batching import TrainingItems, collate_items
 from shiq_llm.train.config import LLM_METHODS, RESUME_INVARIANT, ShiQConfig
 from shiq_llm.train.metrics import MetricsFileCallback, batch_metrics, peak_memory_mib
 from shiq_toy.losses import TokenStats, reduce_loss
-from shiq_toy.methods import METHODS, Method, per_item_loss
+from shiq_toy.methods import METHODS, Method, loss_and_diagnostics
 
 __all__ = ["ShiQTrainer", "ShiQStatsOutput", "add_stats_forward", "algorithm_loss", "VALUE_HEAD"]
 
@@ -96,6 +96,7 @@ def add_stats_forward(model: nn.Module, *, chunk_size: int) -> None:
     and, when the model has a value head (:data:`VALUE_HEAD`), ``value = V_φ(state)`` (B,). Without
     ``shiq_response_mask`` the forward is the original one (generation is unchanged). Idempotent.
     """
+    head_sharding(model)  # a tensor-parallel head fails here, before training (the forward does not check again)
     hf_model = unwrap_model(model)
     hf_model._shiq_chunk_size = chunk_size
     if getattr(hf_model, "_shiq_stats_forward", False):
@@ -129,7 +130,7 @@ def algorithm_loss(
     value_coef: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch: ``(loss, per_item, extras)``, through the method's row of
-    :data:`shiq_toy.methods.METHODS`.
+    :data:`shiq_toy.methods.METHODS` (:func:`shiq_toy.methods.loss_and_diagnostics`).
 
     policy, ref: TokenStats of (B, L); batch: ``response_mask`` (B, L) bool and ``rewards`` (B, L). Sequence
     methods: per_item (B,), reduced by ``reduce_loss(…, average)``. Pair methods: the B rows are P = B/2 pairs,
@@ -138,26 +139,19 @@ def algorithm_loss(
     extras: diagnostics for :func:`shiq_llm.train.metrics.batch_metrics` (``residual`` (B, L) of token methods,
     ``dpo_margin`` (P,) of pair methods, ``value`` (B,)).
     """
-    from shiq_toy.losses import RESIDUALS
-
     row = method if isinstance(method, Method) else METHODS[method]
     mask, rewards = batch["response_mask"], batch["rewards"]
-    if row.consumes == "tokens":
-        residual = RESIDUALS[row.name](policy, ref, rewards, mask, beta=beta, gamma=gamma)  # (B, L)
-        per_item = residual.square().sum(dim=1)  # (B,) = LOSSES[name]: Σ_t residual_t²
-        return reduce_loss(per_item, mask, average=average), per_item, {"residual": residual}
-    if row.consumes == "sequences":
-        per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, value=value, value_coef=value_coef)
-        return reduce_loss(per_item, mask, average=average), per_item, ({"value": value} if value is not None else {})
-    half = mask.shape[0] // 2
-    if mask.shape[0] != 2 * half:
-        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {mask.shape[0]}")
-    pairs = (torch.arange(half, device=mask.device), torch.arange(half, 2 * half, device=mask.device))
-    per_item = per_item_loss(row, policy, ref, rewards, mask, beta=beta, pairs=pairs)  # (P,)
-    with torch.no_grad():
-        delta = (torch.where(mask, policy.logit_taken - policy.logsumexp - ref.logit_taken + ref.logsumexp, 0.0)).sum(1)
-    pair_mask = torch.cat([mask[:half], mask[half:]], dim=1)  # (P, 2L): the tokens of both responses
-    return reduce_loss(per_item, pair_mask, average=average), per_item, {"dpo_margin": beta * (delta[:half] - delta[half:])}
+    pairs, reduce_mask = None, mask
+    if row.consumes == "pairs":
+        half = mask.shape[0] // 2
+        if mask.shape[0] != 2 * half:
+            raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {mask.shape[0]}")
+        pairs = (torch.arange(half, device=mask.device), torch.arange(half, 2 * half, device=mask.device))
+        reduce_mask = torch.cat([mask[:half], mask[half:]], dim=1)  # (P, 2L): the tokens of both responses
+    per_item, diagnostics = loss_and_diagnostics(row, policy, ref, rewards, mask, beta=beta, gamma=gamma, pairs=pairs,
+                                                 value=value, value_coef=value_coef)  # (B,) or (P,)
+    diagnostics.pop("delta", None)  # logged as kl_estimate per token by batch_metrics
+    return reduce_loss(per_item, reduce_mask, average=average), per_item, diagnostics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +218,10 @@ class ShiQTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=collate, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a mean per micro-batch: Trainer divides by accumulation
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._tokens, self._last_log = 0.0, time.perf_counter()
+        # per micro-batch: (metric names, their values gathered over processes) as device tensors, read on the host
+        # only when logged (no synchronisation per step); attended tokens since the last log, on the device
+        self._metrics: dict[str, list[tuple[tuple[str, ...], torch.Tensor]]] = {"train": [], "eval": []}
+        self._tokens, self._last_log = None, time.perf_counter()
         self.data_format = data_format
         self.data_fingerprint = self.training_data_fingerprint = None
         self.train_dataset, (self.data_fingerprint, self.training_data_fingerprint) = self._prepare(train_dataset, "train")
@@ -304,12 +300,12 @@ class ShiQTrainer(Trainer):
         loss, per_item, extras = algorithm_loss(self.method, stats, ref, inputs, beta=args.beta, gamma=args.gamma,
                                                 average=args.average, value=out.value, value_coef=args.value_coef)
         metrics = batch_metrics(self.method.name, stats, ref, inputs, per_item, beta=args.beta, extras=extras)
-        names = sorted(metrics)
+        names = tuple(sorted(metrics))
         values = self.accelerator.gather_for_metrics(torch.stack([metrics[k] for k in names])[None]).mean(0)
-        for name, value in zip(names, values.tolist()):
-            self._metrics[mode][name].append(value)
+        self._metrics[mode].append((names, values.detach()))
         if mode == "train":
-            self._tokens += float(inputs["attention_mask"].sum())
+            tokens = inputs["attention_mask"].sum()
+            self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -320,15 +316,21 @@ class ShiQTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        groups: dict[tuple[str, ...], list[torch.Tensor]] = defaultdict(list)
+        for names, values in self._metrics[mode]:
+            groups[names].append(values)
+        metrics = {}
+        for names, values in groups.items():  # one host synchronisation per group (one group per method)
+            metrics.update(zip(names, torch.stack(values).mean(0).tolist()))
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         elif "loss" in logs:
             now = time.perf_counter()
-            tokens = self.accelerator.reduce(torch.tensor(self._tokens, device=self.args.device), reduction="sum")
+            tokens = self._tokens if self._tokens is not None else torch.zeros((), device=self.args.device)
+            tokens = self.accelerator.reduce(tokens.to(self.args.device, torch.float64), reduction="sum")
             metrics["tokens_per_s"] = float(tokens) / max(now - self._last_log, 1e-9)
             metrics["peak_memory_mib"] = peak_memory_mib(self.args.device)
-            self._tokens, self._last_log = 0.0, now
+            self._tokens, self._last_log = None, now
         logs.update(metrics)  # in place: evaluate() returns this dict
         super().log(logs, start_time)
         self._metrics[mode].clear()
