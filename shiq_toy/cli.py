@@ -220,7 +220,7 @@ def commands() -> dict[str, Command]:
     from shiq_toy.testing.properties import VARIANTS
     from shiq_toy.train import OPTIMIZERS
 
-    online_methods = tuple(m for m in online.LOSSES if m != "logit_q")
+    online_methods = online.ONLINE_METHODS
     return {
         "bandit": Command("bandit", (bandit.BanditArgs,), _bandit, help="three-armed bandit regret figure (offline and online)",
                           description=bandit.__doc__, check=bandit.check_args,

@@ -42,6 +42,7 @@ import torch
 from shiq_toy.data import exhaustive_dataset, stack_datasets
 from shiq_toy.experiments import num_threads, write_csv, write_summary
 from shiq_toy.mdp import TokenTree, random_tree
+from shiq_toy.methods import METHODS as METHOD_TABLE
 from shiq_toy.metrics import expected, expected_kl, regret, state_distribution
 from shiq_toy.options import apply_preset, option
 from shiq_toy.solvers import solve_tree
@@ -93,9 +94,10 @@ def check_args(args: MisspecifiedArgs) -> None:
     paths = args.vocab_size**args.horizon
     if not 0 <= args.hack_paths <= paths // 2:
         raise ValueError(f"hack_paths must lie in [0, {paths // 2}] (half of the {paths} paths), got {args.hack_paths}")
-    unknown = [m for m in args.methods if m not in ALL or m == "logit_q"]
+    allowed = tuple(m for m in ALL if not METHOD_TABLE[m].needs_soft_value)
+    unknown = [m for m in args.methods if m not in allowed]
     if unknown or not args.methods:
-        raise ValueError(f"methods must be a non-empty subset of {tuple(m for m in ALL if m != 'logit_q')}, got {args.methods}")
+        raise ValueError(f"methods must be a non-empty subset of {allowed}, got {args.methods}")
 
 
 def errors(args: MisspecifiedArgs) -> list[str]:

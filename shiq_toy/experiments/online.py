@@ -39,19 +39,25 @@ from shiq_toy.data import Dataset, on_policy_sampler, path_probability, sample_d
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
 from shiq_toy.mdp import TokenTree, all_sequences, random_tree
+from shiq_toy.methods import METHODS as METHOD_TABLE
 from shiq_toy.metrics import expected_kl, regret
 from shiq_toy.options import apply_preset, option
 from shiq_toy.solvers import solve_tree
 from shiq_toy.tabular import TabularLogits, stack_levels
 from shiq_toy.train import train
 
-__all__ = ["OnlineArgs", "DATA", "behaviour_levels", "MixedSampler", "run", "main"]
+__all__ = ["OnlineArgs", "DATA", "ONLINE_METHODS", "behaviour_levels", "MixedSampler", "run", "main"]
 
 #: The ways of drawing a batch, and the share of it that comes from the online replay buffer.
 DATA = {"offline": 0.0, "mix10": 0.1, "mix50": 0.5, "mix100": 1.0, "on_policy": None}
 CSV_HEADER = ["method", "data", "tree", "step", "queries", "kl", "regret"]
 #: The budget of ``--quick`` (the fields it overrides).
 QUICK = {"trees": 3, "steps": 250, "eval_every": 25}
+
+
+#: The token losses this experiment trains: those that need no soft value over the vocabulary (a table's logits
+#: are trained directly here, as an LLM's would be).
+ONLINE_METHODS = tuple(m for m in LOSSES if not METHOD_TABLE[m].needs_soft_value)
 
 
 @dataclass
@@ -87,9 +93,9 @@ def check_args(args: OnlineArgs) -> None:
     unknown = [x for x in args.data if x not in DATA]
     if unknown or not args.data:
         raise ValueError(f"data must be a non-empty subset of {tuple(DATA)}, got {args.data}")
-    bad = [m for m in args.methods if m not in LOSSES or m == "logit_q"]
+    bad = [m for m in args.methods if m not in ONLINE_METHODS]
     if bad or not args.methods:
-        raise ValueError(f"methods must be ShiQ-family losses of {tuple(m for m in LOSSES if m != 'logit_q')}, got {args.methods}")
+        raise ValueError(f"methods must be ShiQ-family losses of {ONLINE_METHODS}, got {args.methods}")
     if args.tilt < 0:
         raise ValueError(f"tilt must be >= 0, got {args.tilt}")
 
