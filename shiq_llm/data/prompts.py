@@ -27,6 +27,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from shiq_toy.options import parse_key_values
+
 __all__ = ["load_prompts", "named_prompt_sources", "PROMPT_SOURCES", "prompt_of_row", "distinct_prompts", "normalized_prompt", "check_held_out",
            "parse_format_options", "LEAK_POLICIES"]
 
@@ -194,22 +196,4 @@ def parse_format_options(items: Sequence[str] | None, *, option: str = "--format
     kept as a string; or a JSON object (``'{"score": "fine-grained_score"}'``) whose keys are added as they
     are. ValueError naming ``option`` and the item that is neither.
     """
-    options: dict[str, Any] = {}
-    for item in items or ():
-        if item.strip().startswith("{"):
-            try:
-                mapping = json.loads(item)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{option}: {item!r} is not a JSON object ({error.msg})") from None
-            if not isinstance(mapping, dict):
-                raise ValueError(f"{option}: {item!r} is not a JSON object")
-            options.update(mapping)
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{option} must be KEY=VALUE or a JSON object, got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    return parse_key_values(items, option=option)
