@@ -23,3 +23,17 @@ def check_gamma(gamma: float, *, allow_one: bool = True) -> None:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 < gamma and upper_ok):
         interval = "(0, 1]" if allow_one else "(0, 1)"
         raise ValueError(f"gamma must lie in {interval}, got {gamma!r}")
+
+
+def check_at_least_one(args: object, names: tuple[str, ...] | list[str]) -> None:
+    """Every integer option ``names`` of ``args`` (an experiment's arguments) must be >= 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+
+
+def check_subset(name: str, values, allowed) -> None:
+    """``values`` (an option's list) must be a non-empty subset of ``allowed``."""
+    allowed = tuple(allowed)
+    if not values or any(value not in allowed for value in values):
+        raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {values}")

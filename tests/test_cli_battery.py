@@ -52,6 +52,7 @@ VALID = {
     ("shiq-llm", "experiment multiturn"): ["--out", "{ws}/new"],
     ("shiq-llm", "experiment ablation"): ["--out", "{ws}/new"],
     ("shiq-llm", "experiment misspecified"): ["--out", "{ws}/new"],
+    ("shiq-llm", "experiment compare"): ["--out", "{ws}/new"],
     ("shiq-toy", "bandit"): ["--out", "{ws}/new"],
     ("shiq-toy", "tree"): ["--out", "{ws}/new"],
     ("shiq-toy", "gym"): ["--out", "{ws}/new"],
@@ -248,6 +249,7 @@ def _cases():
                   ("experiment ablation", "--single-data", "multi_data", "single-turn rows"),
                   ("experiment ablation", "--multi-data", "single_data", "multi-turn rows"),
                   ("experiment misspecified", "--data", "multi_data", "single-turn rows"),
+                  ("experiment compare", "--data", "multi_data", "single-turn rows"),
                   ("demo", "--data", "multi_data", "single-turn rows"),
                   ("experiment multiturn", "--data", "nowhere", "no such folder"),
                   ("experiment multiturn", "--data", "adir", "missing reference")]
@@ -261,7 +263,8 @@ def _cases():
                    ("shiq-llm", "demo", ["--betas", "-1"], "betas"),
                    ("shiq-llm", "experiment multiturn", ["--seeds", "0"], "seeds"),
                    ("shiq-llm", "experiment ablation", ["--steps", "0"], "steps"),
-                   ("shiq-llm", "experiment misspecified", ["--bonus", "-1"], "bonus")]
+                   ("shiq-llm", "experiment misspecified", ["--bonus", "-1"], "bonus"),
+                   ("shiq-llm", "experiment compare", ["--learning_rates", "0"], "learning_rates")]
     for cli, name, extra, expect in quick_cases:
         for quick in ([], ["--quick"]):
             add(cli, name, ["--out", "{ws}/new", *quick, *extra], expect, f"{'quick-' if quick else ''}{expect}")

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from shiq_toy.checks import check_at_least_one
 from shiq_toy.options import option
 
 __all__ = ["CompareArgs", "METHODS", "QUICK", "check_args", "split_prompts", "select_learning_rates", "interpolate_frontier",
@@ -236,10 +237,8 @@ def check_args(args: CompareArgs) -> None:
         values = getattr(args, name)
         if not values or not all(v > 0 and math.isfinite(v) for v in values):
             raise ValueError(f"{name} must be finite numbers > 0, got {list(values)}")
-    for name in ("seeds", "steps", "batch_size", "eval_samples", "max_new_tokens", "ref_steps",
-                 "completions_per_prompt", "budgets", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("seeds", "steps", "batch_size", "eval_samples", "max_new_tokens", "ref_steps",
+                              "completions_per_prompt", "budgets", "threads"))
     if args.batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (pair methods train on batch_size // 2 pairs), got {args.batch_size}")
     if args.seeds < 2:

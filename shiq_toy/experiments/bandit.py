@@ -30,6 +30,7 @@ import torch
 from scipy.optimize import minimize
 
 from shiq_toy.baselines import make_preference_pairs
+from shiq_toy.checks import check_at_least_one, check_subset
 from shiq_toy.data import Dataset, on_policy_sampler, sample_dataset, stack_datasets
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.mdp import Bandit
@@ -80,14 +81,11 @@ def check_args(args: BanditArgs) -> None:
         raise ValueError(f"rewards and ref_probs must give the same number (>= 2) of arms, got {len(args.rewards)} and {len(args.ref_probs)}")
     if any(p <= 0 for p in args.ref_probs) or not math.isclose(sum(args.ref_probs), 1.0, abs_tol=1e-9):
         raise ValueError(f"ref_probs must be positive and sum to 1, got {args.ref_probs}")
-    for name in ("num_samples", "batch_size", "steps", "seeds", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("num_samples", "batch_size", "steps", "seeds", "threads"))
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
-    if not set(args.settings) <= set(SETTINGS) or not args.settings:
-        raise ValueError(f"settings must be a non-empty subset of {SETTINGS}, got {args.settings}")
+    check_subset("settings", args.settings, SETTINGS)
 
 
 def make_bandit(args: BanditArgs) -> Bandit:

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from shiq_toy.checks import check_at_least_one, check_subset
 from shiq_toy.episode_train import StateMLP, StateTable, train_episodes
 from shiq_toy.episodes import EPISODE_METHODS, sample_episodes
 from shiq_toy.experiments import num_threads, write_csv, write_summary
@@ -117,13 +118,8 @@ class GymArgs:
 
 def check_args(args: GymArgs) -> None:
     for name, allowed in (("envs", ENV_SPECS), ("behaviours", BEHAVIOURS), ("methods", EPISODE_METHODS), ("approximations", APPROXIMATIONS)):
-        values = getattr(args, name)
-        unknown = [x for x in values if x not in allowed]
-        if unknown or not values:
-            raise ValueError(f"{name} must be a non-empty subset of {tuple(allowed)}, got {values}")
-    for name in ("max_steps", "steps", "hidden", "target_every", "eval_every", "seeds", "threads", "grid_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+        check_subset(name, getattr(args, name), allowed)
+    check_at_least_one(args, ("max_steps", "steps", "hidden", "target_every", "eval_every", "seeds", "threads", "grid_size"))
     if any(n < 1 for n in args.episodes) or not args.episodes:
         raise ValueError(f"episodes must be positive, got {args.episodes}")
     if not 0.0 <= args.epsilon <= 1.0:

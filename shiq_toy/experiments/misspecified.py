@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shiq_toy.checks import check_at_least_one, check_subset
 from shiq_toy.data import exhaustive_dataset, stack_datasets
 from shiq_toy.experiments import num_threads, write_csv, write_summary
 from shiq_toy.mdp import TokenTree, random_tree
@@ -84,9 +85,7 @@ class MisspecifiedArgs:
 
 
 def check_args(args: MisspecifiedArgs) -> None:
-    for name in ("vocab_size", "horizon", "steps", "eval_every", "trees", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("vocab_size", "horizon", "steps", "eval_every", "trees", "threads"))
     if not args.betas or any(b <= 0 for b in args.betas):
         raise ValueError(f"betas must be positive, got {args.betas}")
     if any(s <= 0 for s in args.noise_scales):
@@ -94,10 +93,7 @@ def check_args(args: MisspecifiedArgs) -> None:
     paths = args.vocab_size**args.horizon
     if not 0 <= args.hack_paths <= paths // 2:
         raise ValueError(f"hack_paths must lie in [0, {paths // 2}] (half of the {paths} paths), got {args.hack_paths}")
-    allowed = tuple(m for m in ALL if not METHOD_TABLE[m].needs_soft_value)
-    unknown = [m for m in args.methods if m not in allowed]
-    if unknown or not args.methods:
-        raise ValueError(f"methods must be a non-empty subset of {allowed}, got {args.methods}")
+    check_subset("methods", args.methods, (m for m in ALL if not METHOD_TABLE[m].needs_soft_value))
 
 
 def errors(args: MisspecifiedArgs) -> list[str]:

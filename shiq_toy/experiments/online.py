@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shiq_toy.checks import check_at_least_one, check_subset
 from shiq_toy.data import Dataset, on_policy_sampler, path_probability, sample_dataset, stack_datasets
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
@@ -87,12 +88,8 @@ class OnlineArgs:
 
 
 def check_args(args: OnlineArgs) -> None:
-    for name in ("vocab_size", "horizon", "num_offline", "batch_size", "online_per_step", "steps", "eval_every", "trees", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
-    unknown = [x for x in args.data if x not in DATA]
-    if unknown or not args.data:
-        raise ValueError(f"data must be a non-empty subset of {tuple(DATA)}, got {args.data}")
+    check_at_least_one(args, ("vocab_size", "horizon", "num_offline", "batch_size", "online_per_step", "steps", "eval_every", "trees", "threads"))
+    check_subset("data", args.data, DATA)
     bad = [m for m in args.methods if m not in ONLINE_METHODS]
     if bad or not args.methods:
         raise ValueError(f"methods must be ShiQ-family losses of {ONLINE_METHODS}, got {args.methods}")

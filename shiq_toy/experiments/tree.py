@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shiq_toy.checks import check_at_least_one
 from shiq_toy.data import exhaustive_dataset, sample_dataset, stack_datasets
 from shiq_toy.experiments import BAND_MEANING, num_threads, plot_band, write_csv, write_summary
 from shiq_toy.losses import LOSSES
@@ -81,9 +82,7 @@ class TreeArgs:
 
 
 def check_args(args: TreeArgs) -> None:
-    for name in ("vocab_size", "horizon", "trees", "steps", "eval_every", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("vocab_size", "horizon", "trees", "steps", "eval_every", "threads"))
     if args.num_samples < 0 or args.reward_noise < 0:
         raise ValueError("num_samples and reward_noise must be >= 0")
     if args.reward_noise and not args.num_samples:
