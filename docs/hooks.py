@@ -8,19 +8,16 @@
 * README.md's sections are included as they are (pymdownx.snippets, which expands them while the page is
   converted); its links into ``docs/`` (``docs/shiq-math.md``, ``docs/figures/x.png``) are rewritten to the site's
   own pages by a Markdown tree processor that runs before MkDocs checks and relativises the links.
-* ``cli.md``, the command-line reference, is generated at build time: every subcommand of ``shiq-toy`` and
-  ``shiq-llm`` is discovered from the programs' parsers (``build_parser()``, nested subcommands such as
-  ``shiq-llm experiment multiturn`` included) and its section is what ``PROGRAM COMMAND --help`` prints, run in
-  this process through the program's ``main`` (the console script's own code, without a fresh interpreter per
-  command). Commands whose help is printed outside argparse (``train`` / ``cache-ref``, parsed by
-  ``HfArgumentParser``) are covered the same way, since ``main`` prints it; if it prints nothing, the subparser's
-  own help is used. A ``--help`` that fails fails the build, so the page cannot go stale. A preview build
-  (``SHIQ_DOCS_EXECUTE=false``: no notebook executed) runs no command either: its ``cli.md`` says so.
+* ``cli.md``, the command-line reference, is generated at build time: every command of ``shiq-toy`` and
+  ``shiq-llm`` is taken from the programs' command tables (``commands()``: the one option dialect of
+  ``shiq_toy.options``, nested commands such as ``shiq-llm experiment multiturn`` included) and its section is what
+  ``PROGRAM COMMAND --help`` prints, run in this process through the program's ``main``. A ``--help`` that fails
+  fails the build, so the page cannot go stale. A preview build (``SHIQ_DOCS_EXECUTE=false``: no notebook
+  executed) runs no command either: its ``cli.md`` says so.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -34,7 +31,7 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = "notebooks"
 CLI_PAGE = "cli.md"
-#: (program, module with ``build_parser()`` and ``main(argv)``), in the order of the page.
+#: (program, module with ``commands()`` and ``main(argv)``), in the order of the page.
 PROGRAMS = (("shiq-toy", "shiq_toy.cli"), ("shiq-llm", "shiq_llm.cli"))
 HELP_WIDTH = "110"  # argparse wraps to $COLUMNS: a fixed width gives the same page on every machine
 FENCE = "`" * 3
@@ -60,16 +57,6 @@ class _ReadmeLinksExtension(markdown.Extension):
         md.treeprocessors.register(_ReadmeLinks(md), "readme_links", 10)  # MkDocs' "relpath" runs at 0, after it
 
 
-def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    """(path, help line, subparser) of every subcommand of ``parser``, depth first, in the parser's order."""
-    for action in parser._actions:  # argparse keeps its subcommands only there
-        if isinstance(action, argparse._SubParsersAction):
-            helps = {choice.dest: choice.help for choice in action._choices_actions}
-            for name, sub in action.choices.items():
-                yield (*path, name), helps.get(name) or "", sub
-                yield from subcommands(sub, (*path, name))
-
-
 def command_help(main, argv: list[str]) -> str:
     """What ``PROGRAM *argv`` prints on stdout (argv ends with --help); an exit status other than 0 is an error."""
     out = io.StringIO()
@@ -90,14 +77,15 @@ def cli_reference() -> str:
     try:
         lines = ["# Command-line reference", "",
                  "Generated when this site is built: every subcommand of `shiq-toy` and `shiq-llm` is found from the "
-                 "programs' own parsers and shown with what its `--help` prints, so this page matches the code it "
+                 "programs' own command tables and shown with what its `--help` prints, so this page matches the code it "
                  "was built from.", ""]
         for program, module_name in PROGRAMS:
             module = importlib.import_module(module_name)
             lines += [f"## {program}", "", FENCE + "text", command_help(module.main, ["--help"]), FENCE, ""]
-            for path, help_line, sub in subcommands(module.build_parser()):
-                text = command_help(module.main, [*path, "--help"]) or sub.format_help().rstrip()
-                lines += [f"### {program} {' '.join(path)}", ""]
+            for name, command in module.commands().items():  # every command, from the one option dialect
+                path, help_line = name.split(), command.help
+                text = command_help(module.main, [*path, "--help"])
+                lines += [f"### {program} {name}", ""]
                 if help_line:
                     lines += [help_line[:1].upper() + help_line[1:] + ".", ""]
                 lines += [FENCE + "text", text.replace(FENCE, "'''"), FENCE, ""]

@@ -38,7 +38,8 @@ def main() -> int:
     import shiq_llm.cli
     import shiq_toy.cli
 
-    shiq_llm.cli.build_parser()  # imports every subcommand's module (and transformers) once, before the forks
+    shiq_llm.cli.commands()  # imports every subcommand's module (and transformers) once, before the forks
+    shiq_toy.cli.commands()
     programs = {"shiq-toy": shiq_toy.cli.main, "shiq-llm": shiq_llm.cli.main}
     statuses = []
     for number, (argv, expected) in enumerate(commands):
