@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import sys
 from dataclasses import dataclass
 
 from shiq_toy.options import Command, option, run_cli
@@ -115,6 +114,3 @@ def main(argv: list[str] | None = None) -> int:
                    description="Train causal LMs with ShiQ, DPO, IPO, CoPG or DRO on reward-labelled rows "
                    "{prompt, completion, reward}.")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -227,9 +227,10 @@ def _training_prompts(args: "EvaluateArgs", model: str) -> tuple[list | None, st
             train = load_prompts(source, split=split, format=data_format, default_split="train",
                                  format_options=options or None)
         except (ValueError, OSError) as error:
+            reason = re.sub(r"^--prompts [^:]*: ", "", str(error).splitlines()[0]) if str(error) else type(error).__name__
             raise ValueError(f"--train-data auto: the training data {source!r} of the run ({config}) cannot be read "
-                             f"from {Path.cwd()} ({re.sub(r'^--prompts [^:]*: ', '', str(error).splitlines()[0]) if str(error) else type(error).__name__});"
-                             " give --train-data PATH, or --train-data none to skip the held-out check") from None
+                             f"from {Path.cwd()} ({reason}); give --train-data PATH, or --train-data none to skip the "
+                             "held-out check") from None
         return train, source
     train = load_prompts(source, split=split, format=data_format, default_split="train", format_options=options or None)
     return train, source

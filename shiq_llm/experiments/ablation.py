@@ -34,7 +34,7 @@ from pathlib import Path
 
 from shiq_toy.options import option
 
-__all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "prepare_single_turn_data", "collect", "MARGINS",
+__all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "collect", "MARGINS",
            "shared_with_multiturn", "tables_of", "plot", "main"]
 
 TASKS = ("single_turn", "multi_turn")
@@ -81,24 +81,6 @@ QUICK = AblationArgs(betas=(0.1,), seeds=2, steps=20, batch_size=16, log_every=2
                      train_prompts=48, samples_per_prompt=4)
 
 
-def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, completions_per_prompt: int,
-                             max_new_tokens: int, seed: int, progress: bool = False) -> Path:
-    """The counting task's data directory: ``given`` (checked) or ``default``, built once with these settings
-    (:func:`shiq_llm.tasks.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
-    from shiq_llm.experiments import prepare_data
-    from shiq_llm.tasks import synthetic
-
-    reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed)
-    settings = {"reference": reference.__dict__, "completions_per_prompt": completions_per_prompt,
-                "max_new_tokens": max_new_tokens, "seed": seed}
-
-    def build(path: Path) -> None:
-        synthetic.make_data(path, reference=reference, completions_per_prompt=completions_per_prompt,
-                            max_new_tokens=max_new_tokens, seed=seed, progress=progress)
-
-    return prepare_data(given, default, settings, build, command="shiq-llm make-data")
-
-
 def check_args(args: AblationArgs) -> None:
     from shiq_llm.train.config import LLM_METHODS
 
@@ -121,6 +103,7 @@ def check_args(args: AblationArgs) -> None:
 
 def _sweep(task: str, args: AblationArgs, out: Path):
     """The SweepConfig of one task: its data (built or reused), evaluator and evaluation budget."""
+    from shiq_llm.experiments.demo import prepare_single_turn_data
     from shiq_llm.experiments.multiturn import prepare_multiturn_data, train_options, write_eval_prompts
     from shiq_llm.experiments.sweep import SweepConfig
 

@@ -286,7 +286,7 @@ def _reference_rows(data: Path, prompts: list[str], split: str, seeds: Sequence[
 def collect(args: CompareArgs, out: Path):
     """Selection on the validation split, then the test runs of the chosen configurations (module docstring)."""
     from shiq_llm.data.prompts import check_held_out
-    from shiq_llm.experiments.ablation import prepare_single_turn_data
+    from shiq_llm.experiments.demo import prepare_single_turn_data
     from shiq_llm.experiments.driver import Collected
     from shiq_llm.experiments.multiturn import train_options
     from shiq_llm.experiments.sweep import SweepConfig, SweepError, run_sweep

@@ -16,7 +16,8 @@ from typing import Callable
 from shiq_toy.experiments import num_threads
 from shiq_toy.options import option
 
-__all__ = ["DemoConfig", "run_demo", "demo_sweep_config", "EMBEDDED_SWEEP", "quiet_libraries"]
+__all__ = ["DemoConfig", "run_demo", "demo_sweep_config", "prepare_single_turn_data", "EMBEDDED_SWEEP",
+           "quiet_libraries"]
 
 
 
@@ -52,6 +53,24 @@ class DemoConfig:
         """A reduced budget (under a minute): the same reference, data and runs, but only shiq and dpo at β = 0.1."""
         values = dict(algos=("shiq", "dpo"), betas=(0.1,))
         return cls(**{**values, **overrides})
+
+
+def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, completions_per_prompt: int,
+                             max_new_tokens: int, seed: int, progress: bool = False) -> Path:
+    """The counting task's data directory: ``given`` (checked) or ``default``, built once with these settings
+    (:func:`shiq_llm.tasks.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
+    from shiq_llm.experiments import prepare_data
+    from shiq_llm.tasks import synthetic
+
+    reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed)
+    settings = {"reference": reference.__dict__, "completions_per_prompt": completions_per_prompt,
+                "max_new_tokens": max_new_tokens, "seed": seed}
+
+    def build(path: Path) -> None:
+        synthetic.make_data(path, reference=reference, completions_per_prompt=completions_per_prompt,
+                            max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+
+    return prepare_data(given, default, settings, build, command="shiq-llm make-data")
 
 
 def quiet_libraries() -> None:
@@ -113,8 +132,6 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> list[dict]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.data is None:  # built once per settings (a directory built with other settings is refused, not reused)
-        from shiq_llm.experiments.ablation import prepare_single_turn_data
-
         data_dir = out / "data"
         if not (data_dir / "settings.json").is_file():
             log("building the reference and the offline data …")

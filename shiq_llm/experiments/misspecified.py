@@ -151,7 +151,7 @@ def main(args: ProxyArgs) -> list[dict]:
         if args.data and not (data_dir / "train.jsonl").is_file():
             raise ValueError(f"--data {data_dir}: no train.jsonl (make it with `shiq-llm make-data --out {data_dir}`)")
         if not args.data:  # built once per seed (one built with another seed is refused, never reused)
-            from shiq_llm.experiments.ablation import prepare_single_turn_data
+            from shiq_llm.experiments.demo import prepare_single_turn_data
 
             defaults = synthetic.ReferenceConfig()
             prepare_single_turn_data(data_dir, None, ref_steps=defaults.steps, completions_per_prompt=16,

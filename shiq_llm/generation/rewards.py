@@ -97,21 +97,21 @@ class RewardFunction:
         """Call the function; on an exception name the row (a batched call is retried row by row to find it)."""
         try:
             return self.fn(*args)
-        except Exception as error:  # noqa: F841 (used below, rebound by the row-by-row retry)  the user's code: any exception is a bad row
-            index = 0
+        except Exception as error:  # the user's code: any exception is a bad row
+            bad, index = error, 0
             if self.batched and len(prompts) > 1:
                 for k in range(len(prompts)):
                     try:
                         self.fn(*([a[k]] for a in args))
                     except Exception as single:  # this row raises alone
-                        error, index = single, k
+                        bad, index = single, k
                         break
                 else:
                     last = first_row + len(prompts) - 1
                     raise ValueError(f"rows {first_row}–{last}: the reward function {self.name} raised "
                                      f"{type(error).__name__}: {error}") from error
             raise ValueError(f"{describe_row(first_row + index, prompts[index])}: the reward function {self.name} "
-                             f"raised {type(error).__name__}: {error}") from error
+                             f"raised {type(bad).__name__}: {bad}") from bad
 
     def _batched_values(self, values: Any, count: int, first_row: int) -> list:
         if isinstance(values, torch.Tensor):

@@ -299,7 +299,6 @@ def main(args: GymArgs) -> dict:
     start = time.perf_counter()
     with num_threads(args.threads):
         rows = run(args)
-        args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "gym.csv", CSV_HEADER, rows)
         plot(rows, args, args.out / "gym.png")
     final = _final(rows)

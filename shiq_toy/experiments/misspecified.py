@@ -273,7 +273,6 @@ def main(args: MisspecifiedArgs) -> dict:
     start = time.perf_counter()
     with num_threads(args.threads):
         output = run(args)
-        args.out.mkdir(parents=True, exist_ok=True)
         names = output["errors"]
         rows = []
         for (beta, method), curve in output["curves"].items():

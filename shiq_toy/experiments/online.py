@@ -234,7 +234,6 @@ def main(args: OnlineArgs) -> dict:
     start = time.perf_counter()
     with num_threads(args.threads):
         output = run(args)
-        args.out.mkdir(parents=True, exist_ok=True)
         rows = [
             (method, data, args.seed + c, step, queries, float(kl[c]), float(reg[c]))
             for (method, data), result in output["results"].items()
