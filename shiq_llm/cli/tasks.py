@@ -49,6 +49,11 @@ class MakeDataArgs:
     max_new_tokens: int = option(12, "generation budget per completion")
     noise: float = option(_REF.noise, "probability that a word of the reference's demonstrations is a random number")
     ref_steps: int = option(_REF.steps, "supervised steps of the reference (a short run: --ref_steps 20)")
+    words: int = option(_REF.words, "words per answer: 4 is the task, more its long-horizon variant (prompts 'count "
+                        "up from 7 for 32:'; give --max_new_tokens > words and, for 32, --vocab_size 448)")
+    vocab_size: int = option(_REF.vocab_size, "vocabulary of the task's byte-level BPE tokenizer")
+    dense: bool = option(False, "write train.jsonl as stepwise rows {prompt, completions, rewards} with the reward on "
+                         "every word (the dense variant; the same total reward)")
     seed: int = option(0, "seed of the reference and the samples")
     threads: int = option(1, "torch CPU threads (1 is fastest for this tiny model)")
     progress: bool = option(True, "show progress bars (--no-progress: hide them)")
@@ -169,9 +174,12 @@ def check_data_dir(path: str, flag: str, form: str, *, needs=("reference", "trai
 
 
 def _check_make_data(args: MakeDataArgs) -> None:
-    for name in ("completions_per_prompt", "max_new_tokens", "ref_steps", "threads"):
+    for name in ("completions_per_prompt", "max_new_tokens", "ref_steps", "threads", "words", "vocab_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"option --{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_new_tokens <= args.words:
+        raise ValueError(f"option --max_new_tokens {args.max_new_tokens} cannot hold a {args.words}-word answer and "
+                         f"its EOS: give at least {args.words + 1}")
     if not 0.0 <= args.noise <= 1.0:
         raise ValueError(f"option --noise must lie in [0, 1], got {args.noise}")
 
@@ -179,13 +187,16 @@ def _check_make_data(args: MakeDataArgs) -> None:
 def _make_data(args: MakeDataArgs) -> int:
     from shiq_llm.tasks import synthetic
 
-    reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed)
+    reference = synthetic.ReferenceConfig(noise=args.noise, steps=args.ref_steps, seed=args.seed, words=args.words,
+                                          vocab_size=args.vocab_size)
     with num_threads(args.threads):
         paths = synthetic.make_data(args.out, reference=reference, completions_per_prompt=args.completions_per_prompt,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress)
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress,
+                                    dense=args.dense)
     rows = read_jsonl(paths["train"])
+    total = synthetic.mean_reward([{"reward": sum(r["rewards"])} if args.dense else r for r in rows])
     print(f"reference model: {paths['reference']}")
-    print(f"offline rows: {paths['train']} ({len(rows)} rows, mean reward {synthetic.mean_reward(rows):.3f})")
+    print(f"offline rows: {paths['train']} ({len(rows)} {'stepwise ' * args.dense}rows, mean reward {total:.3f})")
     print(f"held-out prompts: {paths['eval_prompts']}")
     print(f"next: shiq-llm train --model_name_or_path {paths['reference']} --dataset_name {paths['train']} "
           "--output_dir runs/shiq --max_steps 150 --learning_rate 1e-3 --per_device_train_batch_size 32")

@@ -1,6 +1,6 @@
 """Reward-labelled rows: the two canonical forms, loading, and validation.
 
-A dataset for ``shiq_llm`` is a ``datasets.Dataset`` whose rows take one of two canonical forms:
+A dataset for ``shiq_llm`` is a ``datasets.Dataset`` whose rows take one of three canonical forms:
 
 * **single-turn** ``{"prompt", "completion", "reward"}`` — ``prompt`` is a string or a list of
   ``{"role", "content"}`` messages (all of them state, even assistant messages of an earlier history),
@@ -16,7 +16,7 @@ optional adapter (``shiq_llm.data.adapters.ADAPTERS``) and validates every row. 
 standard ``json`` module (:func:`read_json_records`), so an empty file, bytes that are not UTF-8 or a line that
 is not JSON is named with its file and line, and canonical rows are validated as the file states them (the
 Arrow loader of ``datasets`` would silently cast a ``"0.5"`` reward to a number). :func:`row_conversation` turns one
-row into ``(messages, turn_rewards)`` — the single representation the tokeniser works on.
+row into ``(messages, step_rewards, n_prompt)`` — the single representation the tokeniser works on.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from shiq_llm.storage.jsonl import parse_json_lines, utf8_text
 __all__ = [
     "SINGLE_TURN_COLUMNS",
     "MULTI_TURN_COLUMNS",
+    "STEPWISE_COLUMNS",
     "row_form",
     "row_conversation",
     "prompt_key",
@@ -41,22 +42,25 @@ __all__ = [
 
 SINGLE_TURN_COLUMNS = ("prompt", "completion", "reward")
 MULTI_TURN_COLUMNS = ("messages", "rewards")
+STEPWISE_COLUMNS = ("prompt", "completions", "rewards")
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def row_form(columns: Iterable[str]) -> str:
-    """``"single"`` or ``"multi"`` from a dataset's column names; ValueError naming the missing columns."""
+    """``"single"``, ``"multi"`` or ``"stepwise"`` from a dataset's column names; ValueError naming the missing
+    columns."""
     columns = set(columns)
     if "messages" in columns:
         return "multi"
-    missing = [c for c in SINGLE_TURN_COLUMNS if c not in columns]
+    form, needed = ("stepwise", STEPWISE_COLUMNS) if "completions" in columns else ("single", SINGLE_TURN_COLUMNS)
+    missing = [c for c in needed if c not in columns]
     if missing:
         raise ValueError(
-            f"missing column(s) {missing}: rows need either {list(SINGLE_TURN_COLUMNS)} (single turn) or "
-            f"{list(MULTI_TURN_COLUMNS)} (multi-turn); found {sorted(columns)}"
+            f"missing column(s) {missing}: rows need {list(SINGLE_TURN_COLUMNS)} (single turn), "
+            f"{list(MULTI_TURN_COLUMNS)} (multi-turn) or {list(STEPWISE_COLUMNS)} (stepwise); found {sorted(columns)}"
         )
-    return "single"
+    return form
 
 
 def _reward(value: Any, where: str) -> float:
@@ -98,13 +102,14 @@ def _blank(messages: Sequence[Mapping[str, str]]) -> bool:
     return not any(m["content"].strip() for m in messages)
 
 
-def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str, str]], list[float], int]:
-    """One canonical row as ``(messages, turn_rewards, n_prompt)``; ValueError naming the row and field.
+def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str, Any]], list[float], int]:
+    """One canonical row as ``(messages, step_rewards, n_prompt)``; ValueError naming the row and field.
 
     ``messages`` are ``{"role", "content"}`` dicts; the action turns are the assistant messages at positions
-    ``>= n_prompt`` (the first ``n_prompt`` messages are the prompt, all state); ``turn_rewards`` holds one
-    reward per action turn, in order. A single-turn row with a string prompt becomes
-    ``[user: prompt, assistant: completion]`` with ``n_prompt = 1``.
+    ``>= n_prompt`` (the first ``n_prompt`` messages are the prompt, all state). An action turn is one step, or,
+    when its message also has ``"steps"`` (a stepwise row: the list of texts whose concatenation is its content),
+    several; ``step_rewards`` holds one reward per step of the action turns, in order. A single-turn row with a
+    string prompt becomes ``[user: prompt, assistant: completion]`` with ``n_prompt = 1``.
     """
     at = f"row {index}"
     if "messages" in row and row["messages"] is not None:
@@ -136,7 +141,8 @@ def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str,
                     raise ValueError(f"{at}: messages[{j}] ({raw['role']}) has a reward, but only assistant turns are actions")
         return messages, turn_rewards, 0
 
-    for column in SINGLE_TURN_COLUMNS:
+    stepwise = row.get("completions") is not None
+    for column in STEPWISE_COLUMNS if stepwise else SINGLE_TURN_COLUMNS:
         if column not in row:
             raise ValueError(f"{at}: missing field {column!r}")
     prompt = row["prompt"]
@@ -148,6 +154,22 @@ def row_conversation(row: Mapping[str, Any], index: int) -> tuple[list[dict[str,
             raise ValueError(f"{at}: field 'prompt' is empty (every message's content is blank)")
     else:
         raise ValueError(f"{at}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    if stepwise:
+        steps, rewards = row["completions"], row["rewards"]
+        if not isinstance(steps, (list, tuple)) or not steps:
+            raise ValueError(f"{at}: field 'completions' must be a non-empty list of strings (the steps), got {steps!r:.80}")
+        steps = [_text(step, f"{at}: field 'completions'[{k}]", allow_empty=True) for k, step in enumerate(steps)]
+        if "" in steps:  # a step of whitespace is text (it has tokens); an empty one has no token to reward
+            raise ValueError(f"{at}: field 'completions'[{steps.index('')}] is empty")
+        if not "".join(steps).strip():
+            raise ValueError(f"{at}: field 'completions' is empty (every step is blank)")
+        if not isinstance(rewards, (list, tuple)):
+            raise ValueError(f"{at}: field 'rewards' must be a list of numbers, got {type(rewards).__name__}")
+        if len(rewards) != len(steps):
+            raise ValueError(f"{at}: field 'rewards' has {len(rewards)} value(s) but 'completions' has {len(steps)} step(s)")
+        step_rewards = [_reward(r, f"{at}: field 'rewards'[{k}]") for k, r in enumerate(rewards)]
+        action = {"role": "assistant", "content": "".join(steps), "steps": list(steps)}
+        return prompt_messages + [action], step_rewards, len(prompt_messages)
     completion = _text(row["completion"], f"{at}: field 'completion'", allow_empty=False)
     reward = _reward(row["reward"], f"{at}: field 'reward'")
     messages = prompt_messages + [{"role": "assistant", "content": completion}]
@@ -166,9 +188,9 @@ def prompt_key(messages: Sequence[Mapping[str, str]], n_prompt: int) -> str:
 def validate_rows(rows, *, where: Sequence[str] | None = None) -> None:
     """Check every row of a canonical dataset (``Dataset`` or list of dicts); ValueError at the first bad row.
 
-    Checked: the columns of one of the two forms; prompt/completion/message types; empty prompts and
-    completions (also empty assistant messages); rewards finite real numbers (not strings); one reward per
-    assistant turn. ``where[i]`` (e.g. ``"line 5"``), when given, is put before the error of row ``i``.
+    Checked: the columns of one of the three forms; prompt/completion/message types; empty prompts and
+    completions (also empty assistant messages and steps); rewards finite real numbers (not strings); one reward
+    per assistant turn (per step in a stepwise row). ``where[i]`` (e.g. ``"line 5"``), when given, is put before the error of row ``i``.
     """
     if len(rows) == 0:
         raise ValueError("the dataset has no rows")

@@ -1,8 +1,11 @@
 """Tokenising reward-labelled conversations: input ids, the action (response) mask, per-token rewards.
 
-A conversation ``(messages, turn_rewards)`` (``shiq_llm.data.rows.row_conversation``) becomes one token sequence
+A conversation ``(messages, step_rewards)`` (``shiq_llm.data.rows.row_conversation``) becomes one token sequence
 ``input_ids`` (L,), a mask ``response_mask`` (L,) that is True on the tokens the agent wrote (actions), and
-``rewards`` (L,) with each turn's reward on that turn's last action token and 0 elsewhere (spec §1).
+``rewards`` (L,) with each turn's reward on that turn's last action token and 0 elsewhere (spec §1). A turn
+written in steps (a stepwise row) puts each step's reward on the step's last token: every step is tokenised on
+its own, so a step boundary is a token boundary (the end-of-turn text of a chat template, such as EOS, belongs
+to the last step).
 
 **With a chat template** (the default when the tokenizer has one) the conversation is rendered by
 ``tokenizer.apply_chat_template`` and split into segments by rendering growing prefixes: the action of the
@@ -107,8 +110,27 @@ def _strip_after_end_of_turn(text: str, special_tokens: Sequence[str]) -> str:
     return text
 
 
+def _step_segments(action: str, steps: Sequence[str] | None, where: str, j: int) -> list[tuple[str, bool]]:
+    """An action turn's text as its steps' segments: what the template writes before the content joins the first
+    step, what it writes after (end of turn) the last one."""
+    if not steps:
+        return [(action, True)]
+    content = "".join(steps)
+    at = action.find(content)
+    if at < 0:
+        raise ValueError(f"{where}: the chat template rewrites the content of message {j}, so its steps cannot be "
+                         "located; pass use_chat_template=False or join the steps into one completion")
+    pieces = list(steps)
+    pieces[0] = action[:at] + pieces[0]
+    pieces[-1] += action[at + len(content):]
+    return [(piece, True) for piece in pieces]
+
+
 def _template_segments(messages, actions: Sequence[int], tokenizer, where: str) -> list[tuple[str, bool]]:
-    """Split the template rendering into alternating (text, is_action) segments; see the module docstring."""
+    """Split the template rendering into alternating (text, is_action) segments, an action turn written in steps
+    into one segment per step; see the module docstring."""
+    steps = {j: messages[j].get("steps") for j in actions}
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     full = _render(tokenizer, messages[: actions[-1] + 1], generation_prompt=False, where=where)
     specials = list(tokenizer.all_special_tokens)
     segments: list[tuple[str, bool]] = []
@@ -125,14 +147,14 @@ def _template_segments(messages, actions: Sequence[int], tokenizer, where: str) 
         action = _strip_after_end_of_turn(full[len(head) : len(body)], specials)
         if full[position : len(head)]:
             segments.append((full[position : len(head)], False))
-        segments.append((action, True))
+        segments += _step_segments(action, steps[j], where, j)
         position = len(head) + len(action)
     return segments  # what follows the last action (trailing whitespace) is after the episode: dropped
 
 
 def encode_conversation(
-    messages: Sequence[Mapping[str, str]],
-    turn_rewards: Sequence[float],
+    messages: Sequence[Mapping],
+    step_rewards: Sequence[float],
     n_prompt: int,
     tokenizer,
     *,
@@ -141,12 +163,15 @@ def encode_conversation(
 ) -> Encoded:
     """Tokenise one conversation (see the module docstring); ValueError naming ``where`` on failure.
 
-    The action turns are the assistant messages at positions ``>= n_prompt``; ``turn_rewards[k]`` lands on
-    the last token of the k-th one. Position 0 is never an action.
+    The action turns are the assistant messages at positions ``>= n_prompt``, each one step or, with a
+    ``"steps"`` list, several; ``step_rewards[k]`` lands on the last token of the k-th step. Position 0 is
+    never an action.
     """
     actions = [j for j, m in enumerate(messages) if m["role"] == "assistant" and j >= n_prompt]
-    if len(actions) != len(turn_rewards):
-        raise ValueError(f"{where}: {len(turn_rewards)} reward(s) for {len(actions)} assistant turn(s)")
+    n_steps = sum(len(messages[j].get("steps") or [None]) for j in actions)
+    if n_steps != len(step_rewards):
+        raise ValueError(f"{where}: {len(step_rewards)} reward(s) for {n_steps} action step(s) in {len(actions)} "
+                         "assistant turn(s)")
     if use_chat_template:
         if tokenizer.chat_template is None:
             raise ValueError(f"{where}: use_chat_template=True but the tokenizer has no chat template")
@@ -157,7 +182,8 @@ def encode_conversation(
                 f"{where}: a conversational row (prompt given as messages other than one user turn, or several "
                 "turns) needs a tokenizer with a chat template"
             )
-        segments = [(messages[0]["content"], False), (messages[1]["content"], True)]
+        segments = [(messages[0]["content"], False)] + _step_segments(messages[1]["content"],
+                                                                       messages[1].get("steps"), where, 1)
     texts = [text for text, _ in segments]
     pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -167,21 +193,21 @@ def encode_conversation(
             raise ValueError("the tokenizer has no EOS token: a completion must end with one (set tokenizer.eos_token)")
         if bos is not None and (not pieces[0] or pieces[0][0] != bos):
             pieces[0] = [bos] + pieces[0]
-        pieces[1] = pieces[1] + [eos]
+        pieces[-1] = pieces[-1] + [eos]
 
     input_ids: list[int] = []
     response_mask: list[bool] = []
     rewards: list[float] = []
-    turn = 0
+    step = 0
     for (text, is_action), ids in zip(segments, pieces):
         if is_action and not ids:
-            raise ValueError(f"{where}: assistant turn {turn} tokenises to no token (text {text!r})")
+            raise ValueError(f"{where}: action step {step} tokenises to no token (text {text!r})")
         input_ids += ids
         response_mask += [is_action] * len(ids)
         rewards += [0.0] * len(ids)
         if is_action:
-            rewards[-1] = float(turn_rewards[turn])
-            turn += 1
+            rewards[-1] = float(step_rewards[step])
+            step += 1
     if response_mask[0]:
         if tokenizer.bos_token_id is None:
             raise ValueError(f"{where}: the prompt is empty and the tokenizer has no BOS token to stand for it")
@@ -270,9 +296,9 @@ def encode_rows(batch: Mapping[str, list], indices: Sequence[int], *, tokenizer,
         rows = [{name: values[j] for name, values in batch.items()} for j in range(len(indices))]
     out: dict[str, list] = {name: [] for name in ENCODED_COLUMNS}
     for index, row in zip(indices, rows):
-        messages, turn_rewards, n_prompt = row_conversation(row, index)
+        messages, step_rewards, n_prompt = row_conversation(row, index)
         example = encode_conversation(
-            messages, turn_rewards, n_prompt, tokenizer, use_chat_template=use_chat_template, where=f"row {index}"
+            messages, step_rewards, n_prompt, tokenizer, use_chat_template=use_chat_template, where=f"row {index}"
         )
         out["length"].append(len(example.input_ids))
         prompt_cut = response_cut = False

@@ -1,10 +1,19 @@
-"""The ablation of ShiQ's three ingredients on both embedded tasks: ShiQ against ShiQ/init (no reward shaping),
+"""The ablation of ShiQ's three ingredients on the embedded tasks: ShiQ against ShiQ/init (no reward shaping),
 ShiQ/ms (one-step residual) and ShiQ/tk (the first state's equation only), spec §3 and the paper's ablation figure.
 
-``shiq-llm experiment ablation --out DIR [--quick]``. For each task — ``single_turn``, the counting task of
-``shiq_llm.tasks.synthetic`` (one reward per completion, on its last token), and ``multi_turn``, the calculator
-dialogues of ``shiq_llm.tasks.multiturn`` (one reward per agent turn) — the reference and its offline data are built
-once in ``DIR/data_<task>`` (or reused with ``--single-data`` / ``--multi-data``), and one sweep
+``shiq-llm experiment ablation --out DIR [--quick] [--tasks …]``. Tasks (:data:`TASKS`; the default run takes the
+first two):
+
+- ``single_turn``: the counting task of ``shiq_llm.tasks.synthetic`` (one reward per completion, on its last token);
+- ``multi_turn``: the calculator dialogues of ``shiq_llm.tasks.multiturn`` (one reward per agent turn);
+- ``dense``: the single-turn task's own reference and completions with the reward split over the words
+  (``synthetic.dense_rows``: stepwise rows, a reward on every word's token, the same total) — where ShiQ/tk, which
+  sees only the total, must lose the per-word information if the paper is right;
+- ``long_horizon``: the counting task with ``--long-words`` (32) words per answer and the reward at the end
+  (its own reference) — where a one-step residual (ShiQ/ms) must carry the reward back over ≥ 32 actions.
+
+For each task the reference and its offline data are built once in ``DIR/data_<task>`` (``dense`` relabels
+``DIR/data_single_turn``'s rows; ``--single-data`` / ``--multi-data`` reuse existing ones), and one sweep
 (:func:`shiq_llm.experiments.sweep.run_sweep`, in ``DIR/sweep_<task>``) trains every method × β × seed on the
 same rows and evaluates each policy on held-out prompts, every ``eval_every`` steps and at the end.
 
@@ -34,10 +43,13 @@ from pathlib import Path
 
 from shiq_toy.options import option
 
-__all__ = ["AblationArgs", "TASKS", "METHODS", "QUICK", "collect", "MARGINS",
-           "shared_with_multiturn", "tables_of", "plot", "main"]
+__all__ = ["AblationArgs", "TASKS", "DEFAULT_TASKS", "METHODS", "QUICK", "collect", "MARGINS",
+           "shared_with_multiturn", "tables_of", "placement_comparisons", "placement_table", "write_dense_data", "plot",
+           "main"]
 
-TASKS = ("single_turn", "multi_turn")
+TASKS = ("single_turn", "multi_turn", "dense", "long_horizon")
+#: Tasks of the default run (the credit-assignment variants are run with ``--tasks dense long_horizon``).
+DEFAULT_TASKS = TASKS[:2]
 METHODS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk")
 
 
@@ -46,7 +58,7 @@ class AblationArgs:
     """Arguments of the ablation (``shiq-llm experiment ablation``); the defaults are the README's run."""
 
     out: Path = option(Path("results/ablation"), "directory for ablation.csv, ablation.png, ablation_table.md, ablation_summary.json, data_<task>/, sweep_<task>/", aliases=("output_dir",), path="out_dir")
-    tasks: tuple[str, ...] = option(TASKS, "single_turn (counting, shiq_llm.tasks.synthetic) and/or multi_turn (calculator dialogues, shiq_llm.tasks.multiturn)")
+    tasks: tuple[str, ...] = option(DEFAULT_TASKS, "any of single_turn (counting, shiq_llm.tasks.synthetic), multi_turn (calculator dialogues, shiq_llm.tasks.multiturn), dense (single_turn's data with a reward on every word), long_horizon (counting with --long-words words, reward at the end)")
     methods: tuple[str, ...] = option(METHODS, "ShiQ and its ablations (any shiq-llm train --loss_type)")
     betas: tuple[float, ...] = option((0.1, 1.0), "KL regularisation β of every method")
     seeds: int = option(3, "training seeds per (task, method, β): seed, seed+1, …; they change the batch order and the evaluation samples")
@@ -67,6 +79,9 @@ class AblationArgs:
     multi_ref_steps: int = option(400, "multi_turn: supervised steps of the reference")
     train_prompts: int = option(256, "multi_turn: training prompts of the offline data")
     samples_per_prompt: int = option(8, "multi_turn: dialogues sampled from the reference per training prompt")
+    long_words: int = option(32, "long_horizon: words per answer (each a token, a negative number two); the generation budget is long_words + 8 tokens")
+    long_ref_steps: int = option(600, "long_horizon: supervised steps of its reference")
+    long_vocab_size: int = option(448, "long_horizon: vocabulary of its tokenizer (every number of the longer range one token)")
     curve_beta: float = option(0.0, "β whose curves over training steps are plotted (0: the first of betas)")
     threads: int = option(1, "torch CPU threads (1 is fastest for the tiny models)")
     progress: bool = option(True, "show a progress bar over each sweep's cells")
@@ -78,7 +93,7 @@ class AblationArgs:
 #: too little training to rank the methods.
 QUICK = AblationArgs(betas=(0.1,), seeds=2, steps=20, batch_size=16, log_every=2, eval_every=10, single_eval_samples=4,
                      multi_eval_prompts=16, multi_eval_samples=2, single_ref_steps=300, completions_per_prompt=4,
-                     train_prompts=48, samples_per_prompt=4)
+                     train_prompts=48, samples_per_prompt=4, long_words=12, long_ref_steps=300)
 
 
 def check_args(args: AblationArgs) -> None:
@@ -92,7 +107,7 @@ def check_args(args: AblationArgs) -> None:
         raise ValueError(f"betas must be finite numbers > 0, got {list(args.betas)}")
     for name in ("seeds", "steps", "batch_size", "log_every", "single_eval_samples", "multi_eval_prompts",
                  "multi_eval_samples", "max_new_tokens", "single_ref_steps", "completions_per_prompt",
-                 "multi_ref_steps", "train_prompts", "samples_per_prompt", "threads"):
+                 "multi_ref_steps", "train_prompts", "samples_per_prompt", "threads", "long_words", "long_ref_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.eval_every < 0:
@@ -107,10 +122,20 @@ def _sweep(task: str, args: AblationArgs, out: Path):
     from shiq_llm.experiments.multiturn import prepare_multiturn_data, train_options, write_eval_prompts
     from shiq_llm.experiments.sweep import SweepConfig
 
-    if task == "single_turn":
+    max_new_tokens, model = args.max_new_tokens, None
+    if task in ("single_turn", "dense"):
         data = prepare_single_turn_data(out / "data_single_turn", args.single_data, ref_steps=args.single_ref_steps,
                                         completions_per_prompt=args.completions_per_prompt,
                                         max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress)
+        eval_prompts, evaluator, samples = data / "eval_prompts.jsonl", "completions", args.single_eval_samples
+        if task == "dense":  # the same reference and completions, the reward on every word
+            model, data = data / "reference", write_dense_data(data, out / "data_dense")
+    elif task == "long_horizon":
+        max_new_tokens = args.long_words + 8
+        data = prepare_single_turn_data(out / "data_long_horizon", "", ref_steps=args.long_ref_steps,
+                                        completions_per_prompt=args.completions_per_prompt,
+                                        max_new_tokens=max_new_tokens, seed=args.seed, progress=args.progress,
+                                        words=args.long_words, vocab_size=args.long_vocab_size)
         eval_prompts, evaluator, samples = data / "eval_prompts.jsonl", "completions", args.single_eval_samples
     else:
         data = prepare_multiturn_data(out / "data_multi_turn", args.multi_data, train_prompts=args.train_prompts,
@@ -120,11 +145,27 @@ def _sweep(task: str, args: AblationArgs, out: Path):
         write_eval_prompts(data, args.multi_eval_prompts, eval_prompts)
         evaluator, samples = "dialogues", args.multi_eval_samples
     return SweepConfig(
-        out=str(out / f"sweep_{task}"), model=str(data / "reference"), train_data=str(data / "train.jsonl"),
+        out=str(out / f"sweep_{task}"), model=str(model or data / "reference"), train_data=str(data / "train.jsonl"),
         algos=list(args.methods), betas=list(args.betas), seeds=list(range(args.seed, args.seed + args.seeds)),
         eval_prompts=str(eval_prompts), evaluator=evaluator, reward="synthetic", eval_every=args.eval_every,
         train=train_options(lr=args.lr, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every),
-        evaluation={"num_samples": samples, "max_new_tokens": args.max_new_tokens, "seed": 1000 + args.seed})
+        evaluation={"num_samples": samples, "max_new_tokens": max_new_tokens, "seed": 1000 + args.seed})
+
+
+def write_dense_data(single: Path, out: Path) -> Path:
+    """``out/train.jsonl``: the single-turn rows of ``single/train.jsonl`` as stepwise rows with the reward on every
+    word (``shiq_llm.tasks.synthetic.dense_rows``); rewritten only when its content changes. Returns ``out``."""
+    from shiq_llm.storage.atomic import atomic_write
+    from shiq_llm.storage.jsonl import dumps, read_jsonl
+    from shiq_llm.tasks.synthetic import dense_rows
+
+    text = "".join(dumps(row) + "\n" for row in dense_rows(read_jsonl(single / "train.jsonl")))
+    path = out / "train.jsonl"
+    if not path.is_file() or path.read_text() != text:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as handle:
+            handle.write(text)
+    return out
 
 
 def collect(args: AblationArgs, out: Path):
@@ -146,7 +187,9 @@ def main(args: AblationArgs) -> dict:
 
 #: Equivalence margins of the ablation table's comparisons, per task ("no difference" only within these, by TOST).
 MARGINS = {"single_turn": {"mean_reward": 0.02, "kl": 0.1, "initial_loss": 0.1},
-           "multi_turn": {"mean_reward": 0.1, "kl": 0.1, "initial_loss": 0.1}}
+           "multi_turn": {"mean_reward": 0.1, "kl": 0.1, "initial_loss": 0.1},
+           "dense": {"mean_reward": 0.02, "kl": 0.1, "initial_loss": 0.1},
+           "long_horizon": {"mean_reward": 0.02, "kl": 0.1, "initial_loss": 0.1}}
 
 
 #: Steps to threshold: the fraction of the best method's improvement over the reference a run must reach.
@@ -208,16 +251,18 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
     seeds = sorted({r.get("mean_reward_n", 0) for r in summary})
     markdown = (f"After {steps} steps; mean over {'–'.join(map(str, seeds[::max(1, len(seeds) - 1)]))} seeds; "
                 f"{PM_MEANING}. The references are evaluated once: their reward carries the 95 % normal interval "
-                "over their samples (± 1.96 standard errors). Reward: single_turn fraction of correct words in "
-                "[0, 1], multi_turn episode reward in [0, 3]; KL in nats.\n\n"
+                "over their samples (± 1.96 standard errors). Reward: fraction of correct words in [0, 1] "
+                "(single_turn, dense, long_horizon), multi_turn episode reward in [0, 3]; KL in nats.\n\n"
                 + markdown_table(["task", "β", "method", "initial loss", "final reward", "final KL"], body))
     if comparisons:
-        margins = "; ".join(f"{t}: " + ", ".join(f"{k} ±{v:g}" for k, v in m.items()) for t, m in MARGINS.items())
+        margins = "; ".join(f"{t}: " + ", ".join(f"{k} ±{v:g}" for k, v in m.items()) for t, m in MARGINS.items()
+                            if t in references)
         shared = sorted({f"shiq − {c['b']} at multi_turn β = {c['beta']:g}" for c in left_out})
         note = (f" Left out, because they are the same runs as the multi-turn experiment's and its table already "
                 f"tests them: {', '.join(shared)}." if shared else "")
         markdown += (f"\n\nShiQ's differences (equivalence margins: {margins}).{note} "
                      + comparison_table(comparisons, ["task", "beta"], digits=3))
+    markdown += placement_table(finals, args)
     speed = steps_to_threshold(rows, by=("task", "beta"), fraction=THRESHOLD_FRACTION)
     if any(r["last_step"] > 0 for r in speed):
         speed_body = []
@@ -239,7 +284,37 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
                      "censored runs make a t-test invalid, and the resolution is coarse.\n\n"
                      + markdown_table(["task", "β", "method", "threshold", "seeds reaching it", "steps (mean ± 95 %)",
                                        "per seed"], speed_body))
-    return {"final": summary, "comparisons": comparisons, "steps_to_threshold": speed, "markdown": markdown}
+    return {"final": summary, "comparisons": comparisons, "placement": placement_comparisons(finals, args),
+            "steps_to_threshold": speed, "markdown": markdown}
+
+
+def placement_comparisons(finals: list[dict], args: AblationArgs) -> list[dict]:
+    """Where the reward sits, per method and β: ``dense − single_turn`` of the final reward and KL, paired on the
+    seed (the same reference, completions, batches and evaluation samples; only the rewards' positions differ),
+    Holm-adjusted over these comparisons, TOST within the single-turn margins. Empty unless both tasks ran."""
+    from shiq_llm.experiments.report import compare, verdicts
+
+    both = [{**r, "method": r["task"], "variant": r["method"]} for r in finals if r["task"] in ("single_turn", "dense")]
+    if {r["method"] for r in both} != {"single_turn", "dense"}:
+        return []
+    found = [c for key in ("mean_reward", "kl") for c in compare(both, key, "dense", "single_turn",
+                                                                 by=("variant", "beta"), margin=MARGINS["dense"][key])]
+    order = {m: i for i, m in enumerate(args.methods)}
+    found.sort(key=lambda c: (c["key"], c["beta"], order.get(c["variant"], len(order))))
+    return verdicts(found)
+
+
+def placement_table(finals: list[dict], args: AblationArgs) -> str:
+    """The markdown of :func:`placement_comparisons` (``""`` when there are none)."""
+    from shiq_llm.experiments.report import comparison_table
+
+    comparisons = placement_comparisons(finals, args)
+    if not comparisons:
+        return ""
+    return ("\n\nReward placement: each method trained on the same completions with the reward on the last token "
+            "(single_turn) or split over the words (dense, same total), seed-matched. A method that reads only the "
+            "sequence's total (shiq_tk) should not change; one that reads each token's reward can use the finer "
+            "signal. " + comparison_table(comparisons, ["variant", "beta"], digits=3))
 
 
 def plot(rows: list[dict], references: dict, args: AblationArgs, path: Path) -> None:

@@ -56,13 +56,16 @@ class DemoConfig:
 
 
 def prepare_single_turn_data(default: Path, given: str, *, ref_steps: int, completions_per_prompt: int,
-                             max_new_tokens: int, seed: int, progress: bool = False) -> Path:
+                             max_new_tokens: int, seed: int, progress: bool = False, words: int | None = None,
+                             vocab_size: int | None = None) -> Path:
     """The counting task's data directory: ``given`` (checked) or ``default``, built once with these settings
-    (:func:`shiq_llm.tasks.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``)."""
+    (:func:`shiq_llm.tasks.synthetic.make_data`; ``shiq_llm.experiments.prepare_data``). ``words`` and
+    ``vocab_size`` (default: ``ReferenceConfig``'s) make the long-horizon variant."""
     from shiq_llm.experiments import prepare_data
     from shiq_llm.tasks import synthetic
 
-    reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed)
+    sizes = {k: v for k, v in (("words", words), ("vocab_size", vocab_size)) if v is not None}
+    reference = synthetic.ReferenceConfig(steps=ref_steps, seed=seed, **sizes)
     settings = {"reference": reference.__dict__, "completions_per_prompt": completions_per_prompt,
                 "max_new_tokens": max_new_tokens, "seed": seed}
 

@@ -34,6 +34,18 @@ small ``β`` (with 0.25 reward per word, a correct word gains the factor ``exp(0
 **Offline data** (:func:`make_offline_dataset`): ``K`` completions per training prompt sampled from the
 reference (temperature 1, seeded), each labelled with its reward: rows ``{prompt, completion, reward}``,
 written as JSONL (``shiq_llm.storage.jsonl.write_jsonl``) that ``shiq_llm.data.load_rows`` reads (:func:`make_data` does all).
+
+**Two variants** for the ablation's credit-assignment questions (``shiq-llm experiment ablation --tasks dense
+long_horizon``):
+
+* *dense* — the same completions with the reward split over their words (:func:`step_rewards`,
+  :func:`dense_rows`): stepwise rows ``{prompt, completions: [" 8", " 9", …], rewards: [0.25, 0, …]}``, one
+  reward per word on the word's token, summing to :func:`reward`. Same tokens, same returns, only where the
+  reward sits differs: a method that reads each token's own reward (ShiQ's multi-step residual) can tell which
+  word was right; one that sees only the sequence's total (ShiQ/tk) cannot.
+* *long-horizon* — ``words`` > ``ANSWER_WORDS`` words per answer, asked for in the prompt
+  (``"count up from 7 for 32:"`` → ``" 8 9 … 39"``, numbers in :func:`number_range`, negative ones two tokens),
+  with the reward on the last token as in the base task: one-step residuals must carry it back ≥ 32 actions.
 """
 
 from __future__ import annotations
@@ -53,8 +65,11 @@ __all__ = [
     "NUMBER_MIN",
     "NUMBER_MAX",
     "ANSWER_WORDS",
+    "number_range",
     "target_words",
     "reward",
+    "step_rewards",
+    "dense_rows",
     "LARGE_NUMBER",
     "proxy_reward",
     "task_prompts",
@@ -78,25 +93,39 @@ FAMILIES: dict[str, tuple[str, int]] = {
 }
 NUMBER_MIN = 4  #: smallest start number (so that counting down by ANSWER_WORDS stays >= 0)
 NUMBER_MAX = 30  #: largest start number
-ANSWER_WORDS = 4  #: words in a correct completion
+ANSWER_WORDS = 4  #: words in a correct completion (of the base task; the long-horizon variant asks for more)
 HOLDOUT_MODULUS = 4  #: one prompt in HOLDOUT_MODULUS is held out for evaluation (see task_prompts)
 
 _PROMPT_PATTERNS = [
-    (re.compile("^" + re.escape(template).replace(r"\{n\}", r"(\d+)") + "$"), step)
+    (re.compile("^" + re.escape(template[:-1]).replace(r"\{n\}", r"(\d+)") + r"(?: for (\d+))?:$"), step)
     for template, step in FAMILIES.values()
 ]
 
 
+def number_range(words: int = ANSWER_WORDS) -> tuple[int, int]:
+    """The smallest and largest number a ``words``-word answer can hold (start numbers ± ``words``); the noisy
+    demonstrations draw their random words from it too. ``(0, 34)`` for the base task."""
+    return NUMBER_MIN - words, NUMBER_MAX + words
+
+
+def _prompt(template: str, n: int, words: int) -> str:
+    text = template.format(n=n)
+    return text if words == ANSWER_WORDS else f"{text[:-1]} for {words}:"
+
+
 def target_words(prompt: str) -> list[str]:
-    """The correct completion of a task prompt, as a list of ``ANSWER_WORDS`` number words.
+    """The correct completion of a task prompt, as a list of number words: ``ANSWER_WORDS`` of them, or ``K``
+    when the prompt ends in ``" for K:"`` (the long-horizon variant).
 
     ``"count up from 7:"`` → ``["8", "9", "10", "11"]``. ValueError for a prompt that is not a task prompt.
     """
     for pattern, step in _PROMPT_PATTERNS:
         match = pattern.match(prompt.strip())
         if match:
-            n = int(match.group(1))
-            return [str(n + step * (i + 1)) for i in range(ANSWER_WORDS)]
+            n, words = int(match.group(1)), int(match.group(2) or ANSWER_WORDS)
+            if words < 1:
+                break
+            return [str(n + step * (i + 1)) for i in range(words)]
     templates = [t for t, _ in FAMILIES.values()]
     raise ValueError(f"not a prompt of the synthetic task: {prompt!r} (expected one of {templates})")
 
@@ -110,6 +139,37 @@ def reward(prompt: str, completion: str) -> float:
     words = completion.split()
     hits = sum(w == t for w, t in zip(words, target))
     return hits / max(len(target), len(words))
+
+
+def step_rewards(prompt: str, completion: str) -> tuple[list[str], list[float]]:
+    """The completion split into its words and :func:`reward` split over them: ``(steps, rewards)``.
+
+    ``steps[i]`` is the i-th word with the whitespace before it (whitespace after the last word joins the last
+    step), so ``"".join(steps) == completion``; ``rewards[i] = [word i = target word i] / max(|target|, |words|)``,
+    so ``sum(rewards) == reward(prompt, completion)``. ValueError for a completion without a word.
+    """
+    steps = re.findall(r"\s*\S+", completion)
+    if not steps:
+        raise ValueError(f"completion {completion!r} has no word to reward")
+    steps[-1] += completion[len("".join(steps)):]
+    target = target_words(prompt)
+    words = [step.strip() for step in steps]
+    size = max(len(target), len(words))
+    return steps, [float(i < len(target) and w == target[i]) / size for i, w in enumerate(words)]
+
+
+def dense_rows(rows: Sequence[dict]) -> list[dict]:
+    """Single-turn rows ``{prompt, completion, reward}`` of this task as stepwise rows ``{prompt, completions,
+    rewards}`` (``shiq_llm.data.rows``) with the reward on every word (:func:`step_rewards`); ValueError naming a
+    row whose reward is not the task's reward of its completion."""
+    out = []
+    for i, row in enumerate(rows):
+        steps, rewards = step_rewards(row["prompt"], row["completion"])
+        if not math.isclose(sum(rewards), row["reward"], abs_tol=1e-9):
+            raise ValueError(f"row {i}: reward {row['reward']!r} is not the task's reward {sum(rewards)!r} of its "
+                             "completion; only rows labelled with shiq_llm.tasks.synthetic.reward can be made dense")
+        out.append({"prompt": row["prompt"], "completions": steps, "rewards": rewards})
+    return out
 
 
 #: The surface feature the flawed :func:`proxy_reward` pays for: a word that is a number >= this.
@@ -131,33 +191,37 @@ def proxy_reward(prompt: str, completion: str, *, bonus: float = 1.0) -> float:
     return reward(prompt, completion) + bonus * large / max(len(target), len(words))
 
 
-def task_prompts(split: str = "train") -> list[str]:
+def task_prompts(split: str = "train", *, words: int = ANSWER_WORDS) -> list[str]:
     """All prompts of a split, in a fixed order (family-major, then start number).
 
     ``"eval"``: the held-out prompts, those of family ``f`` (index in ``FAMILIES``) and start number ``n`` with
     ``(n + f) % HOLDOUT_MODULUS == 0`` — a quarter of them, spread so that every number still appears in the
-    training prompts of the other families; ``"train"``: the others; ``"all"``: both.
+    training prompts of the other families; ``"train"``: the others; ``"all"``: both. ``words``: answer length
+    (other than ``ANSWER_WORDS``: the long-horizon prompts ``"count up from 7 for 32:"``).
     """
     if split not in ("train", "eval", "all"):
         raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
+    if words < 1:
+        raise ValueError(f"words must be >= 1, got {words}")
     prompts = []
     for f, (template, _) in enumerate(FAMILIES.values()):
         for n in range(NUMBER_MIN, NUMBER_MAX + 1):
             held_out = (n + f) % HOLDOUT_MODULUS == 0
             if split == "all" or held_out == (split == "eval"):
-                prompts.append(template.format(n=n))
+                prompts.append(_prompt(template, n, words))
     return prompts
 
 
 def demonstration(prompt: str, *, noise: float, generator: torch.Generator) -> str:
     """A noisy demonstration ``" w1 w2 w3 w4"``: each target word replaced, with probability ``noise``, by a
-    number drawn uniformly from ``[0, NUMBER_MAX + ANSWER_WORDS]`` (which may happen to be the right one).
-    It starts with a space: see the module docstring."""
+    number drawn uniformly from :func:`number_range` (``[0, NUMBER_MAX + ANSWER_WORDS]`` for the base task; it
+    may happen to be the right one). It starts with a space: see the module docstring."""
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
     words = target_words(prompt)
+    low, high = number_range(len(words))
     flips = torch.rand(len(words), generator=generator) < noise
-    randoms = torch.randint(0, NUMBER_MAX + ANSWER_WORDS + 1, (len(words),), generator=generator)
+    randoms = torch.randint(low, high + 1, (len(words),), generator=generator)
     return " " + " ".join(str(int(r)) if f else w for w, f, r in zip(words, flips.tolist(), randoms))
 
 
@@ -191,20 +255,31 @@ class ReferenceConfig:
     num_layers: int = 2
     """Transformer blocks."""
     vocab_size: int = 384
-    """Target vocabulary of the byte-level BPE tokenizer (256 bytes + specials + merges)."""
+    """Target vocabulary of the byte-level BPE tokenizer (256 bytes + specials + merges); the long-horizon task
+    (words = 32) needs about 410."""
     seed: int = 0
     """Seed of the weights, the demonstrations and the batch order."""
+    words: int = ANSWER_WORDS
+    """Words per answer: ANSWER_WORDS is the base task, more the long-horizon variant (module docstring)."""
 
 
-def build_task_tokenizer(*, vocab_size: int = 384):
-    """``shiq_llm.core.models.build_tokenizer`` trained on every prompt and correct answer of the task."""
+def build_task_tokenizer(*, vocab_size: int = 384, words: int = ANSWER_WORDS):
+    """``shiq_llm.core.models.build_tokenizer`` trained on every prompt and correct answer of the task (with
+    ``words`` words per answer); ValueError when ``vocab_size`` is too small for every number of
+    :func:`number_range` to be one token (a minus sign is a token of its own)."""
     from shiq_llm.core.models import build_tokenizer
 
-    prompts = task_prompts("all")
-    numbers = [str(k) for k in range(NUMBER_MAX + ANSWER_WORDS + 1)]
+    prompts = task_prompts("all", words=words)
+    low, high = number_range(words)
+    numbers = [str(k) for k in range(low, high + 1)]
     # Every number as a word of its own, with and without a leading space, so that each is a single token.
     corpus = [p + " " + " ".join(target_words(p)) for p in prompts] + [" ".join(numbers)] * 4 + numbers * 4
-    return build_tokenizer(corpus, vocab_size=vocab_size)
+    tokenizer = build_tokenizer(corpus, vocab_size=vocab_size)
+    split = [k for k in numbers if len(tokenizer(" " + k, add_special_tokens=False)["input_ids"]) != 1 + k.startswith("-")]
+    if split:
+        raise ValueError(f"vocab_size {vocab_size} is too small for {words}-word answers: the numbers {split[:3]} … are "
+                         "not single tokens; raise vocab_size")
+    return tokenizer
 
 
 def pretrain_reference(
@@ -252,8 +327,9 @@ def build_reference(
     With ``out_dir``, both are saved there with ``save_pretrained`` so that ``AutoModelForCausalLM`` /
     ``AutoTokenizer.from_pretrained(out_dir)`` (and ``shiq-llm train --model out_dir``) load them.
     """
-    tokenizer = build_task_tokenizer(vocab_size=config.vocab_size)
-    rows = demonstration_rows(task_prompts("all"), config.demonstrations, noise=config.noise, seed=config.seed)
+    tokenizer = build_task_tokenizer(vocab_size=config.vocab_size, words=config.words)
+    rows = demonstration_rows(task_prompts("all", words=config.words), config.demonstrations, noise=config.noise,
+                              seed=config.seed)
     return fit_reference(tokenizer, rows, config, out_dir, progress=progress), tokenizer
 
 
@@ -261,7 +337,8 @@ def fit_reference(tokenizer, rows: Sequence[dict], config: ReferenceConfig, out_
                   progress: bool = False):
     """A tiny Llama of ``config``'s size pre-trained on the action tokens of ``rows`` (canonical rows, single-
     or multi-turn: :func:`pretrain_reference`); returns the model (eval mode). ``config.noise`` and
-    ``config.demonstrations`` are not read here (the caller made ``rows``; ``config.vocab_size`` its tokenizer).
+    ``config.demonstrations`` are not read here (the caller made ``rows``; ``config.vocab_size`` and
+    ``config.words`` its tokenizer).
 
     With ``out_dir``, the model and ``tokenizer`` are saved there with ``save_pretrained``.
     """
@@ -289,16 +366,17 @@ def make_offline_dataset(
     max_new_tokens: int = 12,
     seed: int = 0,
     batch_size: int = 256,
+    words: int = ANSWER_WORDS,
 ) -> list[dict]:
     """K = ``completions_per_prompt`` completions per prompt sampled from ``model`` (temperature 1, seeded),
     labelled with :func:`reward`: a list of rows ``{prompt, completion, reward}``, prompt-major order.
 
-    ``prompts`` defaults to ``task_prompts("train")``. Samples that are empty once decoded (EOS first) cannot
+    ``prompts`` defaults to ``task_prompts("train", words=words)``. Samples that are empty once decoded (EOS first) cannot
     be a row (``shiq_llm.data.rows`` refuses empty completions) and are left out.
     """
     from shiq_llm.generation.evaluate import generate
 
-    prompts = task_prompts("train") if prompts is None else list(prompts)
+    prompts = task_prompts("train", words=words) if prompts is None else list(prompts)
     samples = generate(
         model, tokenizer, prompts, num_samples=completions_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
         batch_size=batch_size,
@@ -318,19 +396,25 @@ def make_data(
     max_new_tokens: int = 12,
     seed: int = 0,
     progress: bool = False,
+    dense: bool = False,
 ) -> dict[str, Path]:
     """Build the reference and the offline dataset in ``out_dir``: ``reference/`` (model + tokenizer),
     ``train.jsonl`` (offline rows on the training prompts) and ``eval_prompts.jsonl`` (``{"prompt"}`` rows
-    of the held-out prompts). Returns the paths by name."""
+    of the held-out prompts; answers of ``reference.words`` words; with ``dense``, the training rows as stepwise
+    rows with the reward on every word, :func:`dense_rows`). Returns the paths by name. ValueError when
+    ``max_new_tokens`` cannot hold a correct answer (``reference.words`` numbers and EOS)."""
+    if max_new_tokens < reference.words + 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} cannot hold a {reference.words}-word answer and its EOS "
+                         f"(at least {reference.words + 1})")
     out_dir = Path(out_dir)
     model, tokenizer = build_reference(out_dir / "reference", reference, progress=progress)
-    rows = make_offline_dataset(
-        model, tokenizer, completions_per_prompt=completions_per_prompt, max_new_tokens=max_new_tokens, seed=seed
-    )
+    rows = make_offline_dataset(model, tokenizer, completions_per_prompt=completions_per_prompt,
+                                max_new_tokens=max_new_tokens, seed=seed, words=reference.words)
+    eval_prompts = ({"prompt": p} for p in task_prompts("eval", words=reference.words))
     paths = {
         "reference": out_dir / "reference",
-        "train": write_jsonl(rows, out_dir / "train.jsonl"),
-        "eval_prompts": write_jsonl(({"prompt": p} for p in task_prompts("eval")), out_dir / "eval_prompts.jsonl"),
+        "train": write_jsonl(dense_rows(rows) if dense else rows, out_dir / "train.jsonl"),
+        "eval_prompts": write_jsonl(eval_prompts, out_dir / "eval_prompts.jsonl"),
     }
     return paths
 
