@@ -55,7 +55,20 @@ def test_tost_is_the_larger_of_two_one_sided_scipy_tests():
         upper = st.ttest_1samp(d, -margin, alternative="greater").pvalue  # H0: δ ≤ −margin
         lower = st.ttest_1samp(d, margin, alternative="less").pvalue  # H0: δ ≥ margin
         assert tost(d.mean(), se, d.size - 1, margin) == pytest.approx(max(upper, lower))
-    assert math.isnan(tost(0.1, 0.0, 3, 1.0)) and math.isnan(tost(0.1, 0.1, 3, math.nan))
+    assert math.isnan(tost(0.1, math.nan, 3, 1.0)) and math.isnan(tost(0.1, 0.1, 3, math.nan))
+    assert tost(0.1, 0.0, 3, 1.0) == 0.0 and tost(1.5, 0.0, 3, 1.0) == 1.0  # no spread: the limits
+
+
+def test_identical_runs_are_equivalent_not_inconclusive():
+    """Two methods that cannot differ on the data (ShiQ/tk on dense and on sparse rewards) give the same value on
+    every seed: the interval is the point 0, and TOST shows equivalence within any margin."""
+    same = paired_test(A, A)
+    assert same == {"diff": 0.0, "ci": 0.0, "p": 1.0, "df": len(A) - 1, "paired": True}
+    rows = [{"method": m, "beta": 0.1, "seed": s, "r": v} for m in ("shiq", "x") for s, v in enumerate(A)]
+    (c,) = verdicts(compare(rows, "r", "shiq", "x", margin=0.02))
+    assert c["tost_p"] == 0.0 and c["verdict"] == "equivalent (±0.02)"
+    shifted = paired_test([a + 0.5 for a in A], A)
+    assert shifted["ci"] == 0.0 and shifted["p"] == 0.0
 
 
 def test_compare_pairs_seed_matched_runs_and_verdicts_never_read_non_significance_as_equality():
@@ -186,3 +199,23 @@ def test_steps_to_threshold_worked_by_hand():
                                                                    ("b", 1): 30}
     got = {(r["method"], r["seed"]): r["step"] for r in steps_to_threshold(rows, by=("task", "beta"), fraction=1.0)}
     assert got == {("a", 0): 20, ("a", 1): 30, ("b", 0): None, ("b", 1): None}  # b never reaches 0.9: censored
+
+
+#: The tables of docs/figures and the options that re-derive them from their CSVs (docs/results.md).
+DOCS_TABLES = {"multiturn": ("multiturn", []), "ablation": ("ablation", []), "compare": ("compare", []),
+               "ablation_credit": ("ablation", ["--eval-every", "20"])}
+
+
+@pytest.mark.parametrize("name", sorted(DOCS_TABLES))
+def test_the_docs_tables_are_what_their_csv_gives(name, tmp_path):
+    """Every table the docs include is re-derived from its committed CSV alone by the command docs/results.md
+    states, to the character: no number in the docs is typed by hand."""
+    from pathlib import Path
+
+    from shiq_llm.cli import main
+
+    experiment, options = DOCS_TABLES[name]
+    figures = Path(__file__).resolve().parents[1] / "docs" / "figures"
+    assert main(["experiment", experiment, "--tables-from", str(figures / f"{name}.csv"), "--out", str(tmp_path),
+                 *options]) == 0
+    assert (tmp_path / f"{experiment}_table.md").read_text() == (figures / f"{name}_table.md").read_text()

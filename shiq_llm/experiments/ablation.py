@@ -10,7 +10,8 @@ first two):
   (``synthetic.dense_rows``: stepwise rows, a reward on every word's token, the same total) — where ShiQ/tk, which
   sees only the total, must lose the per-word information if the paper is right;
 - ``long_horizon``: the counting task with ``--long-words`` (32) words per answer and the reward at the end
-  (its own reference) — where a one-step residual (ShiQ/ms) must carry the reward back over ≥ 32 actions.
+  (its own reference; ``--long-lr``: its own learning rate) — where a one-step residual (ShiQ/ms) must carry the
+  reward back over ≥ 32 actions.
 
 For each task the reference and its offline data are built once in ``DIR/data_<task>`` (``dense`` relabels
 ``DIR/data_single_turn``'s rows; ``--single-data`` / ``--multi-data`` reuse existing ones), and one sweep
@@ -82,6 +83,7 @@ class AblationArgs:
     long_words: int = option(32, "long_horizon: words per answer (each a token, a negative number two); the generation budget is long_words + 8 tokens")
     long_ref_steps: int = option(600, "long_horizon: supervised steps of its reference")
     long_vocab_size: int = option(448, "long_horizon: vocabulary of its tokenizer (every number of the longer range one token)")
+    long_lr: float = option(0.0, "long_horizon: AdamW learning rate of its runs (0: --lr); its 33-token returns make ShiQ's loss ~30x the single-turn one")
     curve_beta: float = option(0.0, "β whose curves over training steps are plotted (0: the first of betas)")
     threads: int = option(1, "torch CPU threads (1 is fastest for the tiny models)")
     progress: bool = option(True, "show a progress bar over each sweep's cells")
@@ -110,6 +112,8 @@ def check_args(args: AblationArgs) -> None:
                  "multi_ref_steps", "train_prompts", "samples_per_prompt", "threads", "long_words", "long_ref_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.long_lr < 0:
+        raise ValueError(f"long_lr must be >= 0 (0: the same as lr), got {args.long_lr}")
     if args.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {args.eval_every}")
     if args.curve_beta and args.curve_beta not in args.betas:
@@ -122,7 +126,7 @@ def _sweep(task: str, args: AblationArgs, out: Path):
     from shiq_llm.experiments.multiturn import prepare_multiturn_data, train_options, write_eval_prompts
     from shiq_llm.experiments.sweep import SweepConfig
 
-    max_new_tokens, model = args.max_new_tokens, None
+    max_new_tokens, model, lr = args.max_new_tokens, None, args.lr
     if task in ("single_turn", "dense"):
         data = prepare_single_turn_data(out / "data_single_turn", args.single_data, ref_steps=args.single_ref_steps,
                                         completions_per_prompt=args.completions_per_prompt,
@@ -131,7 +135,7 @@ def _sweep(task: str, args: AblationArgs, out: Path):
         if task == "dense":  # the same reference and completions, the reward on every word
             model, data = data / "reference", write_dense_data(data, out / "data_dense")
     elif task == "long_horizon":
-        max_new_tokens = args.long_words + 8
+        max_new_tokens, lr = args.long_words + 8, args.long_lr or args.lr
         data = prepare_single_turn_data(out / "data_long_horizon", "", ref_steps=args.long_ref_steps,
                                         completions_per_prompt=args.completions_per_prompt,
                                         max_new_tokens=max_new_tokens, seed=args.seed, progress=args.progress,
@@ -148,7 +152,7 @@ def _sweep(task: str, args: AblationArgs, out: Path):
         out=str(out / f"sweep_{task}"), model=str(model or data / "reference"), train_data=str(data / "train.jsonl"),
         algos=list(args.methods), betas=list(args.betas), seeds=list(range(args.seed, args.seed + args.seeds)),
         eval_prompts=str(eval_prompts), evaluator=evaluator, reward="synthetic", eval_every=args.eval_every,
-        train=train_options(lr=args.lr, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every),
+        train=train_options(lr=lr, steps=args.steps, batch_size=args.batch_size, log_every=args.log_every),
         evaluation={"num_samples": samples, "max_new_tokens": max_new_tokens, "seed": 1000 + args.seed})
 
 
@@ -251,8 +255,7 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
     seeds = sorted({r.get("mean_reward_n", 0) for r in summary})
     markdown = (f"After {steps} steps; mean over {'–'.join(map(str, seeds[::max(1, len(seeds) - 1)]))} seeds; "
                 f"{PM_MEANING}. The references are evaluated once: their reward carries the 95 % normal interval "
-                "over their samples (± 1.96 standard errors). Reward: fraction of correct words in [0, 1] "
-                "(single_turn, dense, long_horizon), multi_turn episode reward in [0, 3]; KL in nats.\n\n"
+                f"over their samples (± 1.96 standard errors). Reward: {_reward_meaning(references)}; KL in nats.\n\n"
                 + markdown_table(["task", "β", "method", "initial loss", "final reward", "final KL"], body))
     if comparisons:
         margins = "; ".join(f"{t}: " + ", ".join(f"{k} ±{v:g}" for k, v in m.items()) for t, m in MARGINS.items()
@@ -286,6 +289,13 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
                                        "per seed"], speed_body))
     return {"final": summary, "comparisons": comparisons, "placement": placement_comparisons(finals, args),
             "steps_to_threshold": speed, "markdown": markdown}
+
+
+def _reward_meaning(tasks) -> str:
+    words = [t for t in ("single_turn", "dense", "long_horizon") if t in tasks]
+    parts = ([f"{' and '.join(words) if len(words) < 3 else ', '.join(words)} fraction of correct words in [0, 1]"]
+             if words else []) + (["multi_turn episode reward in [0, 3]"] if "multi_turn" in tasks else [])
+    return ", ".join(parts)
 
 
 def placement_comparisons(finals: list[dict], args: AblationArgs) -> list[dict]:

@@ -93,8 +93,9 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def paired_test(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> dict:
     """Paired t-test of ``a − b`` on matched pairs (the same seed and data): ``{diff, ci, p, df, paired: True}``
     with ``diff`` the mean of the differences, ``ci`` the half-width of its Student-t interval at ``level`` and
-    ``p`` the two-sided p-value (``scipy.stats.ttest_rel``). Needs ≥ 2 pairs; ``ci`` NaN (and ``p`` 0 or 1)
-    when every difference is the same."""
+    ``p`` the two-sided p-value (``scipy.stats.ttest_rel``). Needs ≥ 2 pairs. When every difference is the same
+    (e.g. two methods that cannot differ on this data) the interval is that point (``ci`` 0) and ``p`` is 1 for a
+    difference of 0, else 0 — the limits of the test as the spread goes to 0."""
     from scipy.stats import t
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -102,7 +103,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) 
         raise ValueError(f"paired_test needs at least 2 pairs, got {d.size}")
     sd = d.std(ddof=1)
     if sd == 0:
-        return {"diff": float(d.mean()), "ci": math.nan, "p": float(d.mean() == 0), "df": d.size - 1, "paired": True}
+        return {"diff": float(d.mean()), "ci": 0.0, "p": float(d.mean() == 0), "df": d.size - 1, "paired": True}
     se = sd / math.sqrt(d.size)
     stat = d.mean() / se
     return {"diff": float(d.mean()), "ci": float(t.ppf((1 + level) / 2, d.size - 1) * se),
@@ -129,12 +130,14 @@ def tost(diff: float, se: float, df: float, margin: float) -> float:
     """p-value of the two one-sided t-tests (TOST) of equivalence within ``±margin``: ``H0: |δ| ≥ margin`` against
     ``H1: |δ| < margin``, for an estimate ``diff`` with standard error ``se`` and ``df`` degrees of freedom:
     ``max(P(T ≥ (diff + margin)/se), P(T ≤ (diff − margin)/se))``, T Student with ``df``. Equivalence is shown
-    at level α when it is below α (the 1 − 2α interval lies inside ``±margin``). NaN without a margin or a finite
-    ``se`` > 0."""
+    at level α when it is below α (the 1 − 2α interval lies inside ``±margin``). With ``se`` = 0 (every paired
+    difference the same) the limit: 0 when ``|diff| < margin``, else 1. NaN without a margin or a finite ``se``."""
     from scipy.stats import t
 
-    if not (_number(margin) and margin > 0 and _number(se) and se > 0 and _number(df)):
+    if not (_number(margin) and margin > 0 and _number(se) and se >= 0 and _number(df)):
         return math.nan
+    if se == 0:
+        return float(abs(diff) >= margin)
     return float(max(t.sf((diff + margin) / se, df), t.cdf((diff - margin) / se, df)))
 
 
