@@ -310,7 +310,7 @@ def placement_comparisons(finals: list[dict], args: AblationArgs) -> list[dict]:
     found = [c for key in ("mean_reward", "kl") for c in compare(both, key, "dense", "single_turn",
                                                                  by=("variant", "beta"), margin=MARGINS["dense"][key])]
     order = {m: i for i, m in enumerate(args.methods)}
-    found.sort(key=lambda c: (c["key"], c["beta"], order.get(c["variant"], len(order))))
+    found.sort(key=lambda c: (("mean_reward", "kl").index(c["key"]), c["beta"], order.get(c["variant"], len(order))))
     return verdicts(found)
 
 
