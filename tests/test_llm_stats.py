@@ -540,36 +540,37 @@ def test_call_as_forward_restores_the_forward():
     assert "forward" not in wrapped.__dict__
 
 
-def test_head_buffers_are_kept_between_passes_on_the_cpu_and_change_no_value():
-    """The chunk buffers of one pass are reused by the next (same pages, no fresh allocation per step), a pass
-    with more rows takes larger ones, release_head_buffers frees them; values and gradients equal a pass that
-    starts without kept buffers, and the naive full-logit computation."""
-    from shiq_llm.core.stats import release_head_buffers
 
+def test_forward_hands_its_chunk_buffers_to_backward_and_values_are_unchanged(monkeypatch):
+    """One (c, V) buffer per training step, not one per pass: backward reuses the one forward filled (a second
+    backward through a retained graph takes a new one); values and gradients equal the full-logit computation."""
+    allocations = []
+    init = stats_module._ChunkBuffers.__init__
+
+    def counted(self, rows, vocab, *args):
+        allocations.append((rows, vocab))
+        init(self, rows, vocab, *args)
+
+    monkeypatch.setattr(stats_module._ChunkBuffers, "__init__", counted)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 13, (10,), generator=generator)
-
-    def run():
-        out = linear_head_token_stats(hidden, weight, targets, chunk_size=4)
-        (out.logit_taken.sum() + 2 * out.logsumexp.sum()).backward()
-        grads = hidden.grad.clone(), weight.grad.clone()
-        hidden.grad = weight.grad = None
-        return out.logit_taken.detach(), out.logsumexp.detach(), grads
-
-    release_head_buffers()
-    first = run()
-    kept = stats_module._ChunkBuffers._kept.buffers[(13, torch.float64, torch.float64)]
-    assert kept.logits.shape == (4, 13)
-    second = run()
-    assert stats_module._ChunkBuffers._kept.buffers[(13, torch.float64, torch.float64)] is kept  # reused
-    for a, b in zip(first[:2] + first[2], second[:2] + second[2]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    logits = hidden @ weight.t()
-    torch.testing.assert_close(first[0], logits.gather(1, targets[:, None]).squeeze(1).detach())
-    torch.testing.assert_close(first[1], logits.logsumexp(dim=1).detach())
-    linear_head_token_stats(hidden.detach(), weight.detach(), targets, chunk_size=8)
-    assert stats_module._ChunkBuffers._kept.buffers[(13, torch.float64, torch.float64)].logits.shape == (8, 13)
-    release_head_buffers()
-    assert not hasattr(stats_module._ChunkBuffers._kept, "buffers")
+    out = linear_head_token_stats(hidden, weight, targets, chunk_size=4)
+    (out.logit_taken.sum() + 2 * out.logsumexp.sum()).backward(retain_graph=True)
+    assert allocations == [(4, 13)]  # forward's buffers, reused by backward
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (out.logit_taken.sum() + 2 * out.logsumexp.sum()).backward()
+    assert allocations == [(4, 13)] * 2
+    torch.testing.assert_close((hidden.grad, weight.grad), grads)
+    naive_hidden, naive_weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    logits = naive_hidden @ naive_weight.t()
+    taken, lse = logits.gather(1, targets[:, None]).squeeze(1), logits.logsumexp(dim=1)
+    (taken.sum() + 2 * lse.sum()).backward()
+    torch.testing.assert_close(out.logit_taken.detach(), taken.detach())
+    torch.testing.assert_close(out.logsumexp.detach(), lse.detach())
+    torch.testing.assert_close(grads, (naive_hidden.grad, naive_weight.grad))
+    with torch.no_grad():
+        linear_head_token_stats(hidden, weight, targets, chunk_size=8)
+    assert allocations[-1] == (8, 13) and len(allocations) == 3

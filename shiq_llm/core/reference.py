@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from shiq_llm.core.sharding import unwrap_model
-from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, release_head_buffers, response_token_stats
+from shiq_llm.core.stats import DEFAULT_CHUNK_SIZE, response_token_stats
 from shiq_llm.data import collate
 from shiq_llm.storage.atomic import atomic_directory
 from shiq_llm.storage.integrity import file_manifest, verify_file_manifest
@@ -245,7 +245,6 @@ def compute_reference_stats(
     finally:
         if hook is not None:
             hook.handle.remove()
-        release_head_buffers()  # this pass's batches are not training's: training takes buffers of its own size
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), pa.int64())
     table = {name: pa.LargeListArray.from_arrays(offsets, pa.array(np.concatenate(parts), pa.float32()))
              for name, parts in columns.items()}

@@ -43,7 +43,6 @@ Notation used for tensor shapes: ``B`` sequences, ``L`` positions, ``H`` hidden 
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import torch
@@ -71,7 +70,6 @@ __all__ = [
     "scatter_to_mask",
     "exact_path_reason",
     "head_sharding",
-    "release_head_buffers",
 ]
 
 #: Rows of hidden states projected at once. Each pass holds one float32 ``chunk_size × V`` buffer
@@ -108,33 +106,14 @@ _WARNED_CLASSES: set[str] = set()
 
 class _ChunkBuffers:
     """The chunk's logits (compute dtype) and their float32 copy, reused by every chunk of a pass, so a pass
-    touches ``chunk_size × V`` fresh memory at most once instead of once per chunk (page faults on CPU).
-
-    :meth:`get` also keeps them between passes on the CPU (per thread, vocabulary and dtypes; a pass with more
-    rows replaces them): the reference pass, forward and backward of every step then reuse the same pages. Given
-    back to the OS and taken again at every pass, a 32k-vocabulary buffer cost ≈ 16,000 page faults per training
-    step (docs/benchmarks.md). :func:`release_head_buffers` frees them. On an accelerator each pass allocates:
-    the caching allocator already reuses the block."""
-
-    _kept = threading.local()
+    touches ``chunk_size × V`` fresh memory at most once instead of once per chunk (page faults on CPU). A
+    forward that needs a gradient hands its buffers to its backward (``ctx.buffers``), which frees them: the
+    pages are taken once per training step, not twice, and nothing is held beyond the step (keeping them
+    between steps was measured to add one buffer to the step's peak memory, docs/benchmarks.md)."""
 
     def __init__(self, rows: int, vocab: int, like: torch.Tensor, compute_dtype: torch.dtype, stats_dtype: torch.dtype):
         self.logits = like.new_empty((rows, vocab), dtype=compute_dtype)  # (c, V)
         self.stats = self.logits if stats_dtype == compute_dtype else like.new_empty((rows, vocab), dtype=stats_dtype)
-
-    @classmethod
-    def get(cls, rows: int, vocab: int, like: torch.Tensor, compute_dtype: torch.dtype,
-            stats_dtype: torch.dtype) -> "_ChunkBuffers":
-        """Buffers of at least ``rows`` rows: the kept ones on the CPU when large enough, else new ones."""
-        if like.device.type != "cpu":
-            return cls(rows, vocab, like, compute_dtype, stats_dtype)
-        kept = cls._kept.__dict__.setdefault("buffers", {})
-        key = (vocab, compute_dtype, stats_dtype)
-        buffers = kept.get(key)
-        if buffers is None or buffers.logits.shape[0] < rows:
-            kept.pop(key, None)  # the smaller buffers are freed before the larger ones are taken
-            buffers = kept[key] = cls(rows, vocab, like, compute_dtype, stats_dtype)
-        return buffers
 
     def chunk_logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """z = h Wᵀ + b in the compute dtype, returned upcast to the stats dtype: (c, H) -> (c, V)."""
@@ -171,7 +150,7 @@ class _LinearHeadStats(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(compute_dtype)
-            buffers = _ChunkBuffers.get(min(chunk_size, n), vocab, hidden, compute_dtype, stats_dtype)
+            buffers = _ChunkBuffers(min(chunk_size, n), vocab, hidden, compute_dtype, stats_dtype)
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
                 z = buffers.chunk_logits(hidden[rows].to(compute_dtype), w, b)  # (c, V)
@@ -181,11 +160,11 @@ class _LinearHeadStats(torch.autograd.Function):
                 logsumexp[rows] = total.log().add_(shift.squeeze(1))
                 if keep_expected:  # E = softmax(z) W: (c, V) × (V, H)
                     torch.mm(buffers.to_compute(z.div_(total[:, None])), w, out=expected[rows])
-            del buffers
         if keep_expected:
             ctx.save_for_backward(weight, targets, expected)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+            ctx.buffers = buffers if any(ctx.needs_input_grad[:3]) else None  # backward's (same rows), freed there
         ctx.chunk_size, ctx.compute_dtype, ctx.keep_expected = chunk_size, compute_dtype, keep_expected
         ctx.hidden_dtype = hidden.dtype
         return logit_taken, logsumexp
@@ -205,7 +184,9 @@ class _LinearHeadStats(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
-            buffers = _ChunkBuffers.get(min(ctx.chunk_size, n), vocab, hidden, dtype, logsumexp.dtype)
+            buffers, ctx.buffers = ctx.buffers, None
+            if buffers is None:  # a second backward through a retained graph
+                buffers = _ChunkBuffers(min(ctx.chunk_size, n), vocab, hidden, dtype, logsumexp.dtype)
             for start in range(0, n, ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 h = hidden[rows].to(dtype)  # (c, H)
@@ -239,12 +220,6 @@ def _frozen_head_backward(ctx, grad_taken: torch.Tensor, grad_lse: torch.Tensor)
         taken_rows = weight[targets].to(ctx.compute_dtype).to(stats_dtype)  # (N, H): W[a], as the matmuls saw it
         grad_hidden = torch.addcmul(grad_taken[:, None] * taken_rows, grad_lse[:, None], expected.to(stats_dtype))
     return grad_hidden.to(ctx.hidden_dtype)
-
-
-def release_head_buffers() -> None:
-    """Free the chunked head's buffers that this thread keeps between passes on the CPU (``chunk_size × V``
-    floats per vocabulary and dtype; see ``_ChunkBuffers``), e.g. after training, before other work."""
-    _ChunkBuffers._kept.__dict__.pop("buffers", None)
 
 
 def _check_chunk_size(chunk_size) -> None:
