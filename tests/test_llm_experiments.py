@@ -78,8 +78,9 @@ def test_summarise_final_rows_and_compare_on_hand_made_rows():
     assert summary["mean_reward"] == 2.0 and summary["mean_reward_ci"] == pytest.approx(T_975_2 / math.sqrt(3))
     assert summary["initial_loss"] == 8.0 and summary["mean_reward_n"] == 3
     (c,) = compare(finals, "mean_reward", "shiq", "dpo")
-    # same seeds, same data: the paired t-test on the seed-matched differences, all −3 (no spread: p = 0)
-    assert c["diff"] == -3.0 and c["paired"] and c["p"] == 0.0 and math.isnan(c["ci"])
+    # same seeds, same data: the paired t-test on the seed-matched differences, all −3 (no spread: the interval is
+    # the point −3, p = 0)
+    assert c["diff"] == -3.0 and c["paired"] and c["p"] == 0.0 and c["ci"] == 0.0
     (c,) = compare(finals, "mean_reward", "shiq", "dpo", paired=False)
     assert c["diff"] == -3.0 and c["ci"] == pytest.approx(T_975_4 * math.sqrt(2 / 3)) and not c["paired"]
 
