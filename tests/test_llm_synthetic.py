@@ -400,6 +400,34 @@ def test_sweep_rerun_recomputes_the_cells_whose_settings_changed_and_keeps_the_o
     assert manifest["num_examples"] == len((made_data / "train.jsonl").read_text().splitlines()) - 1
 
 
+def test_editing_the_reward_s_file_recomputes_every_result(made_data, tmp_path, capsys):
+    """The reward's code is part of the evaluation's key: a re-run after the reward's file changed recomputes the
+    reference and every cell (the old rewards would be stale), and says why; an unchanged file skips them."""
+    from shiq_llm.experiments.sweep import reward_code
+    from shiq_llm.generation.rewards import load_reward
+
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text("def score(prompt, completion):\n    return float(len(completion.split()) == 4)\n")
+    path, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    sweep = _tiny_sweep(made_data, tmp_path, variants={}, reward=f"{scorer}:score")
+    _run_sweep_file(sweep, path)
+    capsys.readouterr()
+    result, reference = out / "runs" / "shiq_beta0.3_seed0" / "result.json", out / "reference_result.json"
+    first = json.loads(result.read_text())["mean_reward"]
+    _run_sweep_file(sweep, path)
+    assert "recomputing" not in capsys.readouterr().out
+    scorer.write_text("def score(prompt, completion):\n    return 5.0\n")
+    _run_sweep_file(sweep, path)
+    printed = capsys.readouterr().out
+    assert re.search(r"sweep: recomputing 2 result\(s\) whose key changed: reference, shiq_beta0.3_seed0 "
+                     r"\(evaluation.reward_code: \w{8}… → \w{8}…\)", printed), printed
+    assert json.loads(result.read_text())["mean_reward"] == 5.0 != first
+    assert json.loads(reference.read_text())["mean_reward"] == 5.0
+    # the named reward: its module's file; a reward model: its weights; no reward: None
+    assert reward_code(load_reward("synthetic", None), "completions") == reward_code(synthetic.reward, "completions")
+    assert reward_code(None, "completions") is None and reward_code(None, "dialogues") is not None
+
+
 def test_adding_dro_to_a_finished_sweep_extends_the_shared_reference_cache(made_data, tmp_path, caplog):
     """A sweep of shiq makes OUT/reference without DRO's prompt states (as `shiq-llm demo --quick` does); adding
     dro to it trains dro on that cache, rebuilt with the prompt states (manifest and checksums right), and keeps

@@ -53,7 +53,8 @@ rewritten from the current grid's results only. A reference cache is keyed by th
 options, the tokenised data's ``data_fingerprint`` and the precision (``OUT/reference.key.json`` beside
 ``OUT/reference``): when that key changed the cache is rebuilt (said in a line) instead of being refused; a
 cache that lacks DRO's prompt states is extended by the trainer (``shiq_llm.core.reference.reference_cache``),
-so adding ``dro`` to a finished sweep works. Not in any key: the code of a ``module:function`` reward. ``OUT/results.csv`` holds one row per finished cell
+so adding ``dro`` to a finished sweep works. The reward's code is in the evaluation's key too (:func:`reward_code`:
+the source file of a ``module:function`` reward, a reward model's weights). ``OUT/results.csv`` holds one row per finished cell
 (:data:`RESULT_COLUMNS`, plus the per-turn columns of ``dialogues``) and the reference;
 ``OUT/curves.csv`` one row per cell and logged or evaluated step (:func:`curve_rows`: the training log of
 ``metrics.jsonl`` and the evaluations, the reference at step 0); ``OUT/reward_vs_kl.png`` plots, per method
@@ -81,7 +82,7 @@ from shiq_toy.options import option
 
 __all__ = ["SweepConfig", "load_sweep_config", "check_sweep_config", "run_sweep", "check_sweep_held_out", "EVALUATION_KEYS", "RESULT_COLUMNS", "write_results", "plot_reward_vs_kl",
            "aggregate_over_seeds", "cell_name", "SweepError", "Evaluator", "EVALUATORS", "curve_rows", "write_curves",
-           "TRAIN_LOG_KEYS", "KEY_IGNORED_OPTIONS", "digest", "training_key", "key_changes"]
+           "TRAIN_LOG_KEYS", "KEY_IGNORED_OPTIONS", "digest", "training_key", "key_changes", "reward_code"]
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +316,38 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def reward_code(reward, evaluator: str) -> str | None:
+    """A digest of the code or weights that score the evaluation, for the results' keys: a reward function by the
+    source file it is defined in (``functools.partial`` unwrapped; its name where there is no file), a reward
+    model by ``model_fingerprint`` of its weights, the ``dialogues`` evaluator by its task's checker module
+    (``shiq_llm.tasks.multiturn``); None when nothing scores. Editing the reward's file, or retraining the reward
+    model at the same path, changes it, so a re-run recomputes the results."""
+    import hashlib
+    import inspect
+
+    if evaluator == "dialogues":
+        from shiq_llm.tasks import multiturn
+
+        return hashlib.sha256(Path(inspect.getsourcefile(multiturn)).read_bytes()).hexdigest()
+    if reward is None:
+        return None
+    model = getattr(reward, "model", None)
+    if model is not None:
+        from shiq_llm.core.reference import model_fingerprint
+
+        return model_fingerprint(model)
+    fn = getattr(reward, "fn", reward)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    try:
+        source = inspect.getsourcefile(fn)
+    except TypeError:  # a builtin or a C function
+        source = None
+    if source is None or not Path(source).is_file():
+        return digest(getattr(fn, "__qualname__", repr(fn)))
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+
+
 def training_key(args) -> dict:
     """The options of a cell's ``ShiQConfig`` that change its result: every field but
     :data:`KEY_IGNORED_OPTIONS` and the hub's, as JSON values."""
@@ -407,7 +440,8 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] = print, progre
     model_fp = model_fingerprint(ref)
     evaluation_key = {"model_fingerprint": model_fp, "eval_prompts": digest(prompts), "evaluator": config.evaluator,
                       "reward": config.reward, "reward_options": config.reward_options,
-                      "reward_model": config.reward_model, "options": eval_options, "device": str(device),
+                      "reward_model": config.reward_model, "reward_code": reward_code(reward_fn, config.evaluator),
+                      "options": eval_options, "device": str(device),
                       "dtype": str(dtype), "reward_batch_size": reward_batch_size}
     stale: dict[str, list[str]] = {}  # why -> the results recomputed for that reason
     reference_file = out / "reference_result.json"
