@@ -203,7 +203,8 @@ def test_steps_to_threshold_worked_by_hand():
 
 #: The tables of docs/figures and the options that re-derive them from their CSVs (docs/results.md).
 DOCS_TABLES = {"multiturn": ("multiturn", []), "ablation": ("ablation", []), "compare": ("compare", []),
-               "ablation_credit": ("ablation", ["--eval-every", "20"])}
+               "ablation_credit": ("ablation", ["--eval-every", "20"]),
+               "ablation_long_lr1e-4": ("ablation", ["--eval-every", "20"])}
 
 
 @pytest.mark.parametrize("name", sorted(DOCS_TABLES))
