@@ -55,7 +55,7 @@ class CompareArgs:
     out: Path = option(Path("results/compare"), "directory for compare.csv, frontier.csv, compare.png, compare_table.md, data/, selection/, test/", aliases=("output_dir",), path="out_dir")
     methods: tuple[str, ...] = option(METHODS, "methods (any shiq-llm train --loss_type)")
     betas: tuple[float, ...] = option((0.03, 0.1, 0.3, 1.0), "KL regularisation β of every method (the points of each method's frontier)")
-    learning_rates: tuple[float, ...] = option((1e-4, 3e-4, 1e-3, 3e-3), "AdamW learning rates of the grid each (method, β) selects from on the validation split")
+    learning_rates: tuple[float, ...] = option((3e-5, 1e-4, 3e-4, 1e-3, 3e-3), "AdamW learning rates of the grid each (method, β) selects from on the validation split")
     seeds: int = option(5, "test seeds of each selected configuration: seed, seed+1, …")
     seed: int = option(0, "first seed; also the seed of the selection runs, of the reference and its data")
     steps: int = option(100, "optimizer steps per run")
