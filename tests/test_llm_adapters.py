@@ -16,6 +16,7 @@ from shiq_llm.data.adapters import (
     bfcl_multi_turn,
     hh_rlhf,
     paired_preferences,
+    stepwise_supervision,
     ultrafeedback,
 )
 
@@ -44,7 +45,8 @@ def assistant(text):
 
 
 def test_registry():
-    assert ADAPTERS == {"paired": paired_preferences, "ultrafeedback": ultrafeedback, "hh": hh_rlhf, "bfcl": bfcl_multi_turn}
+    assert ADAPTERS == {"paired": paired_preferences, "ultrafeedback": ultrafeedback, "hh": hh_rlhf, "bfcl": bfcl_multi_turn,
+                        "stepwise": stepwise_supervision}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,3 +301,39 @@ def test_bfcl_bad_rows(change, message):
     row = {"question": [[user("a")], [user("b")]], "ground_truth": [["cd(folder='x')"], ["ls()"]], "turn_scores": [1.0, 0.0]}
     with pytest.raises(ValueError, match=message):
         bfcl_multi_turn([{**row, **change}])
+
+
+# --------------------------------------------------------------------------------------------------
+# Stepwise supervision (TRL's format: trl-lib/math_shepherd, trl-lib/prm800k)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stepwise_math_shepherd_fixture_each_step_s_label_on_its_separator(tmp_path, tok):
+    rows = load("math_shepherd.jsonl", "stepwise", tmp_path)
+    source = read_jsonl("math_shepherd.jsonl")
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in source]
+    assert rows[0]["completions"] == ["Step 1: The boxes hold 3 * 4 = 12 apples.\n",
+                                      "Step 2: After eating 2, 12 - 2 = 10 apples are left.\n", "The answer is: 10\n"]
+    assert [r["rewards"] for r in rows] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    [example], _ = tokenize_rows(rows[:1], tok)
+    first = example["response_mask"].index(True)
+    response_ids, rewards = example["input_ids"][first:], example["rewards"][first:]
+    rewarded = [k for k, r in enumerate(rewards) if r != 0.0]
+    assert len(rewarded) == 3 and rewarded[-1] == len(response_ids) - 1  # the last step carries EOS (the template's)
+    assert [tok.decode(response_ids[k]) for k in rewarded[:2]] == ["\n", "\n"]  # the first two on their separator
+    shaped = load("math_shepherd.jsonl", "stepwise", tmp_path, correct_reward=0.5, incorrect_reward=-1.0, separator="")
+    assert shaped[1] == {"prompt": source[1]["prompt"], "completions": source[1]["completions"], "rewards": [-1.0] * 3}
+
+
+def test_stepwise_numeric_labels_and_bad_rows():
+    [row] = stepwise_supervision([{"prompt": [user("p")], "completions": ["a", "b"], "labels": [0.25, -1]}]).to_list()
+    assert row == {"prompt": [user("p")], "completions": ["a\n", "b\n"], "rewards": [0.25, -1.0]}
+    bad = [({"prompt": "p", "completions": ["a", "b"], "labels": [True]}, r"^stepwise: row 0: field 'labels' must hold one label per step \(2 step\(s\)\)"),
+           ({"prompt": "p", "completions": ["a"], "labels": ["yes"]}, r"^stepwise: row 0: field 'labels'\[0\] must be a finite number, got 'yes'$"),
+           ({"prompt": "p", "completions": "a b", "labels": [True]}, r"^stepwise: row 0: field 'completions' must be a list of strings"),
+           ({"completions": ["a"], "labels": [True]}, r"^stepwise: row 0: missing field 'prompt'$")]
+    for value, message in bad:
+        with pytest.raises(ValueError, match=message):
+            stepwise_supervision([value])
+    with pytest.raises(ValueError, match=r"^stepwise: no usable row \(skipped 1 row\(s\) without steps\)$"):
+        stepwise_supervision([{"prompt": "p", "completions": [], "labels": []}])

@@ -73,7 +73,7 @@ class EvaluateArgs:
     prompt_field: str | None = option(None, "field of the rows holding the prompt (default 'prompt', else the "
                                       "messages before the first assistant message of 'messages')")
     format: str | None = option(None, "adapter applied to the prompt rows first (shiq_llm.data.adapters: paired, "
-                                "ultrafeedback, hh, bfcl)", aliases=("data_format",))
+                                "ultrafeedback, hh, bfcl, stepwise)", aliases=("data_format",))
     format_options: dict[str, Any] = option(default_factory=dict, help="options of the --format adapter: KEY=VALUE "
                                             "items (repeatable), e.g. score=fine-grained_score",
                                             aliases=("format_option", "data_format_options"))

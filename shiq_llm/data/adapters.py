@@ -22,6 +22,10 @@ name       input schema                                            output
            optional ``function``) joined with per-turn calls       outputs are state, each call step an
            (``ground_truth`` or a ``result``), optional            action, each turn's score the reward of
            ``execution_results``, and ``turn_scores``              its last step
+``step…``  TRL's stepwise supervision (``trl-lib/math_shepherd``,  one stepwise row: each step followed by
+           ``trl-lib/prm800k``): ``prompt``, ``completions`` (the  ``separator``, its reward
+           steps), ``labels`` (a bool or a number per step)        ``correct_reward`` / ``incorrect_reward``
+                                                                   for a bool label, the number otherwise
 ========== ======================================================= ==========================================
 """
 
@@ -33,7 +37,8 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["paired_preferences", "ultrafeedback", "hh_rlhf", "bfcl_multi_turn", "ADAPTERS", "BFCL_SYSTEM_PROMPT"]
+__all__ = ["paired_preferences", "ultrafeedback", "hh_rlhf", "bfcl_multi_turn", "stepwise_supervision", "ADAPTERS",
+           "BFCL_SYSTEM_PROMPT"]
 
 logger = logging.getLogger(__name__)
 
@@ -344,9 +349,50 @@ def bfcl_multi_turn(
 
 
 #: Adapters by name, for ``load_rows(source, format=name)`` and the command line's ``--format``.
+# ----------------------------------------------------------------------------------------------------------
+# Stepwise supervision (process reward labels)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stepwise_supervision(rows: Iterable[Mapping[str, Any]], *, correct_reward: float = 1.0,
+                         incorrect_reward: float = 0.0, separator: str = "\n"):
+    """TRL's stepwise supervision rows → stepwise rows ``{prompt, completions, rewards}`` (``shiq_llm.data.rows``).
+
+    Input: ``prompt`` (a string or messages), ``completions`` (the reasoning steps, strings), ``labels`` (one per
+    step: a bool — is the step correct — or a number). Each step is written followed by ``separator`` (TRL's
+    process-reward step separator, ``"\n"``; ``""`` keeps the steps as given), so the step's reward sits on its
+    separator token; a bool label gives ``correct_reward`` or ``incorrect_reward``, a number is the reward as is.
+    A row without steps is skipped (counted in a warning); a row whose labels do not match its steps, or a label
+    that is neither, raises a ValueError naming the row and field.
+    """
+    name = "stepwise"
+    out, skipped = [], 0
+    correct, incorrect = _score(correct_reward, "correct_reward"), _score(incorrect_reward, "incorrect_reward")
+    if not isinstance(separator, str):
+        raise ValueError(f"{name}: separator must be a string, got {type(separator).__name__}")
+    for index, row in enumerate(rows):
+        prompt = _require(row, "prompt", index, name)
+        steps, labels = _require(row, "completions", index, name), _require(row, "labels", index, name)
+        if not isinstance(steps, (list, tuple)) or not all(isinstance(step, str) for step in steps):
+            raise ValueError(f"{name}: row {index}: field 'completions' must be a list of strings (the steps)")
+        if not isinstance(labels, (list, tuple)) or len(labels) != len(steps):
+            raise ValueError(f"{name}: row {index}: field 'labels' must hold one label per step ({len(steps)} "
+                             f"step(s)), got {labels!r:.80}")
+        if not steps:
+            skipped += 1
+            continue
+        rewards = [(correct if label else incorrect) if isinstance(label, bool)
+                   else _score(label, f"{name}: row {index}: field 'labels'[{k}]") for k, label in enumerate(labels)]
+        if not isinstance(prompt, str):
+            prompt = _plain_messages(prompt, f"{name}: row {index}: field 'prompt'")
+        out.append({"prompt": prompt, "completions": [step + separator for step in steps], "rewards": rewards})
+    return _to_dataset(out, name, skipped, "row(s) without steps")
+
+
 ADAPTERS: dict[str, Callable[..., Any]] = {
     "paired": paired_preferences,
     "ultrafeedback": ultrafeedback,
     "hh": hh_rlhf,
     "bfcl": bfcl_multi_turn,
+    "stepwise": stepwise_supervision,
 }

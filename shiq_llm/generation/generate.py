@@ -63,7 +63,7 @@ class GenerateConfig:
                                "eval, all; default 'train').")
     prompt_field: str | None = option(None, "Field of the rows holding the prompt (default 'prompt', else the "
                                       'messages before the first assistant one).')
-    format: str | None = option(None, 'Adapter (shiq_llm.data.adapters: paired, ultrafeedback, hh, bfcl) applied to '
+    format: str | None = option(None, 'Adapter (shiq_llm.data.adapters: paired, ultrafeedback, hh, bfcl, stepwise) applied to '
                                 'the rows before reading prompts.', aliases=("data_format",))
     format_options: dict[str, Any] = option(default_factory=dict, help='Keyword arguments of the adapter.', aliases=("format_option", "data_format_options"))
     gpu_memory_utilization: float = option(0.9, 'vllm backend: fraction of the GPU memory vLLM may take.')

@@ -192,7 +192,7 @@ class DataArguments:
     dataset_test_split: str = _opt("test", "Split to evaluate on when eval_dataset_name names a hub dataset.")
     eval_dataset_name: str | None = _opt(None, "Evaluation rows (file or hub dataset) for eval_strategy != 'no'.")
     data_format: str | None = _opt(None, "Adapter applied to the rows first (shiq_llm.data.adapters.ADAPTERS: paired, "
-                                   "ultrafeedback, hh, bfcl); none when the rows are already canonical.")
+                                   "ultrafeedback, hh, bfcl, stepwise); none when the rows are already canonical.")
     data_format_options: list[str] | None = _opt(None, "Options of the data_format adapter (its keyword arguments), "
                                                  "for the training and the evaluation rows: KEY=VALUE items, values "
                                                  "read as JSON when they parse (--data_format_options "
