@@ -29,7 +29,7 @@ from shiq_llm.experiments.demo import DemoConfig, quiet_libraries, run_demo
 from shiq_llm.generation.generate import BACKENDS
 from shiq_llm.storage.atomic import atomic_write
 from shiq_llm.storage.jsonl import read_jsonl
-from shiq_llm.tasks.synthetic import ReferenceConfig
+from shiq_llm.tasks.synthetic import ReferenceConfig, check_answer_budget
 from shiq_toy.experiments import num_threads
 from shiq_toy.options import Command, check_path, option
 
@@ -177,9 +177,10 @@ def _check_make_data(args: MakeDataArgs) -> None:
     for name in ("completions_per_prompt", "max_new_tokens", "ref_steps", "threads", "words", "vocab_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"option --{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_new_tokens <= args.words:
-        raise ValueError(f"option --max_new_tokens {args.max_new_tokens} cannot hold a {args.words}-word answer and "
-                         f"its EOS: give at least {args.words + 1}")
+    try:
+        check_answer_budget(args.words, args.max_new_tokens)
+    except ValueError as error:
+        raise ValueError(f"option --{error}") from None
     if not 0.0 <= args.noise <= 1.0:
         raise ValueError(f"option --noise must lie in [0, 1], got {args.noise}")
 

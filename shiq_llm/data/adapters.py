@@ -348,7 +348,6 @@ def bfcl_multi_turn(
     return _to_dataset(out, "bfcl", 0, "rows")
 
 
-#: Adapters by name, for ``load_rows(source, format=name)`` and the command line's ``--format``.
 # ----------------------------------------------------------------------------------------------------------
 # Stepwise supervision (process reward labels)
 # ----------------------------------------------------------------------------------------------------------
@@ -389,6 +388,7 @@ def stepwise_supervision(rows: Iterable[Mapping[str, Any]], *, correct_reward: f
     return _to_dataset(out, name, skipped, "row(s) without steps")
 
 
+#: Adapters by name, for ``load_rows(source, format=name)`` and the command line's ``--format``.
 ADAPTERS: dict[str, Callable[..., Any]] = {
     "paired": paired_preferences,
     "ultrafeedback": ultrafeedback,

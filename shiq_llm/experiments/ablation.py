@@ -265,7 +265,8 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
                 f"tests them: {', '.join(shared)}." if shared else "")
         markdown += (f"\n\nShiQ's differences (equivalence margins: {margins}).{note} "
                      + comparison_table(comparisons, ["task", "beta"], digits=3))
-    markdown += placement_table(finals, args)
+    placement = placement_comparisons(finals, args)
+    markdown += placement_table(placement)
     speed = steps_to_threshold(rows, by=("task", "beta"), fraction=THRESHOLD_FRACTION)
     if any(r["last_step"] > 0 for r in speed):
         speed_body = []
@@ -287,7 +288,7 @@ def tables_of(rows: list[dict], references: dict, args: AblationArgs) -> dict:
                      "censored runs make a t-test invalid, and the resolution is coarse.\n\n"
                      + markdown_table(["task", "β", "method", "threshold", "seeds reaching it", "steps (mean ± 95 %)",
                                        "per seed"], speed_body))
-    return {"final": summary, "comparisons": comparisons, "placement": placement_comparisons(finals, args),
+    return {"final": summary, "comparisons": comparisons, "placement": placement,
             "steps_to_threshold": speed, "markdown": markdown}
 
 
@@ -314,11 +315,10 @@ def placement_comparisons(finals: list[dict], args: AblationArgs) -> list[dict]:
     return verdicts(found)
 
 
-def placement_table(finals: list[dict], args: AblationArgs) -> str:
-    """The markdown of :func:`placement_comparisons` (``""`` when there are none)."""
+def placement_table(comparisons: list[dict]) -> str:
+    """The markdown of :func:`placement_comparisons`'s result (``""`` when there are none)."""
     from shiq_llm.experiments.report import comparison_table
 
-    comparisons = placement_comparisons(finals, args)
     if not comparisons:
         return ""
     return ("\n\nReward placement: each method trained on the same completions with the reward on the last token "

@@ -81,6 +81,7 @@ __all__ = [
     "build_reference",
     "fit_reference",
     "make_offline_dataset",
+    "check_answer_budget",
     "make_data",
     "mean_reward",
 ]
@@ -388,6 +389,14 @@ def make_offline_dataset(
     return rows
 
 
+def check_answer_budget(words: int, max_new_tokens: int) -> None:
+    """ValueError when a generation budget of ``max_new_tokens`` cannot hold a correct ``words``-word answer and its
+    EOS (at least ``words + 1`` tokens)."""
+    if max_new_tokens <= words:
+        raise ValueError(f"max_new_tokens {max_new_tokens} cannot hold a {words}-word answer and its EOS: give at "
+                         f"least {words + 1}")
+
+
 def make_data(
     out_dir: str | Path,
     *,
@@ -403,9 +412,7 @@ def make_data(
     of the held-out prompts; answers of ``reference.words`` words; with ``dense``, the training rows as stepwise
     rows with the reward on every word, :func:`dense_rows`). Returns the paths by name. ValueError when
     ``max_new_tokens`` cannot hold a correct answer (``reference.words`` numbers and EOS)."""
-    if max_new_tokens < reference.words + 1:
-        raise ValueError(f"max_new_tokens {max_new_tokens} cannot hold a {reference.words}-word answer and its EOS "
-                         f"(at least {reference.words + 1})")
+    check_answer_budget(reference.words, max_new_tokens)
     out_dir = Path(out_dir)
     model, tokenizer = build_reference(out_dir / "reference", reference, progress=progress)
     rows = make_offline_dataset(model, tokenizer, completions_per_prompt=completions_per_prompt,
